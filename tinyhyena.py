@@ -1,0 +1,675 @@
+"""
+tinyhyena: HyenaDNA in one file.
+
+HyenaDNA (Nguyen et al. 2023, arXiv 2306.15794) is a causal language model of DNA that reads one nucleotide
+per token and replaces attention with the Hyena operator, so its cost grows as O(L log L) in the sequence
+length L instead of O(L^2). That is what lets it read a million bases at once.
+
+What Hyena computes
+-------------------
+A Hyena operator of order N takes u of shape (B, L, D) and
+  1. projects it to N+1 streams of width D (`in_proj`), and mixes each stream over its last 3 positions with
+     a causal depthwise convolution (`short_conv`): x_0, ..., x_{N-1}, v, each (B, D, L);
+  2. alternates gating and long convolution N-1 times:
+         v = v * x_i                          (elementwise gate, i = N-1 down to 1)
+         v = h_o (*) v + bias_o * v          (causal convolution with a filter as long as the sequence)
+  3. gates once more, y = v * x_0, and projects back with `out_proj`.
+Attention's all-pairs interaction is replaced by the long convolutions (global, but input-independent) and
+the gates (input-dependent, but local). Their alternation is what makes the operator data-controlled.
+
+Why the convolution is computed by FFT, padded to 2L
+----------------------------------------------------
+A direct causal convolution y[t] = sum_{s<=t} h[t-s] v[s] costs O(L^2). By the convolution theorem,
+multiplying spectra costs O(L log L), but the FFT computes a *circular* convolution: output t also receives
+the terms that wrap around from t + n. The linear convolution of two length-L signals is 2L-1 long, so
+zero-padding both to n >= 2L-1 leaves nothing to wrap onto the first L outputs, which we keep. The output
+at t then depends only on inputs at positions <= t: the model stays causal.
+
+The implicit filter and its window
+----------------------------------
+A filter of length L per channel would be L*D free parameters, tied to one length. Hyena instead *computes*
+the filter: each position t gets a few positional features z(t) (t itself and some sines and cosines), a
+small MLP with sine activations maps them to D values, so h[t] = MLP(z(t)) for every t at once. Parameters
+no longer grow with L. A window exp(-alpha*t) + 0.05, with a different decay alpha per channel, multiplies
+the filter: some channels look mostly at the recent past, others far back, and none is exactly zero.
+
+The rest is a standard pre-norm residual network: token embedding -> blocks of (LayerNorm -> Hyena ->
+residual, LayerNorm -> MLP -> residual) -> LayerNorm -> logits from the tied embedding matrix.
+
+Reading order: tokenizer, config, FFT convolution, implicit filter, Hyena operator, block, model, loading
+published checkpoints, and finally the NumPy twin (the same forward pass written again, used by the tests).
+"""
+
+import dataclasses
+import json
+import math
+import os
+import pickle
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+__version__ = "0.1.0"
+
+# ---------------------------------------------------------------------------------------------------------
+# Tokenizer: one id per nucleotide, the ids of the published HyenaDNA tokenizer.
+
+SPECIAL_TOKENS = {"[CLS]": 0, "[SEP]": 1, "[BOS]": 2, "[MASK]": 3, "[PAD]": 4, "[RESERVED]": 5, "[UNK]": 6}
+BASES = "ACGTN"
+BASE_IDS = {base: 7 + i for i, base in enumerate(BASES)}  # A=7 C=8 G=9 T=10 N=11
+PAD_ID = SPECIAL_TOKENS["[PAD]"]
+N_ID = BASE_IDS["N"]
+VOCAB_SIZE = 12
+
+# A 256-entry byte table makes tokenizing a gigabase a single vectorised lookup. Lowercase (soft-masked)
+# bases are ordinary bases; any other byte (IUPAC codes, digits, ...) is an unknown base, N.
+_BYTE_TO_ID = np.full(256, N_ID, dtype=np.uint8)
+for _base, _id in BASE_IDS.items():
+    _BYTE_TO_ID[ord(_base)] = _BYTE_TO_ID[ord(_base.lower())] = _id
+_ID_TO_TEXT = [""] * VOCAB_SIZE
+for _tok, _id in {**SPECIAL_TOKENS, **BASE_IDS}.items():
+    _ID_TO_TEXT[_id] = _tok
+
+
+def tokenize(seq):
+    """DNA string (or bytes) -> int64 ids, one per letter."""
+    raw = seq.encode("ascii", errors="replace") if isinstance(seq, str) else bytes(seq)
+    return _BYTE_TO_ID[np.frombuffer(raw, dtype=np.uint8)].astype(np.int64)
+
+
+def detokenize(ids):
+    """ids -> string; bases come back uppercase, special tokens as their names ("[PAD]")."""
+    ids = np.asarray(ids).ravel()
+    if ids.size and (ids.min() < 0 or ids.max() >= VOCAB_SIZE):
+        raise ValueError(f"token ids must be in [0, {VOCAB_SIZE}), got values in [{ids.min()}, {ids.max()}]")
+    return "".join(_ID_TO_TEXT[i] for i in ids.tolist())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Config: the fields of the published config.json, flattened (the published file nests the operator's
+# fields under "layer"; `from_dict`/`to_dict` translate).
+
+@dataclass
+class HyenaConfig:
+    d_model: int = 128
+    n_layer: int = 2
+    d_inner: int = 512  # MLP hidden width, 4 * d_model in every published model
+    vocab_size: int = VOCAB_SIZE
+    pad_vocab_size_multiple: int = 8  # embedding rows are padded to a multiple of this
+    embed_dropout: float = 0.1
+    resid_dropout: float = 0.0
+    layer_norm_epsilon: float = 1e-5
+    # the Hyena operator ("layer" in the published config)
+    l_max: int = 1026  # longest sequence; the filter's positional features are scaled by it
+    order: int = 2  # N: N+1 projected streams, N-1 long convolutions
+    filter_order: int = 64  # width of the filter MLP
+    emb_dim: int = 5  # positional features: t, and (emb_dim-1)//2 cosine/sine pairs
+    w: float = 10.0  # initial frequency of the sine activations
+    short_filter_order: int = 3  # kernel of the causal depthwise conv ("local_order")
+    # published fields this implementation reads but that do not change the function
+    extra: dict = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def padded_vocab_size(self):
+        m = self.pad_vocab_size_multiple
+        return (self.vocab_size + m - 1) // m * m
+
+    @classmethod
+    def from_dict(cls, d):
+        d = dict(d)
+        layer = dict(d.pop("layer", {}))
+        flat = {}
+        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        renamed = {"local_order": "short_filter_order"}
+        for k, v in list(d.items()) + list(layer.items()):
+            k = renamed.get(k, k)
+            if k in names:
+                flat[k] = v
+        extra = {k: v for k, v in d.items() if k not in names}
+        extra["layer"] = {k: v for k, v in layer.items() if renamed.get(k, k) not in names}
+        cfg = cls(**flat, extra=extra)
+        cfg.validate()
+        return cfg
+
+    def to_dict(self):
+        """The published config.json layout (operator fields nested under "layer")."""
+        extra = dict(self.extra)
+        layer = dict(extra.pop("layer", {}))
+        layer.update(_name_="hyena", l_max=self.l_max, order=self.order, filter_order=self.filter_order,
+                     emb_dim=self.emb_dim, w=self.w, local_order=self.short_filter_order)
+        out = dict(extra)
+        out.update(d_model=self.d_model, n_layer=self.n_layer, d_inner=self.d_inner, vocab_size=self.vocab_size,
+                   pad_vocab_size_multiple=self.pad_vocab_size_multiple, embed_dropout=self.embed_dropout,
+                   resid_dropout=self.resid_dropout, layer_norm_epsilon=self.layer_norm_epsilon,
+                   residual_in_fp32=True, layer=layer)
+        return out
+
+    def validate(self):
+        positive = ["d_model", "n_layer", "d_inner", "vocab_size", "pad_vocab_size_multiple", "l_max",
+                    "filter_order", "emb_dim", "short_filter_order"]
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"config field {name} must be a positive integer, got {value!r}")
+        if not isinstance(self.order, int) or self.order < 2:
+            raise ValueError(f"config field order must be an integer >= 2, got {self.order!r}")
+        if self.emb_dim < 3 or self.emb_dim % 2 == 0:
+            raise ValueError(f"config field emb_dim must be odd and >= 3 (t plus cos/sin pairs), got {self.emb_dim}")
+        if self.l_max < 2:
+            raise ValueError(f"config field l_max must be >= 2, got {self.l_max}")
+
+
+# The published checkpoints (LongSafari/hyenadna-*); l_max is the trained length + 2.
+PRESETS = {
+    "tiny-1k": dict(d_model=128, n_layer=2, l_max=1024 + 2),
+    "tiny-1k-d256": dict(d_model=256, n_layer=2, l_max=1024 + 2),
+    "tiny-16k-d128": dict(d_model=128, n_layer=2, l_max=16384 + 2),
+    "small-32k": dict(d_model=256, n_layer=4, l_max=32768 + 2),
+    "medium-160k": dict(d_model=256, n_layer=8, l_max=160000 + 2),
+    "medium-450k": dict(d_model=256, n_layer=8, l_max=450000 + 2),
+    "large-1m": dict(d_model=256, n_layer=8, l_max=1_000_000 + 2),
+}
+
+
+def preset_config(name, **overrides):
+    """HyenaConfig of a published model by name (see PRESETS); `tiny` and `large` are short for tiny-1k
+    and large-1m. Overrides (l_max=..., say) replace fields."""
+    name = {"tiny": "tiny-1k", "large": "large-1m"}.get(name, name)
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of: tiny, large, {', '.join(PRESETS)}")
+    fields = dict(PRESETS[name])
+    fields["d_inner"] = 4 * fields["d_model"]
+    fields.update(overrides)
+    cfg = HyenaConfig(**fields)
+    cfg.validate()
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The long convolution.
+
+def fft_size(n, radices=(2, 3, 5)):
+    """Smallest n' >= n whose only prime factors are `radices`: FFT libraries are fastest at such sizes.
+    (radices=(2,) gives powers of two, which ONNX Runtime's DFT needs to be exact.)"""
+    best = 1 << max(0, (n - 1).bit_length())
+    if radices == (2,):
+        return best
+    p3 = 1
+    while p3 < best:  # enumerate 2^a 3^b 5^c below the power-of-two bound
+        p35 = p3
+        while p35 < best:
+            size = p35
+            while size < n:
+                size *= 2
+            best = min(best, size)
+            p35 *= 5
+        p3 *= 3
+    return best
+
+
+class CausalFFTConv(torch.autograd.Function):
+    """y[..., t] = sum_{s<=t} k[..., t-s] u[..., s], by FFT.  u: (B, C, L), k: (C, L) -> y: (B, C, L).
+
+    Written as an autograd Function to save memory: autograd's own backward of rfft/irfft would keep the
+    complex spectra (two (B, C, n/2+1) complex64 tensors, 4x the size of u) for every call. We keep only u
+    and k and recompute the spectra in backward. The gradients are correlations, which are convolutions
+    with the conjugate spectrum: grad_u = corr(grad_y, k), grad_k = sum_b corr(grad_y, u)."""
+
+    @staticmethod
+    def forward(ctx, u, k):
+        L = u.shape[-1]
+        n = fft_size(2 * L - 1)
+        y = torch.fft.irfft(torch.fft.rfft(u, n=n) * torch.fft.rfft(k, n=n), n=n)[..., :L]
+        ctx.save_for_backward(u, k)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        u, k = ctx.saved_tensors
+        L = u.shape[-1]
+        n = fft_size(2 * L - 1)
+        g = torch.fft.rfft(grad_y, n=n)
+        grad_u = grad_k = None
+        if ctx.needs_input_grad[0]:
+            grad_u = torch.fft.irfft(g * torch.fft.rfft(k, n=n).conj(), n=n)[..., :L]
+        if ctx.needs_input_grad[1]:
+            grad_k = torch.fft.irfft((g * torch.fft.rfft(u, n=n).conj()).sum(0), n=n)[..., :L]
+        return grad_u, grad_k
+
+
+def causal_fft_conv(u, k):
+    """Causal long convolution of u (B, C, L) with k (C, L), in float32 even under bf16 autocast: a sum of
+    up to a million products needs float32's mantissa (bf16 FFTs are also unsupported on most backends)."""
+    with torch.autocast(u.device.type, enabled=False):
+        return CausalFFTConv.apply(u.float(), k.float()).to(u.dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The implicit filter.
+
+def positional_features(l_max, emb_dim):
+    """z (l_max, emb_dim): [t, cos(f*w), -sin(f*w)] with t in [0, 1] and w = 2*pi*position/l_max;
+    and t (l_max, 1). As published (the columns are the real and imaginary parts of exp(-i*f*w))."""
+    t = torch.linspace(0, 1, l_max)[:, None]
+    bands = (emb_dim - 1) // 2
+    w = 2 * math.pi * torch.linspace(0, l_max - 1, l_max)[:, None] / l_max  # (l_max, 1)
+    f = torch.linspace(1e-4, bands - 1, bands)[None, :]  # (1, bands)
+    return torch.cat([t, torch.cos(f * w), -torch.sin(f * w)], dim=-1), t
+
+
+class Sin(nn.Module):
+    """sin(freq * x) with a learned frequency per feature."""
+
+    def __init__(self, width, w):
+        super().__init__()
+        self.freq = nn.Parameter(w * torch.ones(1, width))
+
+    def forward(self, x):
+        return torch.sin(self.freq * x)
+
+
+class ImplicitFilter(nn.Module):
+    """Produces the long filters h (n_filters, L) from positional features, and holds their skip `bias`."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        n_filters = (cfg.order - 1) * cfg.d_model  # one filter per channel per long convolution
+        z, t = positional_features(cfg.l_max, cfg.emb_dim)
+        self.register_buffer("z", z)  # (l_max, emb_dim)
+        self.register_buffer("t", t)  # (l_max, 1)
+        sin = Sin(cfg.filter_order, cfg.w)  # one module at all three places: the frequency is shared
+        self.mlp = nn.Sequential(
+            nn.Linear(cfg.emb_dim, cfg.filter_order), sin,
+            nn.Linear(cfg.filter_order, cfg.filter_order), sin,
+            nn.Linear(cfg.filter_order, cfg.filter_order), sin,
+            nn.Linear(cfg.filter_order, n_filters, bias=False),
+        )
+        # window decay rates: from "1% left at 2/3 of l_max" (slow) to "1% left at 0.3*l_max" (fast)
+        fast, slow = math.log(1e-2) / 0.3, math.log(1e-2) / 1.5
+        self.register_buffer("deltas", torch.linspace(slow, fast, n_filters))  # (n_filters,)
+        self.bias = nn.Parameter(torch.randn(n_filters))  # the skip term D of the paper
+
+    def forward(self, L):
+        h = self.mlp(self.z[:L])  # (L, n_filters)
+        window = torch.exp(-self.t[:L] * self.deltas.abs()) + 0.05  # (L, n_filters)
+        return (h * window).t()  # (n_filters, L)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The Hyena operator.
+
+class HyenaOperator(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        d, N = cfg.d_model, cfg.order
+        self.in_proj = nn.Linear(d, (N + 1) * d)
+        # depthwise (groups = channels) and causal: pad 2 on the left, keep the first L outputs
+        self.short_conv = nn.Conv1d((N + 1) * d, (N + 1) * d, cfg.short_filter_order, groups=(N + 1) * d,
+                                    padding=cfg.short_filter_order - 1)
+        self.filter = ImplicitFilter(cfg)
+        self.out_proj = nn.Linear(d, d)
+        self.fft_budget = 1 << 25  # floats of FFT spectrum per channel group (128 MB), see forward
+
+    def forward(self, u):
+        B, L, d = u.shape  # u: (B, L, d)
+        N = self.cfg.order
+        h = self.filter(L).view(N - 1, d, L)  # long filters, (N-1, d, L)
+        bias = self.filter.bias.view(N - 1, d)
+        # Everything between in_proj and out_proj acts on each channel separately: channel c of y needs only
+        # channel c of x_0..x_{N-1} and v. Processing channels in groups bounds the big temporaries (the
+        # projected streams and the FFT buffers) to one group's worth: at L = 2^20 the whole width at once
+        # would need several GB, a group of 16 channels a few hundred MB, at the same speed.
+        group = max(1, min(d, self.fft_budget // (B * 2 * fft_size(2 * L - 1))))
+        W, b = self.in_proj.weight.view(N + 1, d, d), self.in_proj.bias.view(N + 1, d)
+        Wc, bc = self.short_conv.weight.view(N + 1, d, 1, -1), self.short_conv.bias.view(N + 1, d)
+        ys = []
+        for c in range(0, d, group):
+            g = slice(c, c + group)
+            z = F.linear(u, W[:, g].flatten(0, 1), b[:, g].flatten())  # (B, L, (N+1)*G), streams of G channels
+            z = F.conv1d(z.transpose(1, 2), Wc[:, g].flatten(0, 1), bc[:, g].flatten(),
+                         padding=Wc.shape[-1] - 1, groups=z.shape[-1])[..., :L]  # causal, (B, (N+1)*G, L)
+            *x, v = z.split(z.shape[1] // (N + 1), dim=1)  # x_0 .. x_{N-1}, v: each (B, G, L)
+            for o, x_i in enumerate(reversed(x[1:])):  # x_{N-1} first, as published
+                v = v * x_i
+                v = causal_fft_conv(v, h[o, g]) + v * bias[o, g, None]
+            ys.append(v * x[0])
+        y = torch.cat(ys, dim=1).transpose(1, 2)  # (B, L, d)
+        return self.out_proj(y)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Blocks and the model.
+
+class MLP(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.fc1 = nn.Linear(cfg.d_model, cfg.d_inner)
+        self.fc2 = nn.Linear(cfg.d_inner, cfg.d_model)
+
+    def forward(self, x):  # x: (B, L, d)
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class Block(nn.Module):
+    """Pre-norm residual block. The residual stream stays float32 under bf16 autocast (adding a bf16 branch
+    to a float32 stream gives float32), as the published `residual_in_fp32` asks."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_epsilon)
+        self.mixer = HyenaOperator(cfg)
+        self.norm2 = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_epsilon)
+        self.mlp = MLP(cfg)
+        self.dropout = nn.Dropout(cfg.resid_dropout)
+        self.mlp_chunk = 1 << 16  # positions per MLP call when no gradient is needed, see forward
+
+    def forward(self, x):  # x: (B, L, d)
+        x = x + self.dropout(self.mixer(self.norm1(x)))
+        if torch.is_grad_enabled() or x.shape[1] <= self.mlp_chunk:
+            return x + self.dropout(self.mlp(self.norm2(x)))
+        # Inference at long L: the MLP acts on each position alone and fc1 is 4x wider than the stream
+        # (2 GB at L = 2^20, d = 128), so we update the stream in place one slice of positions at a time.
+        for part in x.split(self.mlp_chunk, dim=1):
+            part += self.mlp(self.norm2(part))
+        return x
+
+
+class HyenaDNA(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        self.embedding = nn.Embedding(cfg.padded_vocab_size, cfg.d_model)  # also the LM head (tied)
+        self.dropout = nn.Dropout(cfg.embed_dropout)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.ln_f = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_epsilon)
+        self.gradient_checkpointing = False  # recompute each block in backward instead of storing it
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module):
+        # As published: N(0, 0.02) for every linear and embedding weight, zero biases, and the projections
+        # that write into the residual stream scaled down by sqrt(2 * n_layer) so its variance stays put.
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            std = 0.02
+            if module in {m for b in getattr(self, "blocks", []) for m in (b.mixer.out_proj, b.mlp.fc2)}:
+                std /= math.sqrt(2 * self.cfg.n_layer)
+            nn.init.normal_(module.weight, std=std)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
+
+    def check_input_ids(self, input_ids):
+        """ValueError naming the problem unless input_ids is an integer (B, L) tensor of token ids with
+        1 <= L <= l_max."""
+        if not isinstance(input_ids, torch.Tensor):
+            raise ValueError(f"input_ids must be a torch.Tensor, got {type(input_ids).__name__}")
+        if input_ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+            raise ValueError(f"input_ids must be an integer tensor (int64), got dtype {input_ids.dtype}")
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must have shape (batch, length), got {input_ids.dim()} dims "
+                             f"{tuple(input_ids.shape)}")
+        B, L = input_ids.shape
+        if not 1 <= L <= self.cfg.l_max:
+            raise ValueError(f"sequence length {L} is outside the allowed range [1, {self.cfg.l_max}] (l_max)")
+        if B < 1:
+            raise ValueError("input_ids has an empty batch")
+        lo, hi = int(input_ids.min()), int(input_ids.max())
+        if lo < 0 or hi >= self.cfg.vocab_size:
+            raise ValueError(f"token ids must be in [0, {self.cfg.vocab_size}), got values in [{lo}, {hi}]")
+
+    def hidden_states(self, input_ids):
+        """(B, L) token ids -> (B, L, d_model), after the final LayerNorm."""
+        self.check_input_ids(input_ids)
+        x = self.dropout(self.embedding(input_ids.long()))  # (B, L, d)
+        for block in self.blocks:
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
+        return self.ln_f(x)
+
+    def forward(self, input_ids):
+        """(B, L) token ids -> next-token logits (B, L, padded_vocab_size)."""
+        return F.linear(self.hidden_states(input_ids), self.embedding.weight)
+
+    def num_params(self):
+        return sum(p.numel() for p in self.parameters())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Loading checkpoints: the published HyenaDNA folders (config.json + weights.ckpt, a PyTorch Lightning file)
+# and this project's own (config.json + model.pt, written by `save_pretrained`).
+
+class _Opaque:
+    """Stands in for any class a checkpoint names outside the allow-list below (omegaconf's DictConfig,
+    Lightning's AttributeDict, ...). It records what the pickle hands it and runs nothing, so loading
+    needs neither those libraries nor trust in the file."""
+
+    def __init__(self, *args, **kwargs):
+        self.args, self.kwargs = args, kwargs
+
+    def __setstate__(self, state):
+        self.state = state
+
+    def __setitem__(self, key, value):
+        self.__dict__.setdefault("items", {})[key] = value
+
+    def append(self, value):
+        self.__dict__.setdefault("list", []).append(value)
+
+    def extend(self, values):
+        self.__dict__.setdefault("list", []).extend(values)
+
+
+_SAFE_GLOBALS = {
+    ("collections", "OrderedDict"), ("builtins", "set"), ("builtins", "frozenset"), ("builtins", "slice"),
+    ("builtins", "complex"), ("torch", "Size"), ("torch", "device"), ("torch", "Tensor"),
+    ("torch.nn.parameter", "Parameter"), ("torch._utils", "_rebuild_tensor_v2"),
+    ("torch._utils", "_rebuild_parameter"), ("torch._utils", "_rebuild_parameter_with_state"),
+    ("torch._tensor", "_rebuild_from_type_v2"),
+}
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        if (module, name) in _SAFE_GLOBALS or (module == "torch" and isinstance(getattr(torch, name, None),
+                                                                               torch.dtype)):
+            return super().find_class(module, name)
+        return type(name, (_Opaque,), {"__module__": "opaque." + module})
+
+
+class _RestrictedPickleModule:  # what torch.load expects of a `pickle_module`
+    Unpickler = _RestrictedUnpickler
+    __name__ = "tinyhyena_restricted_pickle"
+
+    @staticmethod
+    def load(f, **kwargs):
+        return _RestrictedUnpickler(f, **kwargs).load()
+
+
+def load_torch_file(path):
+    """torch.load that never executes code from the file: tensors and plain containers come back as they
+    are, objects of any other class as inert placeholders. Errors name the file."""
+    try:
+        return torch.load(path, map_location="cpu", pickle_module=_RestrictedPickleModule, weights_only=False)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: file not found") from None
+    except Exception as e:
+        raise ValueError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {e})") from None
+
+
+# Published key (after "model.backbone.") -> our key, applied in order.
+_PUBLISHED_KEY_MAP = [
+    (".mixer.layer.", ".mixer."),  # runs trained with checkpoint_mixer / checkpoint_mlp wrap the modules
+    (".mlp.layer.", ".mlp."),
+    ("embeddings.word_embeddings.", "embedding."),
+    ("layers.", "blocks."),
+    (".short_filter.", ".short_conv."),
+    (".filter_fn.implicit_filter.", ".filter.mlp."),
+    (".filter_fn.pos_emb.", ".filter."),
+    (".filter_fn.modulation.", ".filter."),
+    (".filter_fn.", ".filter."),
+]
+
+
+def convert_published_state_dict(state_dict, source="checkpoint"):
+    """Map a published HyenaDNA state dict (Lightning `model.backbone.*`, or Hugging Face `hyena.backbone.*`)
+    to this module's keys. The LM head is the tied embedding, so `lm_head.weight` is checked, not loaded."""
+    out, head = {}, None
+    for key, value in state_dict.items():
+        if not isinstance(value, torch.Tensor):
+            continue
+        if key.endswith("lm_head.weight"):
+            head = value
+            continue
+        if "backbone." not in key:
+            raise ValueError(f"{source}: unexpected key {key!r} (expected model.backbone.* or model.lm_head.*)")
+        key = key.split("backbone.", 1)[1]
+        for old, new in _PUBLISHED_KEY_MAP:
+            key = key.replace(old, new)
+        out[key] = value
+    if head is not None and "embedding.weight" in out and not torch.equal(head, out["embedding.weight"]):
+        raise ValueError(f"{source}: lm_head.weight differs from the token embedding; tinyhyena ties them")
+    return out
+
+
+def _load_state_dict(model, state_dict, source):
+    """load_state_dict with errors that name the file, shapes of published buffers reconciled
+    ((1, L, 5) vs (L, 5)), and the shared sine frequency checked."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(own))
+    if missing or unexpected:
+        raise ValueError(f"{source}: keys do not match the model: missing {missing[:4]}{'...' if len(missing) > 4 else ''}"
+                         f", unexpected {unexpected[:4]}{'...' if len(unexpected) > 4 else ''}")
+    fixed = {}
+    for key, value in state_dict.items():
+        if value.numel() != own[key].numel():
+            raise ValueError(f"{source}: {key} has shape {tuple(value.shape)}, the config implies "
+                             f"{tuple(own[key].shape)}")
+        fixed[key] = value.reshape(own[key].shape).to(own[key].dtype)
+    for i in range(len(model.blocks)):
+        freqs = [fixed[f"blocks.{i}.mixer.filter.mlp.{j}.freq"] for j in (1, 3, 5)]
+        if not all(torch.equal(freqs[0], f) for f in freqs[1:]):
+            raise ValueError(f"{source}: block {i}'s three sine frequencies differ; the published model shares one")
+    model.load_state_dict(fixed)
+
+
+def from_pretrained(path, device="cpu"):
+    """Load a checkpoint folder: a published HyenaDNA one (config.json + weights.ckpt, or the Hugging Face
+    config.json + pytorch_model.bin) or one written by this project (config.json + model.pt)."""
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{path}: checkpoint folder not found")
+    config_path = os.path.join(path, "config.json")
+    try:
+        with open(config_path) as f:
+            cfg = HyenaConfig.from_dict(json.load(f))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{config_path}: file not found (a checkpoint folder holds config.json)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, TypeError, ValueError, AttributeError) as e:
+        raise ValueError(f"{config_path}: malformed config ({e})") from None
+    for name in ("model.pt", "weights.ckpt", "pytorch_model.bin"):
+        weights_path = os.path.join(path, name)
+        if os.path.isfile(weights_path):
+            break
+    else:
+        raise FileNotFoundError(f"{path}: no weights file (model.pt, weights.ckpt or pytorch_model.bin)")
+    blob = load_torch_file(weights_path)
+    if isinstance(blob, dict) and isinstance(blob.get("state_dict"), dict):
+        blob = blob["state_dict"]  # a Lightning file: the rest is optimizer state and hyper-parameters
+    if not isinstance(blob, dict) or not blob:
+        raise ValueError(f"{weights_path}: holds no state dict")
+    if name != "model.pt":
+        blob = convert_published_state_dict(blob, source=weights_path)
+    model = HyenaDNA(cfg)
+    _load_state_dict(model, blob, weights_path)
+    return model.to(device).eval()
+
+
+def _atomic_write(path, write):
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def save_pretrained(model, path):
+    """Write config.json + model.pt into the folder `path`, each atomically (temp file, then rename)."""
+    os.makedirs(path, exist_ok=True)
+    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    _atomic_write(os.path.join(path, "model.pt"), lambda tmp: torch.save(state, tmp))
+
+    def write_config(tmp):
+        with open(tmp, "w") as f:
+            json.dump(model.cfg.to_dict(), f, indent=2)
+    _atomic_write(os.path.join(path, "config.json"), write_config)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The NumPy twin: the same forward pass written again in float64 NumPy from the model's weights, sharing no
+# code with the torch path above. Tests hold the two against each other; it is a specification, not fast.
+
+def _np_layer_norm(x, weight, bias, eps):
+    mean = x.mean(-1, keepdims=True)
+    var = ((x - mean) ** 2).mean(-1, keepdims=True)
+    return (x - mean) / np.sqrt(var + eps) * weight + bias
+
+
+def _np_gelu_tanh(x):
+    return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x ** 3)))
+
+
+def _np_causal_conv(v, h):
+    """v (B, L, C), h (L, C): y[:, t] = sum_{s<=t} h[t-s] v[:, s], by a power-of-two FFT over axis 1."""
+    L = v.shape[1]
+    n = 1 << (2 * L).bit_length()  # > 2L, a different size from the torch path's on purpose
+    spectrum = np.fft.rfft(v, n=n, axis=1) * np.fft.rfft(h, n=n, axis=0)[None]
+    return np.fft.irfft(spectrum, n=n, axis=1)[:, :L]
+
+
+def _np_hyena(p, x, cfg):
+    B, L, d = x.shape
+    N = cfg.order
+    z = x @ p["in_proj.weight"].T + p["in_proj.bias"]  # (B, L, (N+1)d)
+    w = p["short_conv.weight"][:, 0, :]  # ((N+1)d, K); output t sees inputs t-K+1 .. t
+    K = w.shape[1]
+    padded = np.concatenate([np.zeros((B, K - 1, z.shape[2])), z], axis=1)
+    z = sum(w[:, j] * padded[:, j:j + L] for j in range(K)) + p["short_conv.bias"]
+    streams = [z[..., i * d:(i + 1) * d] for i in range(N + 1)]  # x_0 .. x_{N-1}, v
+    # the implicit filter
+    f = p["filter.z"][:L]
+    for j in (0, 2, 4):
+        f = np.sin(p[f"filter.mlp.{j + 1}.freq"] * (f @ p[f"filter.mlp.{j}.weight"].T + p[f"filter.mlp.{j}.bias"]))
+    f = f @ p["filter.mlp.6.weight"].T  # (L, (N-1)d)
+    f = f * (np.exp(-p["filter.t"][:L] * np.abs(p["filter.deltas"])) + 0.05)
+    v = streams[N]
+    for o, i in enumerate(range(N - 1, 0, -1)):
+        v = v * streams[i]
+        v = _np_causal_conv(v, f[:, o * d:(o + 1) * d]) + v * p["filter.bias"][o * d:(o + 1) * d]
+    y = v * streams[0]
+    return y @ p["out_proj.weight"].T + p["out_proj.bias"]
+
+
+def reference_forward(model, input_ids, return_hidden=False):
+    """float64 logits (B, L, padded_vocab) of `model` on `input_ids`, computed in NumPy (eval mode: no
+    dropout). With return_hidden, the hidden states after the final LayerNorm instead."""
+    cfg = model.cfg
+    p = {k: v.detach().cpu().double().numpy() for k, v in model.state_dict().items()}
+    ids = np.asarray(input_ids.cpu() if isinstance(input_ids, torch.Tensor) else input_ids)
+    eps = cfg.layer_norm_epsilon
+    x = p["embedding.weight"][ids]  # (B, L, d)
+    for i in range(cfg.n_layer):
+        q = {k[len(f"blocks.{i}."):]: v for k, v in p.items() if k.startswith(f"blocks.{i}.")}
+        mixer = {k[len("mixer."):]: v for k, v in q.items() if k.startswith("mixer.")}
+        x = x + _np_hyena(mixer, _np_layer_norm(x, q["norm1.weight"], q["norm1.bias"], eps), cfg)
+        hidden = _np_layer_norm(x, q["norm2.weight"], q["norm2.bias"], eps) @ q["mlp.fc1.weight"].T + q["mlp.fc1.bias"]
+        x = x + _np_gelu_tanh(hidden) @ q["mlp.fc2.weight"].T + q["mlp.fc2.bias"]
+    x = _np_layer_norm(x, p["ln_f.weight"], p["ln_f.bias"], eps)
+    return x if return_hidden else x @ p["embedding.weight"].T
