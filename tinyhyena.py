@@ -243,8 +243,9 @@ class CausalFFTConv(torch.autograd.Function):
 def causal_fft_conv(u, k):
     """Causal long convolution of u (B, C, L) with k (C, L), in float32 even under bf16 autocast: a sum of
     up to a million products needs float32's mantissa (bf16 FFTs are also unsupported on most backends)."""
+    dtype = torch.promote_types(u.dtype, torch.float32)  # bf16/fp16 -> float32; float64 stays
     with torch.autocast(u.device.type, enabled=False):
-        return CausalFFTConv.apply(u.float(), k.float()).to(u.dtype)
+        return CausalFFTConv.apply(u.to(dtype), k.to(dtype)).to(u.dtype)
 
 
 # ---------------------------------------------------------------------------------------------------------
