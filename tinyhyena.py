@@ -313,6 +313,14 @@ def causal_short_conv(z, weight, bias):
     return out
 
 
+def checkpointed(enabled, fn, *args):
+    """fn(*args), but when `enabled` (and a gradient is being taken) its intermediates are not kept for
+    backward: they are recomputed there. Trades about a third more compute for memory at long L."""
+    if enabled and torch.is_grad_enabled():
+        return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False)
+    return fn(*args)
+
+
 class HyenaOperator(nn.Module):
     def __init__(self, cfg):
         super().__init__()
@@ -325,32 +333,36 @@ class HyenaOperator(nn.Module):
         self.out_proj = nn.Linear(d, d)
         self.fft_budget = 1 << 25  # floats per channel group's FFT spectrum (128 MB), see forward
 
-    def forward(self, u):
+    def forward(self, u, checkpoint=False):
         B, L, d = u.shape  # u: (B, L, d)
         N = self.cfg.order
-        h = self.filter(L).view(N - 1, d, L)  # long filters, (N-1, d, L)
-        bias = self.filter.bias.view(N - 1, d)
+        h = checkpointed(checkpoint, self.filter, L).view(N - 1, d, L)  # long filters, (N-1, d, L)
         # Everything between in_proj and out_proj acts on each channel separately: channel c of y needs only
         # channel c of x_0..x_{N-1} and v. Processing channels in groups bounds the big temporaries (the
         # projected streams and the FFT buffers) to one group's worth: at L = 2^20 the whole width at once
         # would need several GB, a group of 16 channels a few hundred MB, and runs faster (cache-sized FFTs).
+        # Under checkpointing each group is recomputed alone in backward, so training memory is bounded too.
         group = max(1, min(d, self.fft_budget // (B * fft_size(2 * L - 1))))
-        W, b = self.in_proj.weight.view(N + 1, d, d), self.in_proj.bias.view(N + 1, d)
-        Wc, bc = self.short_conv.weight.view(N + 1, d, -1), self.short_conv.bias.view(N + 1, d)
-        ys = []
-        for c in range(0, d, group):
-            g = slice(c, c + group)
-            # in_proj for this group's channels of all N+1 streams, computed straight into (B, C, L), the
-            # layout the FFT wants: a matmul against u transposed needs no copy, transposing its output would.
-            z = torch.baddbmm(b[:, g].reshape(-1, 1), W[:, g].flatten(0, 1).expand(B, -1, -1), u.transpose(1, 2))
-            z = causal_short_conv(z, Wc[:, g].flatten(0, 1), bc[:, g].flatten())  # (B, (N+1)*G, L)
-            *x, v = z.split(z.shape[1] // (N + 1), dim=1)  # x_0 .. x_{N-1}, v: each (B, G, L)
-            for o, x_i in enumerate(reversed(x[1:])):  # x_{N-1} first, as published
-                v = v * x_i
-                v = causal_fft_conv(v, h[o, g]) + v * bias[o, g, None]
-            ys.append(v * x[0])
-        y = torch.cat(ys, dim=1)  # (B, d, L)
+        y = torch.cat([checkpointed(checkpoint, self.mix_channels, u, h, c, min(c + group, d))
+                       for c in range(0, d, group)], dim=1)  # (B, d, L)
         return self.out_proj(y.transpose(1, 2))  # (B, L, d)
+
+    def mix_channels(self, u, h, start, stop):
+        """Channels start:stop of the operator, before out_proj. u: (B, L, d), h: (N-1, d, L) -> (B, G, L)."""
+        N, d, g = self.cfg.order, self.cfg.d_model, slice(start, stop)
+        W, b = self.in_proj.weight.view(N + 1, d, d), self.in_proj.bias.view(N + 1, d)
+        # in_proj for these channels of all N+1 streams, computed straight into (B, C, L), the layout the FFT
+        # wants: a matmul against u transposed needs no copy, transposing its output would.
+        z = torch.baddbmm(b[:, g].reshape(-1, 1), W[:, g].flatten(0, 1).expand(u.shape[0], -1, -1),
+                          u.transpose(1, 2))  # (B, (N+1)*G, L)
+        Wc, bc = self.short_conv.weight.view(N + 1, d, -1), self.short_conv.bias.view(N + 1, d)
+        z = causal_short_conv(z, Wc[:, g].flatten(0, 1), bc[:, g].flatten())
+        *x, v = z.split(stop - start, dim=1)  # x_0 .. x_{N-1}, v: each (B, G, L)
+        bias = self.filter.bias.view(N - 1, d)
+        for o, x_i in enumerate(reversed(x[1:])):  # x_{N-1} first, as published
+            v = v * x_i
+            v = causal_fft_conv(v, h[o, g]) + v * bias[o, g, None]
+        return v * x[0]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -377,17 +389,19 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_epsilon)
         self.mlp = MLP(cfg)
         self.dropout = nn.Dropout(cfg.resid_dropout)
-        self.mlp_chunk = 1 << 16  # positions per MLP call when no gradient is needed, see forward
+        self.mlp_chunk = 1 << 16  # positions per MLP call at long L, see forward
 
-    def forward(self, x):  # x: (B, L, d)
-        x = x + self.dropout(self.mixer(self.norm1(x)))
-        if torch.is_grad_enabled() or x.shape[1] <= self.mlp_chunk:
-            return x + self.dropout(self.mlp(self.norm2(x)))
-        # Inference at long L: the MLP acts on each position alone and fc1 is 4x wider than the stream
-        # (2 GB at L = 2^20, d = 128), so we update the stream in place one slice of positions at a time.
-        for part in x.split(self.mlp_chunk, dim=1):
-            part += self.mlp(self.norm2(part))
-        return x
+    def forward(self, x, checkpoint=False):  # x: (B, L, d)
+        x = x + self.dropout(self.mixer(self.norm1(x), checkpoint))
+        # The MLP acts on each position alone and fc1 is 4x wider than the stream (2 GB at L = 2^20, d = 128),
+        # so at long L it runs on slices of positions: without a gradient, updating the stream in place one
+        # slice at a time; under checkpointing, recomputing one slice at a time in backward.
+        if not torch.is_grad_enabled() and x.shape[1] > self.mlp_chunk:
+            for part in x.split(self.mlp_chunk, dim=1):
+                part += self.mlp(self.norm2(part))
+            return x
+        branch = lambda part: self.dropout(self.mlp(self.norm2(part)))
+        return x + torch.cat([checkpointed(checkpoint, branch, part) for part in x.split(self.mlp_chunk, dim=1)], 1)
 
 
 class HyenaDNA(nn.Module):
@@ -399,7 +413,10 @@ class HyenaDNA(nn.Module):
         self.dropout = nn.Dropout(cfg.embed_dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_epsilon)
-        self.gradient_checkpointing = False  # recompute each block in backward instead of storing it
+        # Recompute activations in backward instead of storing them: whole blocks, and inside a block's
+        # recomputation the filter, each channel group of the mixer and each slice of the MLP, so that
+        # memory at L = 2^20 stays at a few activations of the residual stream's size.
+        self.gradient_checkpointing = False
         self.apply(self._init_weights)
 
     def _init_weights(self, module):
@@ -437,10 +454,7 @@ class HyenaDNA(nn.Module):
         self.check_input_ids(input_ids)
         x = self.dropout(self.embedding(input_ids.long()))  # (B, L, d)
         for block in self.blocks:
-            if self.gradient_checkpointing and torch.is_grad_enabled():
-                x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
-            else:
-                x = block(x)
+            x = checkpointed(self.gradient_checkpointing, block, x, self.gradient_checkpointing)
         return self.ln_f(x)
 
     def forward(self, input_ids):
