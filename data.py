@@ -1,0 +1,322 @@
+"""
+Genomes into training windows.
+
+    python data.py hg38 [--dir data/hg38]     download hg38 and the paper's intervals, verify, prepare
+    python data.py prepare FASTA [--out DIR]   prepare any FASTA (plain or gzipped)
+
+Preparing turns a FASTA into one flat uint8 file of token ids per chromosome plus `index.json`; training reads
+windows from those files through numpy memmaps, so a window costs O(seq_len) whatever the genome's size.
+"""
+
+import argparse
+import gzip
+import json
+import os
+import shutil
+import sys
+import urllib.request
+import zlib
+
+import numpy as np
+import torch
+
+from tinyhyena import N_ID, PAD_ID, BYTE_TO_ID
+
+HG38_FASTA_URL = "https://storage.googleapis.com/basenji_barnyard2/hg38.ml.fa.gz"
+HG38_BED_URL = "https://storage.googleapis.com/basenji_barnyard2/sequences_human.bed"
+
+
+class DataError(Exception):
+    """Bad input data; the command line prints its message on one line and exits 1."""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Download, resumable.
+
+def download(url, path, quiet=False):
+    """Fetch url to path, resuming from `path.part` if an earlier download was cut off."""
+    from tqdm import tqdm
+    if os.path.exists(path):
+        return path
+    part = path + ".part"
+    have = os.path.getsize(part) if os.path.exists(part) else 0
+    request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
+    try:
+        response = urllib.request.urlopen(request, timeout=60)
+    except urllib.error.HTTPError as e:
+        if e.code == 416 and have:  # the .part is already complete
+            os.replace(part, path)
+            return path
+        raise DataError(f"{url}: download failed (HTTP {e.code})") from None
+    except (urllib.error.URLError, OSError) as e:
+        raise DataError(f"{url}: download failed ({getattr(e, 'reason', e)})") from None
+    with response:
+        if have and response.status != 206:  # the server ignored Range: start over
+            have = 0
+        total = response.headers.get("Content-Length")
+        total = int(total) + have if total is not None else None
+        with open(part, "ab" if have else "wb") as f, tqdm(total=total, initial=have, unit="B", unit_scale=True,
+                                                             desc=os.path.basename(path), disable=quiet) as bar:
+            try:
+                while chunk := response.read(1 << 20):
+                    f.write(chunk)
+                    bar.update(len(chunk))
+            except (OSError, ConnectionError) as e:
+                raise DataError(f"{url}: download interrupted after {f.tell()} bytes ({e}); "
+                                "run the same command again to resume") from None
+    if total is not None and os.path.getsize(part) < total:
+        raise DataError(f"{url}: download interrupted at {os.path.getsize(part)} of {total} bytes; "
+                        "run the same command again to resume")
+    os.replace(part, path)
+    return path
+
+
+def verify_gzip(path):
+    """Read a gzip file to its end: a truncated or corrupt file raises DataError naming it."""
+    try:
+        with gzip.open(path, "rb") as f:
+            while f.read(1 << 24):
+                pass
+    except (EOFError, OSError, zlib.error) as e:
+        raise DataError(f"{path}: truncated or corrupt gzip ({e})") from None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Preparing a FASTA: streamed, so a 3.1 GB genome needs little memory.
+
+def _open_text(path):
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: file not found")
+    with open(path, "rb") as f:
+        gzipped = f.read(2) == b"\x1f\x8b"
+    return gzip.open(path, "rb") if gzipped else open(path, "rb")
+
+
+def _source_stamp(path):
+    st = os.stat(path)
+    return {"path": os.path.abspath(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def prepare(fasta, out=None, quiet=False):
+    """FASTA -> DIR/<chrom>.u8 (token ids) + DIR/index.json. Reused while the FASTA is unchanged. Returns DIR.
+    The work happens in DIR.tmp and is renamed into place at the end, so a failure leaves no cache that
+    looks finished."""
+    out = out or fasta + ".tinyhyena"
+    index_path = os.path.join(out, "index.json")
+    stamp = _source_stamp(fasta) if os.path.isfile(fasta) else None
+    if stamp and os.path.isfile(index_path):
+        with open(index_path) as f:
+            if json.load(f).get("source") == stamp:
+                return out
+    tmp = out + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    chroms, current, written = {}, None, 0
+    try:
+        with _open_text(fasta) as f:
+            for lineno, line in enumerate(f, 1):
+                if line.startswith(b">"):
+                    if current:
+                        current.close()
+                    name = line[1:].split()[0].decode("ascii", "replace") if line[1:].strip() else ""
+                    if not name or name in chroms or "/" in name or name.startswith("."):
+                        raise DataError(f"{fasta}:{lineno}: bad or repeated record name {name!r}")
+                    chroms[name] = 0
+                    current = open(os.path.join(tmp, name + ".u8"), "wb")
+                    continue
+                seq = line.strip()
+                if not seq:
+                    continue
+                if current is None:
+                    raise DataError(f"{fasta}:{lineno}: not a FASTA file (sequence before any '>' header)")
+                ids = BYTE_TO_ID[np.frombuffer(seq, dtype=np.uint8)]
+                current.write(ids.tobytes())
+                chroms[name] += len(ids)
+                written += len(ids)
+                if not quiet and lineno % 2_000_000 == 0:
+                    print(f"prepare: {written / 1e6:.0f} Mbp", file=sys.stderr)
+        if current:
+            current.close()
+        if not chroms:
+            raise DataError(f"{fasta}: not a FASTA file (no '>' record)")
+        with open(os.path.join(tmp, "index.json"), "w") as f:
+            json.dump({"source": stamp, "chroms": chroms}, f)
+        shutil.rmtree(out, ignore_errors=True)
+        os.replace(tmp, out)
+    except (EOFError, zlib.error, gzip.BadGzipFile) as e:
+        raise DataError(f"{fasta}: truncated or corrupt gzip ({e})") from None
+    except UnicodeDecodeError as e:
+        raise DataError(f"{fasta}: not a FASTA file ({e})") from None
+    finally:
+        if current:
+            current.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+class Genome:
+    """Prepared token arrays. Memmaps are opened lazily, in each process that reads, so the object can be
+    sent to DataLoader workers."""
+
+    def __init__(self, directory):
+        index_path = os.path.join(directory, "index.json")
+        if not os.path.isfile(index_path):
+            raise DataError(f"{directory}: not a prepared genome (no index.json); run `python data.py prepare FASTA`")
+        with open(index_path) as f:
+            self.chroms = json.load(f)["chroms"]  # name -> length
+        self.directory = directory
+        self._arrays = {}
+
+    def array(self, chrom):
+        if chrom not in self._arrays:
+            path = os.path.join(self.directory, chrom + ".u8")
+            self._arrays[chrom] = np.memmap(path, dtype=np.uint8, mode="r") if self.chroms[chrom] else np.zeros(0, np.uint8)
+        return self._arrays[chrom]
+
+    def fetch(self, chrom, start, end):
+        """ids of chrom[start:end]; positions outside the chromosome are the pad id."""
+        out = np.full(end - start, PAD_ID, dtype=np.uint8)
+        lo, hi = max(start, 0), min(end, self.chroms[chrom])
+        if lo < hi:
+            out[lo - start:hi - start] = self.array(chrom)[lo:hi]
+        return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Windows.
+
+_COMPLEMENT = np.arange(256, dtype=np.uint8)
+_COMPLEMENT[[7, 8, 9, 10]] = [10, 9, 8, 7]  # A<->T, C<->G; N and specials stay
+
+
+def reverse_complement(ids):
+    return _COMPLEMENT[np.asarray(ids, dtype=np.uint8)][::-1]
+
+
+def read_bed(path, genome):
+    """[(chrom, start, end, split)] from a BED of 3 columns or Basenji's 4 (chrom, start, end, split)."""
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: file not found")
+    rows = []
+    with open(path) as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip() or line.startswith(("#", "track", "browser")):
+                continue
+            cols = line.rstrip("\n").split("\t")
+            if len(cols) not in (3, 4):
+                raise DataError(f"{path}:{lineno}: expected 3 or 4 tab-separated columns, got {len(cols)}")
+            chrom, start, end = cols[0], cols[1], cols[2]
+            if not (start.isdigit() and end.isdigit()) or int(start) >= int(end):
+                raise DataError(f"{path}:{lineno}: start and end must be integers with start < end, "
+                                f"got {start!r} {end!r}")
+            if chrom not in genome.chroms:
+                raise DataError(f"{path}:{lineno}: chromosome {chrom!r} is not in the FASTA")
+            if int(end) > genome.chroms[chrom]:
+                raise DataError(f"{path}:{lineno}: interval {chrom}:{start}-{end} lies outside the chromosome "
+                                f"(length {genome.chroms[chrom]})")
+            split = cols[3] if len(cols) == 4 else None
+            if split is not None and split not in ("train", "valid", "test"):
+                raise DataError(f"{path}:{lineno}: split must be train, valid or test, got {split!r}")
+            rows.append((chrom, int(start), int(end), split))
+    if not rows:
+        raise DataError(f"{path}: no intervals")
+    return rows
+
+
+def held_out_split(names, split):
+    """Without a split column: the last chromosome (in file order) is the test set, the one before it the
+    validation set, the rest training. With fewer than 3 chromosomes, None: split by position instead."""
+    if len(names) < 3:
+        return None
+    return {"valid": names[-2:-1], "test": names[-1:]}.get(split, names[:-2])
+
+
+class Windows(torch.utils.data.Dataset):
+    """Next-token pairs (input (seq_len,), target (seq_len,)) of int64, from a prepared genome.
+
+    With a BED, one window per interval of the split, of seq_len+1 bases grown (or shrunk) around the
+    interval's centre, clipped at chromosome ends and padded with the pad id (targets that are padding are
+    ignored by the loss). Without a BED, consecutive windows of the split's chromosomes (see
+    `held_out_split`), skipping windows that are mostly N (assembly gaps)."""
+
+    def __init__(self, genome, seq_len, split="train", bed=None, rc_aug=False):
+        if not isinstance(seq_len, int) or seq_len <= 0:
+            raise DataError(f"seq_len must be a positive integer, got {seq_len!r}")
+        self.genome, self.seq_len, self.rc_aug = genome, seq_len, rc_aug
+        names = list(genome.chroms)
+        held_out = held_out_split(names, split)
+        span = seq_len + 1
+        if bed is not None:
+            rows = read_bed(bed, genome) if isinstance(bed, str) else bed
+            self.starts = [(c, (s + e) // 2 - span // 2) for c, s, e, sp in rows
+                           if (sp == split if sp is not None else held_out is None or c in held_out)]
+        else:
+            self.starts = []
+            for chrom in (held_out if held_out is not None else names):
+                length = genome.chroms[chrom]
+                lo, hi = 0, length
+                if held_out is None:  # by position: 90% train, then 5% valid, 5% test
+                    cut = {"train": (0, 0.9), "valid": (0.9, 0.95), "test": (0.95, 1.0)}[split]
+                    lo, hi = int(cut[0] * length), int(cut[1] * length)
+                n = (hi - lo) // span
+                if n == 0:
+                    continue
+                mostly_n = (genome.array(chrom)[lo:lo + n * span].reshape(n, span) == N_ID).mean(1) > 0.5
+                self.starts += [(chrom, lo + i * span) for i in np.flatnonzero(~mostly_n)]
+        if not self.starts:
+            raise DataError(f"no {split} windows of length {seq_len} in the data")
+
+    def __len__(self):
+        return len(self.starts)
+
+    def __getitem__(self, i):
+        chrom, start = self.starts[i]
+        ids = self.genome.fetch(chrom, start, start + self.seq_len + 1)
+        if self.rc_aug and torch.rand(()) < 0.5:  # torch's RNG: seeded per worker, restored on --resume
+            ids = reverse_complement(ids)
+        ids = torch.from_numpy(ids.astype(np.int64))
+        return ids[:-1], ids[1:]
+
+
+def prepared_hg38(directory):
+    return os.path.join(directory, "tokens")
+
+
+def setup_hg38(directory, fasta_url=HG38_FASTA_URL, bed_url=HG38_BED_URL, quiet=False):
+    os.makedirs(directory, exist_ok=True)
+    fasta = download(fasta_url, os.path.join(directory, "hg38.ml.fa.gz"), quiet)
+    bed = download(bed_url, os.path.join(directory, "sequences_human.bed"), quiet)
+    verify_gzip(fasta)
+    genome = Genome(prepare(fasta, prepared_hg38(directory), quiet))
+    rows = read_bed(bed, genome)
+    if any(split is None for *_, split in rows):
+        raise DataError(f"{bed}: expected Basenji's 4 columns (chrom, start, end, split)")
+    return genome, rows
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Download and prepare genomes for train.py.")
+    sub = p.add_subparsers(dest="command", required=True)
+    h = sub.add_parser("hg38", help="download hg38 and the paper's intervals, verify and prepare them")
+    h.add_argument("--dir", default="data/hg38")
+    h.add_argument("--fasta_url", default=HG38_FASTA_URL)
+    h.add_argument("--bed_url", default=HG38_BED_URL)
+    q = sub.add_parser("prepare", help="prepare a FASTA (plain or gzipped) into token arrays")
+    q.add_argument("fasta")
+    q.add_argument("--out", default=None, help="output folder (default: FASTA.tinyhyena)")
+    args = p.parse_args(argv)
+    try:
+        if args.command == "hg38":
+            genome, rows = setup_hg38(args.dir, args.fasta_url, args.bed_url)
+            print(f"hg38 ready in {args.dir}: {len(genome.chroms)} chromosomes, {len(rows)} intervals")
+        else:
+            genome = Genome(prepare(args.fasta, args.out))
+            print(f"prepared {len(genome.chroms)} records, {sum(genome.chroms.values())} bp in {genome.directory}")
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
