@@ -1,8 +1,9 @@
 """Tests for tinyhyena. `pytest -q` runs them on CPU in a few minutes; `pytest -m cuda` runs the GPU ones."""
 
 import os
-import pickle
+import signal
 import sys
+import time
 import types
 from pathlib import Path
 
@@ -287,3 +288,243 @@ def test_checkpoint_errors_name_the_file(tmp_path):
     torch.save(blob, folder / "weights.ckpt")
     with pytest.raises(ValueError, match="weights.ckpt: embedding.weight has shape"):
         th.from_pretrained(folder)
+
+
+# --- data.py ---------------------------------------------------------------------------------------------
+
+import gzip
+import http.server
+import json
+import subprocess
+import threading
+
+import data
+
+
+def run_script(*args, cwd=ROOT, env=None, timeout=600):
+    return subprocess.run([sys.executable, *map(str, args)], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+def assert_one_line_error(result, *needles):
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr, result.stderr
+    last = result.stderr.strip().splitlines()[-1]  # progress bars may come before it
+    assert last.startswith("error: ") and all(n in last for n in needles), result.stderr
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.text(alphabet="ACGTNacgtn", max_size=200))
+def test_reverse_complement_twice_is_identity(seq):
+    ids = th.tokenize(seq).astype(np.uint8)
+    assert np.array_equal(data.reverse_complement(data.reverse_complement(ids)), ids)
+    assert th.detokenize(data.reverse_complement(th.tokenize("AACGTN"))) == "NACGTT"
+
+
+FASTA = ">chr1 some description\nACGTacgtNR\nAC\n>chr2\n" + "ACGT" * 30 + "\n\n>chr3\nGGGGCCCC\n"
+
+
+@pytest.fixture()
+def genome(tmp_path):
+    path = tmp_path / "g.fa.gz"
+    with gzip.open(path, "wt") as f:
+        f.write(FASTA)
+    return data.Genome(data.prepare(str(path), quiet=True))
+
+
+def test_prepare_and_fetch(genome, tmp_path):
+    assert genome.chroms == {"chr1": 12, "chr2": 120, "chr3": 8}
+    assert th.detokenize(genome.fetch("chr1", -2, 14)) == "[PAD]" * 2 + "ACGTACGTNNAC" + "[PAD]" * 2
+    # reused while the source is unchanged: the cache is not rewritten
+    stamp = os.stat(Path(genome.directory) / "index.json").st_mtime_ns
+    assert data.prepare(str(tmp_path / "g.fa.gz")) == genome.directory
+    assert os.stat(Path(genome.directory) / "index.json").st_mtime_ns == stamp
+
+
+def test_windows_from_bed_and_dataloader_workers(genome, tmp_path):
+    bed = tmp_path / "r.bed"
+    bed.write_text("chr2\t40\t60\ttrain\nchr1\t0\t4\ttrain\nchr3\t0\t8\tvalid\n")
+    ds = data.Windows(genome, 16, "train", str(bed))
+    assert len(ds) == 2
+    x, y = ds[0]
+    assert x.dtype == torch.int64 and x.shape == (16,) and torch.equal(x[1:], y[:-1])
+    assert th.detokenize(torch.cat([x, y[-1:]])) == ("ACGT" * 30)[50 - 8:50 + 9]  # centred on the interval
+    x, y = ds[1]  # clipped at the chromosome's start, padded on the left
+    assert th.detokenize(x[:6]) == "[PAD]" * 6 and th.detokenize(x[6:]) == "ACGTACGTNN"
+    loader = torch.utils.data.DataLoader(ds, batch_size=2, num_workers=2)
+    (xb, yb), = list(loader)
+    assert xb.shape == (2, 16)
+    assert len(data.Windows(genome, 16, "valid", str(bed))) == 1
+
+
+def test_windows_without_bed_hold_out_chromosomes(genome):
+    assert {c for c, _ in data.Windows(genome, 7, "train").starts} == {"chr1"}
+    assert {c for c, _ in data.Windows(genome, 7, "valid").starts} == {"chr2"}
+    assert {c for c, _ in data.Windows(genome, 7, "test").starts} == {"chr3"}
+
+
+def test_data_errors(genome, tmp_path):
+    def bed(text):
+        (tmp_path / "b.bed").write_text(text)
+        return str(tmp_path / "b.bed")
+    with pytest.raises(data.DataError, match=r"b.bed:2: expected 3 or 4 tab-separated columns"):
+        data.read_bed(bed("chr1\t0\t4\nchr1 0 4\n"), genome)
+    with pytest.raises(data.DataError, match=r"b.bed:1: start and end must be integers"):
+        data.read_bed(bed("chr1\tx\t4\n"), genome)
+    with pytest.raises(data.DataError, match=r"b.bed:1: chromosome 'chrX' is not in the FASTA"):
+        data.read_bed(bed("chrX\t0\t4\n"), genome)
+    with pytest.raises(data.DataError, match=r"b.bed:1: interval chr1:0-99 lies outside the chromosome"):
+        data.read_bed(bed("chr1\t0\t99\n"), genome)
+    with pytest.raises(data.DataError, match="seq_len must be a positive integer"):
+        data.Windows(genome, 0)
+
+
+def test_prepare_cli_errors(tmp_path):
+    assert_one_line_error(run_script("data.py", "prepare", tmp_path / "missing.fa"), "missing.fa: file not found")
+    (tmp_path / "notfasta.txt").write_text("hello\nworld\n")
+    assert_one_line_error(run_script("data.py", "prepare", tmp_path / "notfasta.txt"), "not a FASTA file")
+    raw = gzip.compress((">chr1\n" + "ACGT" * 50000 + "\n").encode())
+    (tmp_path / "cut.fa.gz").write_bytes(raw[:len(raw) // 2])
+    result = run_script("data.py", "prepare", tmp_path / "cut.fa.gz")
+    assert_one_line_error(result, "cut.fa.gz: truncated or corrupt gzip")
+    assert not (tmp_path / "cut.fa.gz.tinyhyena").exists()  # no cache that looks finished
+
+
+class _RangeHandler(http.server.BaseHTTPRequestHandler):
+    """Serves files with Range support; the first request for a file in `cut` is cut off halfway."""
+    files, cut = {}, set()
+
+    def do_GET(self):
+        body = self.files.get(self.path)
+        if body is None:
+            self.send_error(404)
+            return
+        start = int(self.headers["Range"].split("=")[1].split("-")[0]) if "Range" in self.headers else 0
+        self.send_response(206 if start else 200)
+        self.send_header("Content-Length", str(len(body) - start))
+        self.end_headers()
+        if self.path in self.cut:
+            self.cut.discard(self.path)
+            self.wfile.write(body[start:start + (len(body) - start) // 2])
+            self.wfile.flush()
+            self.connection.shutdown(2)  # cut off midway
+            return
+        self.wfile.write(body[start:])
+
+    def log_message(self, *args):
+        pass
+
+
+def test_hg38_download_resumes_and_prepares(tmp_path):
+    fasta = gzip.compress(("".join(f">chr{i}\n" + "ACGTN" * 4000 + "\n" for i in range(3))).encode())
+    bed = "chr0\t0\t100\ttrain\nchr1\t0\t100\tvalid\nchr2\t5\t105\ttest\n".encode()
+    _RangeHandler.files = {"/hg38.ml.fa.gz": fasta, "/sequences_human.bed": bed}
+    _RangeHandler.cut = {"/hg38.ml.fa.gz"}
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _RangeHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_port}"
+        args = ["data.py", "hg38", "--dir", tmp_path / "hg38", "--fasta_url", url + "/hg38.ml.fa.gz",
+                "--bed_url", url + "/sequences_human.bed"]
+        first = run_script(*args)
+        assert_one_line_error(first, "download interrupted", "run the same command again to resume")
+        assert 0 < os.path.getsize(tmp_path / "hg38" / "hg38.ml.fa.gz.part") < len(fasta)
+        second = run_script(*args)
+        assert second.returncode == 0, second.stderr
+        assert (tmp_path / "hg38" / "hg38.ml.fa.gz").read_bytes() == fasta
+        assert "3 chromosomes, 3 intervals" in second.stdout
+    finally:
+        server.shutdown()
+
+
+# --- train.py --------------------------------------------------------------------------------------------
+
+def markov_genome(path, n_chroms=4, length=40000, seed=0):
+    """A genome from an order-2 Markov source: after each pair of bases one next base has probability 0.7,
+    the other three 0.1. Returns the entropy rate in nats per base."""
+    rng = np.random.default_rng(seed)
+    cum = np.full((16, 4), 0.1)
+    cum[np.arange(16), rng.integers(0, 4, 16)] = 0.7
+    cum = cum.cumsum(1)
+    with open(path, "w") as f:
+        for c in range(n_chroms):
+            seq, u = [0, 1], rng.random(length)
+            for i in range(2, length):
+                seq.append(int(np.searchsorted(cum[seq[-2] * 4 + seq[-1]], u[i])))
+            text = "".join("ACGT"[b] for b in seq)
+            f.write(f">chr{c}\n" + "\n".join(text[i:i + 70] for i in range(0, length, 70)) + "\n")
+    return -(0.7 * np.log(0.7) + 3 * 0.1 * np.log(0.1))
+
+
+@pytest.fixture(scope="module")
+def markov(tmp_path_factory):
+    path = tmp_path_factory.mktemp("markov") / "markov.fa"
+    return str(path), markov_genome(path)
+
+
+def read_metrics(out):
+    with open(Path(out) / "metrics.jsonl") as f:
+        return [json.loads(line) for line in f]
+
+
+def test_train_learns_markov_source(markov, tmp_path):
+    fasta, entropy = markov
+    result = run_script("train.py", "--fasta", fasta, "--preset", "tiny", "--seq_len", 256, "--min_seq_len", 128,
+                        "--batch_size", 8, "--max_steps", 120, "--lr", 3e-3, "--warmup_steps", 10,
+                        "--eval_interval", 60, "--eval_batches", 8, "--out", tmp_path / "run")
+    assert result.returncode == 0, result.stderr[-2000:]
+    metrics = read_metrics(tmp_path / "run")
+    assert {m["seq_len"] for m in metrics if m["split"] == "train"} == {128, 256}  # the length warm-up ran
+    assert all({"step", "split", "loss", "tokens", "seq_len", "elapsed_s"} <= set(m) for m in metrics)
+    assert metrics[-1]["split"] == "val" and metrics[-2] == {**metrics[-2], "split": "train", "step": 120}
+    assert metrics[-1]["loss"] < entropy + 0.05 < np.log(4)  # near the source's entropy rate, far below chance
+    model = th.from_pretrained(tmp_path / "run")
+    assert model.cfg.l_max == 258
+
+
+def test_train_stopped_by_sigterm_and_resumed_matches_uninterrupted_run(markov, tmp_path):
+    fasta, _ = markov
+    args = [sys.executable, "train.py", "--fasta", fasta, "--seq_len", 64, "--min_seq_len", 32, "--batch_size", 2,
+            "--max_steps", 40, "--eval_interval", 15, "--eval_batches", 2, "--rc_aug", "--lr", 1e-3]
+    full = subprocess.run(list(map(str, args + ["--out", tmp_path / "full"])), cwd=ROOT, capture_output=True, text=True)
+    assert full.returncode == 0, full.stderr[-2000:]
+    run = subprocess.Popen(list(map(str, args + ["--out", tmp_path / "cut"])), cwd=ROOT, stderr=subprocess.PIPE,
+                           stdout=subprocess.PIPE, text=True)
+    metrics = tmp_path / "cut" / "metrics.jsonl"
+    while run.poll() is None and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+        time.sleep(0.02)
+    run.send_signal(signal.SIGTERM)
+    out, err = run.communicate(timeout=120)
+    assert run.returncode == 0 and "continue with --resume" in out, err[-2000:]
+    stopped_at = torch.load(tmp_path / "cut" / "train_state.pt", weights_only=True)["step"]
+    assert 3 <= stopped_at < 40
+    resumed = subprocess.run(list(map(str, args + ["--out", tmp_path / "cut", "--resume"])), cwd=ROOT,
+                             capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert read_metrics(tmp_path / "cut") == [{**m, "elapsed_s": None} | {"elapsed_s": m2["elapsed_s"]}
+                                              for m, m2 in zip(read_metrics(tmp_path / "full"),
+                                                               read_metrics(tmp_path / "cut"))]
+
+
+def test_train_without_data_says_how_to_get_it(tmp_path):
+    result = run_script(ROOT / "train.py", "--max_steps", 1, cwd=tmp_path)
+    assert_one_line_error(result, "python data.py hg38", "--fasta")
+
+
+def test_train_stops_on_non_finite_loss(markov, tmp_path):
+    fasta, _ = markov
+    result = run_script("train.py", "--fasta", fasta, "--seq_len", 32, "--min_seq_len", 32, "--batch_size", 2,
+                        "--max_steps", 20, "--lr", 1e30, "--warmup_steps", 0, "--ckpt_interval", 1,
+                        "--out", tmp_path / "nan")
+    assert result.returncode == 1 and "last good checkpoint" in result.stderr
+    model = th.from_pretrained(tmp_path / "nan")  # the last checkpoint written is finite
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_train_ddp_two_processes_on_cpu(markov, tmp_path):
+    fasta, _ = markov
+    result = run_script("-m", "torch.distributed.run", "--nproc_per_node", 2, "--master_port", 29533, "train.py",
+                        "--fasta", fasta, "--seq_len", 64, "--min_seq_len", 64, "--batch_size", 2, "--max_steps", 4,
+                        "--eval_batches", 2, "--device", "cpu", "--out", tmp_path / "ddp")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert read_metrics(tmp_path / "ddp")[-2]["step"] == 4

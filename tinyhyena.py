@@ -66,9 +66,9 @@ VOCAB_SIZE = 12
 
 # A 256-entry byte table makes tokenizing a gigabase a single vectorised lookup. Lowercase (soft-masked)
 # bases are ordinary bases; any other byte (IUPAC codes, digits, ...) is an unknown base, N.
-_BYTE_TO_ID = np.full(256, N_ID, dtype=np.uint8)
+BYTE_TO_ID = np.full(256, N_ID, dtype=np.uint8)
 for _base, _id in BASE_IDS.items():
-    _BYTE_TO_ID[ord(_base)] = _BYTE_TO_ID[ord(_base.lower())] = _id
+    BYTE_TO_ID[ord(_base)] = BYTE_TO_ID[ord(_base.lower())] = _id
 _ID_TO_TEXT = [""] * VOCAB_SIZE
 for _tok, _id in {**SPECIAL_TOKENS, **BASE_IDS}.items():
     _ID_TO_TEXT[_id] = _tok
@@ -77,7 +77,7 @@ for _tok, _id in {**SPECIAL_TOKENS, **BASE_IDS}.items():
 def tokenize(seq):
     """DNA string (or bytes) -> int64 ids, one per letter."""
     raw = seq.encode("ascii", errors="replace") if isinstance(seq, str) else bytes(seq)
-    return _BYTE_TO_ID[np.frombuffer(raw, dtype=np.uint8)].astype(np.int64)
+    return BYTE_TO_ID[np.frombuffer(raw, dtype=np.uint8)].astype(np.int64)
 
 
 def detokenize(ids):

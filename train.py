@@ -157,8 +157,7 @@ def want_checkpointing(args, cfg, micro_batch, device):
 def save_checkpoint(model, optimizer, step, args, out):
     raw = model.module if hasattr(model, "module") else model
     state = {"model": raw.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-             "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
-             "numpy_rng": np.random.get_state()[1], "args": vars(args)}
+             "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(), "args": vars(args)}
     if torch.cuda.is_available():
         state["cuda_rng"] = torch.cuda.get_rng_state_all()
     th._atomic_write(os.path.join(out, "train_state.pt"), lambda tmp: torch.save(state, tmp))
