@@ -1,0 +1,201 @@
+"""
+Measured speed and memory of tinyhyena, against the floor and against attention.
+
+    python bench.py [--device cpu|cuda] [--preset tiny] [--lengths 1024,32768,1048576] [--train]
+
+Each measurement runs in a fresh subprocess, so its peak memory (RSS on CPU, allocated memory on CUDA) is its
+own. Per length it reports: tinyhyena inference (and with --train a training step: forward, backward, with
+the same activation-checkpointing rule as train.py); the floor, i.e. the FFT convolutions and the linear
+layers alone, the work no implementation can skip; and a causal Transformer of the same width and depth using
+torch's scaled_dot_product_attention, until it runs out of memory or time. The table is appended to
+BENCHMARKS.md with the device, versions and date.
+"""
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import tinyhyena as th
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+class CausalTransformer(nn.Module):
+    """The paper's baseline: same width, depth and MLP as the Hyena model, attention as the mixer."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.embedding = nn.Embedding(cfg.padded_vocab_size, cfg.d_model)
+        self.layers = nn.ModuleList(nn.ModuleDict(dict(
+            norm1=nn.LayerNorm(cfg.d_model), qkv=nn.Linear(cfg.d_model, 3 * cfg.d_model),
+            out=nn.Linear(cfg.d_model, cfg.d_model), norm2=nn.LayerNorm(cfg.d_model),
+            mlp=th.MLP(cfg))) for _ in range(cfg.n_layer))
+        self.heads = max(1, cfg.d_model // 64)
+
+    def forward(self, ids):
+        x = self.embedding(ids)
+        B, L, d = x.shape
+        for layer in self.layers:
+            q, k, v = layer["qkv"](layer["norm1"](x)).view(B, L, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+            a = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, L, d)
+            x = x + layer["out"](a)
+            x = x + layer["mlp"](layer["norm2"](x))
+        return F.linear(x, self.embedding.weight)
+
+
+def floor_step(cfg, L, device):
+    """The unavoidable work of one forward pass, done the plain way: per layer, (order-1) FFT convolutions
+    over d_model channels (rfft of input and filter, product, irfft, all at size 2L) and the four linear
+    layers (in_proj, out_proj, fc1, fc2)."""
+    d, n = cfg.d_model, th.fft_size(2 * L - 1)
+    u, k = torch.randn(1, d, L, device=device), torch.randn(d, L, device=device)
+    x = torch.randn(1, L, d, device=device)
+    lin = [nn.Linear(d, (cfg.order + 1) * d), nn.Linear(d, d), nn.Linear(d, cfg.d_inner), nn.Linear(cfg.d_inner, d)]
+    lin = [m.to(device) for m in lin]
+
+    def run():
+        for _ in range(cfg.n_layer):
+            for _ in range(cfg.order - 1):
+                torch.fft.irfft(torch.fft.rfft(u, n=n) * torch.fft.rfft(k, n=n), n=n)
+            lin[0](x)
+            lin[1](x)
+            lin[3](lin[2](x))
+    return run
+
+
+def measure_one(kind, preset, L, device_name, train):
+    """Runs in a subprocess: time one call (after a warm-up call where it is cheap) and report peak memory."""
+    device = torch.device(device_name)
+    torch.manual_seed(0)
+    cfg = th.preset_config(preset, l_max=L + 2)
+    ids = torch.randint(7, 12, (1, L), device=device)
+    if kind == "floor":
+        fn = floor_step(cfg, L, device)
+    else:
+        model = (th.HyenaDNA(cfg) if kind == "hyena" else CausalTransformer(cfg)).to(device)
+        if train:
+            model.train()
+            if kind == "hyena":  # the rule train.py applies
+                model.gradient_checkpointing = 40 * 4 * L * cfg.d_model * cfg.n_layer > _memory(device) / 4
+
+            def fn():
+                F.cross_entropy(model(ids).flatten(0, 1), ids.flatten()).backward()
+        else:
+            model.eval()
+
+            def fn():
+                with torch.no_grad():
+                    model(ids)
+    with torch.no_grad() if kind == "floor" else torch.enable_grad():
+        if L <= 1 << 17:
+            fn()  # warm-up: allocator, FFT plans, kernels
+        sync(device)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        t = time.perf_counter()
+        fn()
+        sync(device)
+        seconds = time.perf_counter() - t
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated()
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps({"seconds": seconds, "peak_gb": peak / 1e9}))
+
+
+def _memory(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def measure(kind, preset, L, device, train, timeout):
+    cmd = [sys.executable, os.path.abspath(__file__), "--_measure", kind, "--preset", preset, "--lengths", str(L),
+           "--device", device] + (["--train"] if train else [])
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return None, f"over {timeout:.0f} s"
+    if r.returncode != 0:
+        return None, "out of memory" if r.returncode in (-9, 137) or "out of memory" in r.stderr else "failed"
+    return json.loads(r.stdout.strip().splitlines()[-1]), None
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
+    p.add_argument("--preset", default="tiny")
+    p.add_argument("--lengths", default="1024,32768,131072,1048576")
+    p.add_argument("--train", action="store_true", help="also time a training step")
+    p.add_argument("--timeout", type=float, default=600, help="seconds allowed to one measurement")
+    p.add_argument("--no_append", action="store_true", help="print the table without appending to BENCHMARKS.md")
+    p.add_argument("--_measure", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    try:
+        lengths = [int(x) for x in args.lengths.split(",")]
+        th.preset_config(args.preset)
+        if any(L < 1 for L in lengths):
+            raise ValueError
+    except ValueError as e:
+        print(f"error: {e or 'lengths must be positive integers, comma-separated'}", file=sys.stderr)
+        return 1
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("error: --device cuda but no CUDA device is available", file=sys.stderr)
+        return 1
+    if args._measure:
+        measure_one(args._measure, args.preset, lengths[0], args.device, args.train)
+        return 0
+
+    rows, attention_dead = [], None
+    modes = [False, True] if args.train else [False]
+    for L in lengths:
+        for train in modes:
+            mode = "train step" if train else "inference"
+            hyena, err = measure("hyena", args.preset, L, args.device, train, args.timeout)
+            floor = measure("floor", args.preset, L, args.device, False, args.timeout)[0] if not train else None
+            attn, attn_err = (None, attention_dead) if attention_dead else \
+                measure("attention", args.preset, L, args.device, train, args.timeout)
+            if attn_err and not train:
+                attention_dead = attn_err
+            row = {"length": L, "mode": mode, "hyena_s": hyena and hyena["seconds"], "hyena_gb": hyena and hyena["peak_gb"],
+                   "floor_s": floor and floor["seconds"], "attention_s": attn and attn["seconds"],
+                   "attention_gb": attn and attn["peak_gb"], "note": err or ""}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+
+    def fmt(x, spec):
+        return "-" if x is None else format(x, spec)
+    device_name = torch.cuda.get_device_name() if args.device == "cuda" else f"{platform.processor() or 'CPU'}, {os.cpu_count()} cores"
+    lines = [f"\n## {args.preset}, {args.device} ({device_name}), {datetime.date.today()}",
+             f"torch {torch.__version__}, Python {platform.python_version()}, float32, batch 1. "
+             "Peak memory is the measuring process's peak RSS on CPU, torch's peak allocation on CUDA.\n",
+             "| length | mode | tinyhyena s | peak GB | floor s | ratio to floor | attention s | attention GB | note |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ratio = r["hyena_s"] / r["floor_s"] if r["hyena_s"] and r["floor_s"] else None
+        lines.append(f"| {r['length']:,} | {r['mode']} | {fmt(r['hyena_s'], '.3f')} | {fmt(r['hyena_gb'], '.2f')} | "
+                     f"{fmt(r['floor_s'], '.3f')} | {fmt(ratio, '.2f')} | {fmt(r['attention_s'], '.3f')} | "
+                     f"{fmt(r['attention_gb'], '.2f')} | {r['note']} |")
+    table = "\n".join(lines) + "\n"
+    print(table)
+    if not args.no_append:
+        with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "BENCHMARKS.md"), "a") as f:
+            f.write(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
