@@ -528,3 +528,91 @@ def test_train_ddp_two_processes_on_cpu(markov, tmp_path):
                         "--eval_batches", 2, "--device", "cpu", "--out", tmp_path / "ddp")
     assert result.returncode == 0, result.stderr[-3000:]
     assert read_metrics(tmp_path / "ddp")[-2]["step"] == 4
+
+
+# --- export.py -------------------------------------------------------------------------------------------
+
+import onnx
+import onnxruntime as ort
+
+import export
+
+
+@needs_fixture
+def test_export_cpu_matches_published_outputs(tmp_path):
+    model = th.from_pretrained(FIXTURE)
+    export.export(model, str(tmp_path / "m.onnx"), "cpu", outputs="both")
+    ref = np.load(FIXTURE / "reference.npz")
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    logits, hidden = session.run(None, {"input_ids": ref["input_ids"]})
+    assert rel_err(logits, ref["logits"]) <= 1e-4 and rel_err(hidden, ref["hidden"]) <= 1e-4
+    # dynamic batch and length, against torch
+    assert export.check_against_torch(model, str(tmp_path / "m.onnx"), "both", [1, 37, 1000]) <= 1e-4
+    meta = {p.key: p.value for p in onnx.load(str(tmp_path / "m.onnx")).metadata_props}
+    assert json.loads(meta["tokens"])["A"] == 7 and meta["pad_id"] == "4" and meta["l_max"] == "1026"
+    assert meta["target"] == "cpu" and json.loads(meta["config"])["d_model"] == 128
+
+
+def test_export_cpu_long_context_uses_power_of_two_dft(tmp_path):
+    model = random_model(th.HyenaConfig(d_model=8, n_layer=1, d_inner=16, filter_order=8, l_max=10000), 0)
+    export.export(model, str(tmp_path / "m.onnx"), "cpu")
+    nodes = onnx.load(str(tmp_path / "m.onnx")).graph.node
+    assert any(n.op_type == "DFT" for n in nodes)
+    assert export.check_against_torch(model, str(tmp_path / "m.onnx"), "logits", [1, 37, 1000], batches=(1, 2)) <= 1e-4
+
+
+@needs_fixture
+def test_export_cuda_graph_runs_on_the_cuda_provider_only_ops(tmp_path):
+    export.export(th.from_pretrained(FIXTURE), str(tmp_path / "m.onnx"), "cuda")
+    graph = onnx.load(str(tmp_path / "m.onnx")).graph
+    ops = {(n.domain, n.op_type) for n in graph.node}
+    assert not any(op == "DFT" for _, op in ops)
+    assert {("com.microsoft", "Rfft"), ("com.microsoft", "Irfft")} <= ops
+    assert {op for _, op in ops} <= export.CUDA_OPS, {op for _, op in ops} - export.CUDA_OPS
+    assert [d.dim_param for d in graph.input[0].type.tensor_type.shape.dim] == ["batch", "length"]
+
+
+def test_odd_fft_size():
+    for n in [1, 2, 100, 2051, 2 * 1_000_002 - 1]:
+        m = export.odd_fft_size(n)
+        assert m >= n and m % 2 == 1 and m < 1.3 * n + 3
+
+
+@pytest.fixture(scope="module")
+def trained_checkpoint(markov, tmp_path_factory):
+    out = tmp_path_factory.mktemp("trained") / "out"
+    result = run_script("train.py", "--fasta", markov[0], "--seq_len", 64, "--min_seq_len", 64, "--batch_size", 2,
+                        "--max_steps", 2, "--eval_batches", 1, "--out", out)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return out
+
+
+def test_export_cli_from_train_checkpoint_both_targets(trained_checkpoint, tmp_path):
+    # the default checkpoint is the newest under out/ of the working directory
+    work = trained_checkpoint.parent
+    result = run_script(ROOT / "export.py", "--target", "cpu", "--out", tmp_path / "cpu.onnx", cwd=work)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "max relative error" in result.stdout
+    result = run_script(ROOT / "export.py", "--checkpoint", trained_checkpoint, "--out", tmp_path / "cuda.onnx")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (tmp_path / "cuda.onnx").exists()
+
+
+def test_export_cli_errors(trained_checkpoint, tmp_path):
+    assert_one_line_error(run_script(ROOT / "export.py", cwd=tmp_path), "no checkpoint in out/", "train.py")
+    assert_one_line_error(run_script("export.py", "--checkpoint", trained_checkpoint, "--max_len", 100000),
+                          "--max_len 100000 is outside [1, 66]")
+    assert_one_line_error(run_script("export.py", "--checkpoint", trained_checkpoint, "--target", "tpu"),
+                          "unknown --target 'tpu'")
+    assert_one_line_error(run_script("export.py", "--checkpoint", tmp_path / "none"), "checkpoint folder not found")
+
+
+@needs_fixture
+def test_readme_deploy_snippet_runs_without_torch(tmp_path):
+    readme = (ROOT / "README.md").read_text()
+    snippet = readme.split("<!-- deploy-snippet -->")[1].split("```python")[1].split("```")[0]
+    export.export(th.from_pretrained(FIXTURE), str(tmp_path / "tinyhyena.onnx"), "cpu", outputs="both")
+    (tmp_path / "app.py").write_text("import sys\nsys.modules['torch'] = None  # importing torch now fails\n" + snippet)
+    result = run_script(tmp_path / "app.py", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "next base" in result.stdout and "embedding" in result.stdout

@@ -293,7 +293,16 @@ class ImplicitFilter(nn.Module):
         self.register_buffer("deltas", torch.linspace(slow, fast, n_filters))  # (n_filters,)
         self.bias = nn.Parameter(torch.randn(n_filters))  # the skip term D of the paper
 
+    def freeze(self, max_len):
+        """Compute the filter once, for deployment: it depends only on the weights, and its first L positions
+        do not depend on L, so every length up to max_len slices this one tensor."""
+        self.frozen = None
+        with torch.no_grad():
+            self.frozen = self(max_len)
+
     def forward(self, L):
+        if getattr(self, "frozen", None) is not None:
+            return self.frozen[:, :L]
         h = self.mlp(self.z[:L])  # (L, n_filters)
         window = torch.exp(-self.t[:L] * self.deltas.abs()) + 0.05  # (L, n_filters)
         return (h * window).t()  # (n_filters, L)
@@ -308,7 +317,7 @@ def causal_short_conv(z, weight, bias):
     about 3x faster on CPU than the depthwise conv1d kernel (measured), and reads as the formula."""
     K = weight.shape[-1]
     out = torch.addcmul(bias[:, None], z, weight[:, K - 1:])  # the tap on z[t]
-    for j in range(1, min(K, z.shape[-1])):
+    for j in range(1, K):  # (at L <= j both slices are empty)
         out[..., j:].addcmul_(z[..., :-j], weight[:, K - 1 - j, None])  # the tap on z[t - j]
     return out
 
@@ -332,6 +341,8 @@ class HyenaOperator(nn.Module):
         self.filter = ImplicitFilter(cfg)
         self.out_proj = nn.Linear(d, d)
         self.fft_budget = 1 << 25  # floats per channel group's FFT spectrum (128 MB), see forward
+        self.channel_group = None  # channels per group; None: chosen from fft_budget
+        self.long_conv = causal_fft_conv  # export.py swaps in the formulation its target runs best
 
     def forward(self, u, checkpoint=False):
         B, L, d = u.shape  # u: (B, L, d)
@@ -342,7 +353,7 @@ class HyenaOperator(nn.Module):
         # projected streams and the FFT buffers) to one group's worth: at L = 2^20 the whole width at once
         # would need several GB, a group of 16 channels a few hundred MB, and runs faster (cache-sized FFTs).
         # Under checkpointing each group is recomputed alone in backward, so training memory is bounded too.
-        group = max(1, min(d, self.fft_budget // (B * fft_size(2 * L - 1))))
+        group = self.channel_group or max(1, min(d, self.fft_budget // (B * fft_size(2 * L - 1))))
         y = torch.cat([checkpointed(checkpoint, self.mix_channels, u, h, c, min(c + group, d))
                        for c in range(0, d, group)], dim=1)  # (B, d, L)
         return self.out_proj(y.transpose(1, 2))  # (B, L, d)
@@ -361,7 +372,7 @@ class HyenaOperator(nn.Module):
         bias = self.filter.bias.view(N - 1, d)
         for o, x_i in enumerate(reversed(x[1:])):  # x_{N-1} first, as published
             v = v * x_i
-            v = causal_fft_conv(v, h[o, g]) + v * bias[o, g, None]
+            v = self.long_conv(v, h[o, g]) + v * bias[o, g, None]
         return v * x[0]
 
 
@@ -396,9 +407,11 @@ class Block(nn.Module):
         # The MLP acts on each position alone and fc1 is 4x wider than the stream (2 GB at L = 2^20, d = 128),
         # so at long L it runs on slices of positions: without a gradient, updating the stream in place one
         # slice at a time; under checkpointing, recomputing one slice at a time in backward.
-        if not torch.is_grad_enabled() and x.shape[1] > self.mlp_chunk:
+        if x.shape[1] <= self.mlp_chunk:
+            return x + self.dropout(self.mlp(self.norm2(x)))
+        if not torch.is_grad_enabled():
             for part in x.split(self.mlp_chunk, dim=1):
-                part += self.mlp(self.norm2(part))
+                part += self.dropout(self.mlp(self.norm2(part)))
             return x
         branch = lambda part: self.dropout(self.mlp(self.norm2(part)))
         return x + torch.cat([checkpointed(checkpoint, branch, part) for part in x.split(self.mlp_chunk, dim=1)], 1)
