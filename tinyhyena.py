@@ -288,7 +288,8 @@ class ImplicitFilter(nn.Module):
             nn.Linear(cfg.filter_order, cfg.filter_order), sin,
             nn.Linear(cfg.filter_order, n_filters, bias=False),
         )
-        # window decay rates: from "1% left at 2/3 of l_max" (slow) to "1% left at 0.3*l_max" (fast)
+        # window decay rates per filter, t = position / l_max: from 1% left at t = 1.5 (slow: past the end,
+        # the filter reaches across the whole context) to 1% left at t = 0.3 (fast: a local filter)
         fast, slow = math.log(1e-2) / 0.3, math.log(1e-2) / 1.5
         self.register_buffer("deltas", torch.linspace(slow, fast, n_filters))  # (n_filters,)
         self.bias = nn.Parameter(torch.randn(n_filters))  # the skip term D of the paper
@@ -555,8 +556,7 @@ _PUBLISHED_KEY_MAP = [
 
 
 def convert_published_state_dict(state_dict, source="checkpoint"):
-    """Map a published HyenaDNA state dict (Lightning `model.backbone.*`, or Hugging Face `hyena.backbone.*`)
-    to this module's keys. The LM head is the tied embedding, so `lm_head.weight` is checked, not loaded."""
+    """Map a published HyenaDNA state dict (Lightning's `model.backbone.*`) to this module's keys. The LM head is the tied embedding, so `lm_head.weight` is checked, not loaded."""
     out, head = {}, None
     for key, value in state_dict.items():
         if not isinstance(value, torch.Tensor):
@@ -598,8 +598,8 @@ def _load_state_dict(model, state_dict, source):
 
 
 def from_pretrained(path, device="cpu"):
-    """Load a checkpoint folder: a published HyenaDNA one (config.json + weights.ckpt, or the Hugging Face
-    config.json + pytorch_model.bin) or one written by this project (config.json + model.pt)."""
+    """Load a checkpoint folder: a published HyenaDNA one (config.json + weights.ckpt, a PyTorch Lightning
+    file) or one written by this project (config.json + model.pt)."""
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path}: checkpoint folder not found")
@@ -611,12 +611,12 @@ def from_pretrained(path, device="cpu"):
         raise FileNotFoundError(f"{config_path}: file not found (a checkpoint folder holds config.json)") from None
     except (json.JSONDecodeError, UnicodeDecodeError, TypeError, ValueError, AttributeError) as e:
         raise ValueError(f"{config_path}: malformed config ({e})") from None
-    for name in ("model.pt", "weights.ckpt", "pytorch_model.bin"):
+    for name in ("model.pt", "weights.ckpt"):
         weights_path = os.path.join(path, name)
         if os.path.isfile(weights_path):
             break
     else:
-        raise FileNotFoundError(f"{path}: no weights file (model.pt, weights.ckpt or pytorch_model.bin)")
+        raise FileNotFoundError(f"{path}: no weights file (model.pt or weights.ckpt)")
     blob = load_torch_file(weights_path)
     if isinstance(blob, dict) and isinstance(blob.get("state_dict"), dict):
         blob = blob["state_dict"]  # a Lightning file: the rest is optimizer state and hyper-parameters
