@@ -7,7 +7,8 @@ Each measurement runs in a fresh subprocess, so its peak memory (RSS on CPU, all
 own. Per length it reports: tinyhyena inference (and with --train a training step: forward, backward, with
 the same activation-checkpointing rule as train.py); the floor, i.e. the FFT convolutions and the linear
 layers alone, the work no implementation can skip; and a causal Transformer of the same width and depth using
-torch's scaled_dot_product_attention, until it runs out of memory or time. The table is appended to
+torch's scaled_dot_product_attention, until it runs out of memory or time; and the model exported by
+export.py for the device, run by ONNX Runtime (inference only). The table is appended to
 BENCHMARKS.md with the device, versions and date.
 """
 
@@ -80,6 +81,20 @@ def floor_step(cfg, L, device):
     return run
 
 
+def onnx_step(cfg, L, device):
+    """The same model exported by export.py for this device (max_len = L), run by ONNX Runtime."""
+    import tempfile
+    import numpy as np
+    import onnxruntime as ort
+    import export
+    path = os.path.join(tempfile.mkdtemp(), "bench.onnx")
+    export.export(th.HyenaDNA(cfg).eval(), path, device.type, max_len=L)
+    provider = "CUDAExecutionProvider" if device.type == "cuda" else "CPUExecutionProvider"
+    session = ort.InferenceSession(path, providers=[provider])
+    ids = np.random.default_rng(0).integers(7, 12, size=(1, L), dtype=np.int64)
+    return lambda: session.run(None, {"input_ids": ids})
+
+
 def measure_one(kind, preset, L, device_name, train):
     """Runs in a subprocess: time one call (after a warm-up call where it is cheap) and report peak memory."""
     device = torch.device(device_name)
@@ -88,6 +103,8 @@ def measure_one(kind, preset, L, device_name, train):
     ids = torch.randint(7, 12, (1, L), device=device)
     if kind == "floor":
         fn = floor_step(cfg, L, device)
+    elif kind == "onnx":
+        fn = onnx_step(cfg, L, device)
     else:
         model = (th.HyenaDNA(cfg) if kind == "hyena" else CausalTransformer(cfg)).to(device)
         if train:
@@ -103,7 +120,7 @@ def measure_one(kind, preset, L, device_name, train):
             def fn():
                 with torch.no_grad():
                     model(ids)
-    with torch.no_grad() if kind == "floor" else torch.enable_grad():
+    with torch.no_grad() if kind in ("floor", "onnx") else torch.enable_grad():
         if L <= 1 << 17:
             fn()  # warm-up: allocator, FFT plans, kernels
         sync(device)
@@ -145,6 +162,8 @@ def main(argv=None):
     p.add_argument("--lengths", default="1024,32768,131072,1048576")
     p.add_argument("--train", action="store_true", help="also time a training step")
     p.add_argument("--timeout", type=float, default=600, help="seconds allowed to one measurement")
+    p.add_argument("--onnx_max_len", type=int, default=131072,
+                   help="longest length run through ONNX Runtime (its CPU DFT is slow at long lengths)")
     p.add_argument("--no_append", action="store_true", help="print the table without appending to BENCHMARKS.md")
     p.add_argument("--_measure", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -174,9 +193,14 @@ def main(argv=None):
                 measure("attention", args.preset, L, args.device, train, args.timeout)
             if attn_err and not train:
                 attention_dead = attn_err
+            onnx, onnx_err = measure("onnx", args.preset, L, args.device, False, args.timeout) \
+                if not train and L <= args.onnx_max_len else (None, None)
+            notes = [f"tinyhyena: {err}" if err else "", f"attention: {attn_err}" if attn_err else "",
+                     f"onnxruntime: {onnx_err}" if onnx_err else ""]
             row = {"length": L, "mode": mode, "hyena_s": hyena and hyena["seconds"], "hyena_gb": hyena and hyena["peak_gb"],
                    "floor_s": floor and floor["seconds"], "attention_s": attn and attn["seconds"],
-                   "attention_gb": attn and attn["peak_gb"], "note": err or ""}
+                   "attention_gb": attn and attn["peak_gb"], "onnx_s": onnx and onnx["seconds"],
+                   "note": "; ".join(n for n in notes if n)}
             rows.append(row)
             print(json.dumps(row), flush=True)
 
@@ -186,13 +210,14 @@ def main(argv=None):
     lines = [f"\n## {args.preset}, {args.device} ({device_name}), {datetime.date.today()}",
              f"torch {torch.__version__}, Python {platform.python_version()}, float32, batch 1. "
              "Peak memory is the measuring process's peak RSS on CPU, torch's peak allocation on CUDA.\n",
-             "| length | mode | tinyhyena s | peak GB | floor s | ratio to floor | attention s | attention GB | note |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| length | mode | tinyhyena s | peak GB | floor s | ratio to floor | attention s | attention GB | "
+             "onnxruntime s | note |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ratio = r["hyena_s"] / r["floor_s"] if r["hyena_s"] and r["floor_s"] else None
         lines.append(f"| {r['length']:,} | {r['mode']} | {fmt(r['hyena_s'], '.3f')} | {fmt(r['hyena_gb'], '.2f')} | "
                      f"{fmt(r['floor_s'], '.3f')} | {fmt(ratio, '.2f')} | {fmt(r['attention_s'], '.3f')} | "
-                     f"{fmt(r['attention_gb'], '.2f')} | {r['note']} |")
+                     f"{fmt(r['attention_gb'], '.2f')} | {fmt(r['onnx_s'], '.3f')} | {r['note']} |")
     table = "\n".join(lines) + "\n"
     print(table)
     if not args.no_append:
