@@ -169,11 +169,15 @@ def main(argv=None):
     args = p.parse_args(argv)
     try:
         lengths = [int(x) for x in args.lengths.split(",")]
+    except ValueError:
+        lengths = []
+    if not lengths or min(lengths) < 1:
+        print(f"error: --lengths {args.lengths!r}: expected positive integers, comma-separated", file=sys.stderr)
+        return 1
+    try:
         th.preset_config(args.preset)
-        if any(L < 1 for L in lengths):
-            raise ValueError
     except ValueError as e:
-        print(f"error: {e or 'lengths must be positive integers, comma-separated'}", file=sys.stderr)
+        print(f"error: {e}", file=sys.stderr)
         return 1
     if args.device == "cuda" and not torch.cuda.is_available():
         print("error: --device cuda but no CUDA device is available", file=sys.stderr)

@@ -642,3 +642,14 @@ def test_readme_deploy_snippet_runs_without_torch(tmp_path):
     result = run_script(tmp_path / "app.py", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "next base" in result.stdout and "embedding" in result.stdout
+
+
+# --- bench.py --------------------------------------------------------------------------------------------
+
+def test_bench_runs_at_a_tiny_size():
+    result = run_script("bench.py", "--lengths", 64, "--train", "--no_append", "--timeout", 300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| 64 |")]
+    assert len(rows) == 2 and "inference" in rows[0] and "train step" in rows[1]
+    assert "-" not in rows[0].split("|")[3]  # tinyhyena was timed
+    assert_one_line_error(run_script("bench.py", "--lengths", "12,x"), "comma-separated")
