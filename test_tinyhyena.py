@@ -565,7 +565,7 @@ from onnx.reference import ReferenceEvaluator
 from onnx.reference.op_run import OpRun
 
 
-class _Rfft(OpRun):
+class Rfft(OpRun):  # onnx.reference matches ops by class name
     """com.microsoft.Rfft as ONNX Runtime's CUDA kernel computes it (cuFFT R2C, unnormalised), for onnx's
     reference evaluator: the cuda graph's arithmetic is checked on a machine without a GPU."""
     op_domain = "com.microsoft"
@@ -575,7 +575,7 @@ class _Rfft(OpRun):
         return (np.stack([X.real, X.imag], -1).astype(x.dtype),)
 
 
-class _Irfft(OpRun):
+class Irfft(OpRun):
     """com.microsoft.Irfft as the CUDA kernel computes it: m bins give 2m-1 outputs, divided by 2m-1."""
     op_domain = "com.microsoft"
 
@@ -587,7 +587,7 @@ class _Irfft(OpRun):
 def test_export_cuda_graph_runs_on_the_cuda_provider_only_ops(tmp_path):
     export.export(th.from_pretrained(FIXTURE), str(tmp_path / "m.onnx"), "cuda")
     ref = np.load(FIXTURE / "reference.npz")
-    (logits,) = ReferenceEvaluator(str(tmp_path / "m.onnx"), new_ops=[_Rfft, _Irfft]).run(
+    (logits,) = ReferenceEvaluator(str(tmp_path / "m.onnx"), new_ops=[Rfft, Irfft]).run(
         None, {"input_ids": ref["input_ids"]})
     assert rel_err(logits, ref["logits"]) <= 1e-5
     graph = onnx.load(str(tmp_path / "m.onnx")).graph

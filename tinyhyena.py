@@ -293,6 +293,7 @@ class ImplicitFilter(nn.Module):
         fast, slow = math.log(1e-2) / 0.3, math.log(1e-2) / 1.5
         self.register_buffer("deltas", torch.linspace(slow, fast, n_filters))  # (n_filters,)
         self.bias = nn.Parameter(torch.randn(n_filters))  # the skip term D of the paper
+        self.register_buffer("frozen", None, persistent=False)  # see freeze
 
     def freeze(self, max_len):
         """Compute the filter once, for deployment: it depends only on the weights, and its first L positions
@@ -302,7 +303,7 @@ class ImplicitFilter(nn.Module):
             self.frozen = self(max_len)
 
     def forward(self, L):
-        if getattr(self, "frozen", None) is not None:
+        if self.frozen is not None:
             return self.frozen[:, :L]
         h = self.mlp(self.z[:L])  # (L, n_filters)
         window = torch.exp(-self.t[:L] * self.deltas.abs()) + 0.05  # (L, n_filters)
