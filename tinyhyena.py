@@ -306,7 +306,7 @@ class ImplicitFilter(nn.Module):
         if self.frozen is not None:
             return self.frozen[:, :L]
         h = self.mlp(self.z[:L])  # (L, n_filters)
-        window = torch.exp(-self.t[:L] * self.deltas.abs()) + 0.05  # (L, n_filters)
+        window = torch.exp(self.t[:L] * -self.deltas.abs()).add_(0.05)  # (L, n_filters), in place: 0.5 GB at 2^20
         return (h * window).t()  # (n_filters, L)
 
 
@@ -374,7 +374,7 @@ class HyenaOperator(nn.Module):
         bias = self.filter.bias.view(N - 1, d)
         for o, x_i in enumerate(reversed(x[1:])):  # x_{N-1} first, as published
             v = v * x_i
-            v = self.long_conv(v, h[o, g]) + v * bias[o, g, None]
+            v = torch.addcmul(self.long_conv(v, h[o, g]), v, bias[o, g, None])  # conv + skip, one pass
         return v * x[0]
 
 
