@@ -31,6 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import tinyhyena as th
+from train import checkpointing_needed
 
 
 def sync(device):
@@ -110,7 +111,7 @@ def measure_one(kind, preset, L, device_name, train):
         if train:
             model.train()
             if kind == "hyena":  # the rule train.py applies
-                model.gradient_checkpointing = 40 * 4 * L * cfg.d_model * cfg.n_layer > _memory(device) / 4
+                model.gradient_checkpointing = checkpointing_needed(cfg, L, device)
 
             def fn():
                 F.cross_entropy(model(ids).flatten(0, 1), ids.flatten()).backward()
@@ -135,12 +136,6 @@ def measure_one(kind, preset, L, device_name, train):
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     print(json.dumps({"seconds": seconds, "peak_gb": peak / 1e9}))
-
-
-def _memory(device):
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).total_memory
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def measure(kind, preset, L, device, train, timeout):

@@ -178,7 +178,7 @@ def export(model, path, target="cuda", max_len=None, outputs="logits"):
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
     import onnx
-    th._atomic_write(path, lambda tmp: onnx.save(proto, tmp))
+    th.atomic_write(path, lambda tmp: onnx.save(proto, tmp))
     return proto
 
 

@@ -432,18 +432,16 @@ class HyenaDNA(nn.Module):
         # recomputation the filter, each channel group of the mixer and each slice of the MLP, so that
         # memory at L = 2^20 stays at a few activations of the residual stream's size.
         self.gradient_checkpointing = False
-        self.apply(self._init_weights)
-
-    def _init_weights(self, module):
         # As published: N(0, 0.02) for every linear and embedding weight, zero biases, and the projections
         # that write into the residual stream scaled down by sqrt(2 * n_layer) so its variance stays put.
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            std = 0.02
-            if module in {m for b in getattr(self, "blocks", []) for m in (b.mixer.out_proj, b.mlp.fc2)}:
-                std /= math.sqrt(2 * self.cfg.n_layer)
-            nn.init.normal_(module.weight, std=std)
-            if getattr(module, "bias", None) is not None:
-                nn.init.zeros_(module.bias)
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, std=0.02)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+        for block in self.blocks:
+            for proj in (block.mixer.out_proj, block.mlp.fc2):
+                nn.init.normal_(proj.weight, std=0.02 / math.sqrt(2 * cfg.n_layer))
 
     def check_input_ids(self, input_ids):
         """ValueError naming the problem unless input_ids is an integer (B, L) tensor of token ids with
@@ -630,7 +628,8 @@ def from_pretrained(path, device="cpu"):
     return model.to(device).eval()
 
 
-def _atomic_write(path, write):
+def atomic_write(path, write):
+    """write(tmp) then rename tmp to path: readers see the old file or the new one, never half of one."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         write(tmp)
@@ -644,12 +643,12 @@ def save_pretrained(model, path):
     """Write config.json + model.pt into the folder `path`, each atomically (temp file, then rename)."""
     os.makedirs(path, exist_ok=True)
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-    _atomic_write(os.path.join(path, "model.pt"), lambda tmp: torch.save(state, tmp))
+    atomic_write(os.path.join(path, "model.pt"), lambda tmp: torch.save(state, tmp))
 
     def write_config(tmp):
         with open(tmp, "w") as f:
             json.dump(model.cfg.to_dict(), f, indent=2)
-    _atomic_write(os.path.join(path, "config.json"), write_config)
+    atomic_write(os.path.join(path, "config.json"), write_config)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -18,7 +18,6 @@ import signal
 import sys
 import time
 
-import numpy as np
 # Large tensors on 2 MB pages (transparent huge pages) instead of 4 KB ones: at L = 2^20 the page faults of
 # fresh allocations were a third of the run time on the 2-core CPU machine (measured: 20.9 s -> 18.1 s).
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
@@ -145,17 +144,21 @@ def evaluate(model, dataset, args, device, rank, world):
     return (total[0] / total[1].clamp(min=1)).item()
 
 
-def want_checkpointing(args, cfg, micro_batch, device):
-    """Activation checkpointing where the activations would take more than a quarter of the memory: about
-    40 floats per token, channel and layer are stored without it (measured on the tiny preset)."""
-    if args.checkpointing != "auto":
-        return args.checkpointing == "on"
-    need = 40 * 4 * micro_batch * args.seq_len * cfg.d_model * cfg.n_layer
+def checkpointing_needed(cfg, tokens, device):
+    """Whether activations for `tokens` tokens a step would take more than a quarter of the memory: about
+    40 floats per token, channel and layer are stored without checkpointing (measured on the tiny preset)."""
+    need = 40 * 4 * tokens * cfg.d_model * cfg.n_layer
     if device.type == "cuda":
         have = torch.cuda.get_device_properties(device).total_memory
     else:
         have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     return need > have / 4
+
+
+def want_checkpointing(args, cfg, micro_batch, device):
+    if args.checkpointing != "auto":
+        return args.checkpointing == "on"
+    return checkpointing_needed(cfg, micro_batch * args.seq_len, device)
 
 
 def save_checkpoint(model, optimizer, step, args, out):
@@ -164,7 +167,7 @@ def save_checkpoint(model, optimizer, step, args, out):
              "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(), "args": vars(args)}
     if torch.cuda.is_available():
         state["cuda_rng"] = torch.cuda.get_rng_state_all()
-    th._atomic_write(os.path.join(out, "train_state.pt"), lambda tmp: torch.save(state, tmp))
+    th.atomic_write(os.path.join(out, "train_state.pt"), lambda tmp: torch.save(state, tmp))
     th.save_pretrained(raw, out)  # config.json + model.pt, what from_pretrained(out) reads
 
 
@@ -218,7 +221,10 @@ def main(argv=None):
         if main_rank and os.path.exists(metrics_path):  # drop what was logged after the checkpoint
             with open(metrics_path) as f:
                 kept = [line for line in f if json.loads(line)["step"] <= step]
-            th._atomic_write(metrics_path, lambda tmp: open(tmp, "w").writelines(kept))
+            def write_kept(tmp):
+                with open(tmp, "w") as f:
+                    f.writelines(kept)
+            th.atomic_write(metrics_path, write_kept)
     elif main_rank and os.path.exists(metrics_path):
         os.remove(metrics_path)
     ddp = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
