@@ -7,7 +7,7 @@ Export a tinyhyena or published HyenaDNA checkpoint to ONNX, for ONNX Runtime wi
 The graph takes `input_ids` int64 [batch, length] (both dynamic, length <= max_len) and gives `logits` float32
 [batch, length, padded vocab] and/or `hidden` [batch, length, d_model].
 
-The long convolution is the part that needs care (see ../shared/FACTS.md section 4):
+The long convolution is the part that needs care (what ONNX Runtime offers, measured on version 1.31):
 - the implicit filter depends only on the weights and the length, so it is computed once here, for max_len,
   and stored in the graph; a shorter sequence uses its first positions;
 - `--target cuda`: ONNX's DFT op has no CUDA kernel in ONNX Runtime (nodes would fall back to the CPU), so the

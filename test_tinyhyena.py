@@ -16,8 +16,7 @@ from hypothesis import strategies as st
 import tinyhyena as th
 
 ROOT = Path(__file__).resolve().parent
-FIXTURE = ROOT.parent / "shared" / "fixtures" / "hyenadna_tiny"
-needs_fixture = pytest.mark.skipif(not FIXTURE.is_dir(), reason=f"fixture not found at {FIXTURE}")
+FIXTURE = ROOT / "fixtures" / "hyenadna_tiny"  # published layout + the published code's outputs
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 property_settings = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -70,7 +69,6 @@ def check_twin(cfg, L, B, seed, device):
 
 # --- the fixture: the published implementation's outputs --------------------------------------------------
 
-@needs_fixture
 def test_fixture_matches_published_outputs():
     model = th.from_pretrained(FIXTURE)
     ref = np.load(FIXTURE / "reference.npz")
@@ -203,7 +201,6 @@ def test_presets_build():
     assert 6.4e6 < th.HyenaDNA(cfg).num_params() < 6.8e6  # "about 6.6M parameters"
 
 
-@needs_fixture
 def test_load_published_variants(tmp_path):
     """The `.mixer.layer.` layout, and a full Lightning file whose hyper-parameters are objects of a library
     this machine lacks (omegaconf): both load, and give the same model."""
@@ -261,7 +258,6 @@ def test_own_checkpoint_round_trip(tmp_path):
         torch.testing.assert_close(loaded(ids), model(ids), rtol=0, atol=0)
 
 
-@needs_fixture
 def test_checkpoint_errors_name_the_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="nowhere: checkpoint folder not found"):
         th.from_pretrained(tmp_path / "nowhere")
@@ -538,7 +534,6 @@ import onnxruntime as ort
 import export
 
 
-@needs_fixture
 def test_export_cpu_matches_published_outputs(tmp_path):
     model = th.from_pretrained(FIXTURE)
     export.export(model, str(tmp_path / "m.onnx"), "cpu", outputs="both")
@@ -583,7 +578,6 @@ class Irfft(OpRun):
         return (np.fft.irfft(x[..., 0] + 1j * x[..., 1], n=2 * x.shape[-2] - 1, axis=-1).astype(x.dtype),)
 
 
-@needs_fixture
 def test_export_cuda_graph_runs_on_the_cuda_provider_only_ops(tmp_path):
     export.export(th.from_pretrained(FIXTURE), str(tmp_path / "m.onnx"), "cuda")
     ref = np.load(FIXTURE / "reference.npz")
@@ -633,7 +627,6 @@ def test_export_cli_errors(trained_checkpoint, tmp_path):
     assert_one_line_error(run_script("export.py", "--checkpoint", tmp_path / "none"), "checkpoint folder not found")
 
 
-@needs_fixture
 def test_readme_deploy_snippet_runs_without_torch(tmp_path):
     readme = (ROOT / "README.md").read_text()
     snippet = readme.split("<!-- deploy-snippet -->")[1].split("```python")[1].split("```")[0]
