@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import sys
+import tempfile
 import urllib.request
 import zlib
 
@@ -97,60 +98,122 @@ def _source_stamp(path):
     return {"path": os.path.abspath(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
-def prepare(fasta, out=None, quiet=False):
-    """FASTA -> DIR/<chrom>.u8 (token ids) + DIR/index.json. Reused while the FASTA is unchanged. Returns DIR.
-    The work happens in DIR.tmp and is renamed into place at the end, so a failure leaves no cache that
-    looks finished."""
-    out = out or fasta + ".tinyhyena"
-    index_path = os.path.join(out, "index.json")
-    stamp = _source_stamp(fasta) if os.path.isfile(fasta) else None
-    if stamp and os.path.isfile(index_path):
-        with open(index_path) as f:
-            if json.load(f).get("source") == stamp:
-                return out
-    tmp = out + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    chroms, current, written = {}, None, 0
+GENOME_FORMAT = "tinyhyena prepared genome"  # marks index.json: a folder prepare() may replace
+
+
+def is_prepared_genome(directory):
+    """Whether directory holds a prepared genome and nothing else: an index.json that prepare() wrote and
+    only the token files it lists. Only such a folder may be replaced; anything else could be a user's."""
     try:
-        with _open_text(fasta) as f:
+        with open(os.path.join(directory, "index.json")) as f:
+            index = json.load(f)
+        entries = set(os.listdir(directory))
+    except (OSError, ValueError):
+        return False
+    if not isinstance(index, dict) or not isinstance(index.get("chroms"), dict):
+        return False
+    # earlier versions wrote index.json without the marker, with exactly these two keys
+    if index.get("format") != GENOME_FORMAT and set(index) != {"source", "chroms"}:
+        return False
+    return entries <= {"index.json"} | {name + ".u8" for name in index["chroms"]}
+
+
+def check_replaceable(directory):
+    """DataError unless directory is absent, empty, or a prepared genome (see is_prepared_genome)."""
+    if os.path.lexists(directory) and not os.path.isdir(directory):
+        raise DataError(f"{directory}: exists and is not a folder; choose another folder")
+    if os.path.isdir(directory) and os.listdir(directory) and not is_prepared_genome(directory):
+        raise DataError(f"{directory}: folder is not empty and is not a genome prepared by tinyhyena; "
+                        "nothing was changed (choose another folder, or empty it)")
+
+
+def _fasta_chunks(path):
+    """(record name, ids, line number) for each line of a FASTA, plain or gzipped: ids is None at a record's
+    header line and the line's token ids after it. DataError naming the file and line on bad input."""
+    try:
+        with _open_text(path) as f:
+            name, seen = None, 0
             for lineno, line in enumerate(f, 1):
                 if line.startswith(b">"):
-                    if current:
-                        current.close()
                     name = line[1:].split()[0].decode("ascii", "replace") if line[1:].strip() else ""
-                    if not name or name in chroms or "/" in name or name.startswith("."):
-                        raise DataError(f"{fasta}:{lineno}: bad or repeated record name {name!r}")
-                    chroms[name] = 0
-                    current = open(os.path.join(tmp, name + ".u8"), "wb")
+                    if not name:
+                        raise DataError(f"{path}:{lineno}: record without a name")
+                    seen += 1
+                    yield name, None, lineno
                     continue
                 seq = line.strip()
                 if not seq:
                     continue
-                if current is None:
-                    raise DataError(f"{fasta}:{lineno}: not a FASTA file (sequence before any '>' header)")
-                ids = BYTE_TO_ID[np.frombuffer(seq, dtype=np.uint8)]
-                current.write(ids.tobytes())
-                chroms[name] += len(ids)
-                written += len(ids)
-                if not quiet and lineno % 2_000_000 == 0:
-                    print(f"prepare: {written / 1e6:.0f} Mbp", file=sys.stderr)
-        if current:
-            current.close()
-        if not chroms:
-            raise DataError(f"{fasta}: not a FASTA file (no '>' record)")
-        with open(os.path.join(tmp, "index.json"), "w") as f:
-            json.dump({"source": stamp, "chroms": chroms}, f)
-        shutil.rmtree(out, ignore_errors=True)
-        os.replace(tmp, out)
+                if name is None:
+                    raise DataError(f"{path}:{lineno}: not a FASTA file (sequence before any '>' header)")
+                yield name, BYTE_TO_ID[np.frombuffer(seq, dtype=np.uint8)], lineno
+            if not seen:
+                raise DataError(f"{path}: not a FASTA file (no '>' record)")
     except (EOFError, zlib.error, gzip.BadGzipFile) as e:
-        raise DataError(f"{fasta}: truncated or corrupt gzip ({e})") from None
+        raise DataError(f"{path}: truncated or corrupt gzip ({e})") from None
+
+
+def read_fasta(path):
+    """[(name, uint8 token ids)] of every record, in file order. For files that fit in memory; prepare()
+    streams a genome of any size to disk instead."""
+    records = []
+    for name, ids, _ in _fasta_chunks(path):
+        if ids is None:
+            records.append((name, []))
+        else:
+            records[-1][1].append(ids)
+    return [(name, np.concatenate(parts) if parts else np.zeros(0, np.uint8)) for name, parts in records]
+
+
+def prepare(fasta, out=None, quiet=False):
+    """FASTA -> DIR/<chrom>.u8 (token ids) + DIR/index.json. Reused while the FASTA is unchanged. Returns DIR.
+    DIR must be absent, empty, or an earlier prepared genome: a folder holding anything else is refused, never
+    replaced. The work happens in a fresh temporary folder beside DIR that is renamed into place at the end,
+    so a failure leaves no cache that looks finished."""
+    out = out or fasta + ".tinyhyena"
+    index_path = os.path.join(out, "index.json")
+    stamp = _source_stamp(fasta) if os.path.isfile(fasta) else None
+    if stamp and is_prepared_genome(out):
+        with open(index_path) as f:
+            if json.load(f).get("source") == stamp:
+                return out
+    check_replaceable(out)
+    parent = os.path.dirname(os.path.abspath(out))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=os.path.basename(out) + ".tmp", dir=parent)
+    chroms, current, written = {}, None, 0
+    try:
+        for name, ids, lineno in _fasta_chunks(fasta):
+            if ids is None:  # a new record
+                if name in chroms or "/" in name or name.startswith("."):
+                    raise DataError(f"{fasta}:{lineno}: bad or repeated record name {name!r}")
+                if current:
+                    current.close()
+                chroms[name] = 0
+                current = open(os.path.join(tmp, name + ".u8"), "wb")
+                continue
+            current.write(ids.tobytes())
+            chroms[name] += len(ids)
+            written += len(ids)
+            if not quiet and lineno % 2_000_000 == 0:
+                print(f"prepare: {written / 1e6:.0f} Mbp", file=sys.stderr)
+        current.close()
+        with open(os.path.join(tmp, "index.json"), "w") as f:
+            json.dump({"format": GENOME_FORMAT, "source": stamp, "chroms": chroms}, f)
+        check_replaceable(out)  # again: the folder may have changed while we worked
+        if os.path.isdir(out):  # an earlier prepared genome: set it aside, move the new one in, then delete
+            old = tempfile.mkdtemp(prefix=os.path.basename(out) + ".old", dir=parent)
+            os.replace(out, os.path.join(old, "genome"))
+            os.replace(tmp, out)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, out)
     except UnicodeDecodeError as e:
         raise DataError(f"{fasta}: not a FASTA file ({e})") from None
     finally:
         if current:
             current.close()
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # ours: made by mkdtemp above
     return out
 
 
@@ -282,7 +345,17 @@ def prepared_hg38(directory):
     return os.path.join(directory, "tokens")
 
 
+# Everything `data.py hg38` writes into its folder: a folder holding anything else is not used.
+HG38_FILES = {"hg38.ml.fa.gz", "hg38.ml.fa.gz.part", "sequences_human.bed", "sequences_human.bed.part", "tokens"}
+
+
 def setup_hg38(directory, fasta_url=HG38_FASTA_URL, bed_url=HG38_BED_URL, quiet=False):
+    if os.path.lexists(directory) and not os.path.isdir(directory):
+        raise DataError(f"{directory}: exists and is not a folder; choose another --dir")
+    if os.path.isdir(directory) and not set(os.listdir(directory)) <= HG38_FILES:
+        raise DataError(f"{directory}: folder holds files that `data.py hg38` did not write; nothing was changed "
+                        "(choose another --dir, or empty it)")
+    check_replaceable(prepared_hg38(directory))
     os.makedirs(directory, exist_ok=True)
     fasta = download(fasta_url, os.path.join(directory, "hg38.ml.fa.gz"), quiet)
     bed = download(bed_url, os.path.join(directory, "sequences_human.bed"), quiet)

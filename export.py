@@ -210,16 +210,34 @@ def cuda_provider_works():
     return "CUDAExecutionProvider" in ort.get_available_providers() and torch.cuda.is_available()
 
 
+DEFAULT_OUT = "tinyhyena.onnx"
+
+
+def is_onnx_model(path):
+    import onnx
+    try:
+        onnx.load(path, load_external_data=False)
+        return True
+    except Exception:  # onnx raises DecodeError, ValueError, ... depending on what the bytes look like
+        return False
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="Export a checkpoint to ONNX for ONNX Runtime.")
     p.add_argument("--checkpoint", help="checkpoint folder (default: the newest in out/)")
-    p.add_argument("--out", default="tinyhyena.onnx")
+    p.add_argument("--out", help=f"ONNX file to write (default: {DEFAULT_OUT}, replaced only if it is an ONNX model)")
     p.add_argument("--target", default="cuda", help="cuda (ONNX Runtime's CUDA provider) or cpu")
     p.add_argument("--max_len", type=int, help="longest input the graph accepts (default: l_max)")
     p.add_argument("--outputs", default="logits", choices=["logits", "hidden", "both"])
     p.add_argument("--no-check", dest="check", action="store_false", help="skip the ONNX Runtime comparison")
     args = p.parse_args(argv)
     try:
+        if args.out is None:  # not named by the user: never replace a file that is not an earlier export
+            args.out = DEFAULT_OUT
+            if os.path.lexists(args.out) and not (os.path.isfile(args.out) and is_onnx_model(args.out)):
+                raise ValueError(f"{args.out} exists and is not an ONNX model; pass --out FILE to choose the output")
+        if os.path.isdir(args.out):
+            raise ValueError(f"--out {args.out} is a folder; name the ONNX file to write")
         if args.target not in ("cuda", "cpu"):
             raise ValueError(f"unknown --target {args.target!r}: choose cuda or cpu")
         checkpoint = args.checkpoint or find_checkpoint()

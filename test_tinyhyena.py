@@ -386,6 +386,35 @@ def test_prepare_cli_errors(tmp_path):
     assert not (tmp_path / "cut.fa.gz.tinyhyena").exists()  # no cache that looks finished
 
 
+def test_prepare_never_replaces_a_folder_it_did_not_write(tmp_path):
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "thesis.txt").write_text("my thesis")
+    (tmp_path / "small.fa").write_text(">chr1\nACGTACGT\n")
+    assert_one_line_error(run_script("data.py", "prepare", tmp_path / "small.fa", "--out", precious),
+                          str(precious), "not a genome prepared by tinyhyena")
+    assert sorted(os.listdir(precious)) == ["thesis.txt"] and (precious / "thesis.txt").read_text() == "my thesis"
+    # an earlier prepared genome is replaced when the FASTA changes; no temporary folders are left behind
+    out = tmp_path / "genome"
+    assert run_script("data.py", "prepare", tmp_path / "small.fa", "--out", out).returncode == 0
+    (tmp_path / "small.fa").write_text(">chrA\nGGGG\n")
+    assert run_script("data.py", "prepare", tmp_path / "small.fa", "--out", out).returncode == 0
+    assert data.Genome(str(out)).chroms == {"chrA": 4} and sorted(os.listdir(out)) == ["chrA.u8", "index.json"]
+    assert sorted(os.listdir(tmp_path)) == ["genome", "precious", "small.fa"]
+    # ... but not once a user's file sits in it; the default folder FASTA.tinyhyena follows the same rule
+    (out / "notes.txt").write_text("mine")
+    (tmp_path / "small.fa").write_text(">chrB\nTTTT\n")
+    assert_one_line_error(run_script("data.py", "prepare", tmp_path / "small.fa", "--out", out), str(out))
+    assert (out / "notes.txt").read_text() == "mine" and data.Genome(str(out)).chroms == {"chrA": 4}
+    (tmp_path / "small.fa.tinyhyena").mkdir()
+    (tmp_path / "small.fa.tinyhyena" / "x").write_text("mine")
+    assert_one_line_error(run_script("data.py", "prepare", tmp_path / "small.fa"), "small.fa.tinyhyena")
+    # hg38 --dir: a folder holding anything that `data.py hg38` does not write is not used
+    assert_one_line_error(run_script("data.py", "hg38", "--dir", precious, "--fasta_url", "http://127.0.0.1:9/x"),
+                          str(precious), "did not write")
+    assert sorted(os.listdir(precious)) == ["thesis.txt"]
+
+
 class _RangeHandler(http.server.BaseHTTPRequestHandler):
     """Serves files with Range support; the first request for a file in `cut` is cut off halfway."""
     files, cut = {}, set()
@@ -502,6 +531,29 @@ def test_train_stopped_by_sigterm_and_resumed_matches_uninterrupted_run(markov, 
                                                                read_metrics(tmp_path / "cut"))]
 
 
+def test_train_refuses_an_out_holding_another_run(markov, tmp_path):
+    fasta, _ = markov
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")  # an unrelated file: used beside, never deleted
+    args = ["train.py", "--fasta", fasta, "--seq_len", 32, "--min_seq_len", 32, "--batch_size", 2, "--max_steps", 2,
+            "--eval_batches", 1, "--out", out]
+    assert run_script(*args).returncode == 0
+    first = {name: (out / name).read_bytes() for name in ("model.pt", "train_state.pt", "metrics.jsonl")}
+    again = run_script(*args, "--max_steps", 3)  # the shell-history slip: same command, no --resume
+    assert_one_line_error(again, str(out), "--resume", "--overwrite")
+    assert {name: (out / name).read_bytes() for name in first} == first  # byte-identical: nothing touched
+    resumed = run_script(*args, "--max_steps", 3, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert [m["step"] for m in read_metrics(out) if m["split"] == "train"] == [1, 2, 3]
+    over = run_script(*args, "--max_steps", 1, "--overwrite")
+    assert over.returncode == 0, over.stderr[-2000:]
+    assert [m["step"] for m in read_metrics(out) if m["split"] == "train"] == [1]  # started over
+    assert (out / "notes.txt").read_text() == "mine"
+    both = run_script(*args, "--resume", "--overwrite")  # argparse's usage error
+    assert both.returncode == 2 and "exclude each other" in both.stderr and "Traceback" not in both.stderr
+
+
 def test_train_without_data_says_how_to_get_it(tmp_path):
     result = run_script(ROOT / "train.py", "--max_steps", 1, cwd=tmp_path)
     assert_one_line_error(result, "python data.py hg38", "--fasta")
@@ -596,6 +648,18 @@ def test_odd_fft_size():
     for n in [1, 2, 100, 2051, 2 * 1_000_002 - 1]:
         m = export.odd_fft_size(n)
         assert m >= n and m % 2 == 1 and m < 1.3 * n + 3
+
+
+def test_export_default_out_never_replaces_a_file_that_is_not_onnx(tmp_path):
+    (tmp_path / "tinyhyena.onnx").write_text("not a model")
+    result = run_script(ROOT / "export.py", "--checkpoint", FIXTURE, "--target", "cpu", "--no-check", cwd=tmp_path)
+    assert_one_line_error(result, "tinyhyena.onnx exists and is not an ONNX model", "--out")
+    assert (tmp_path / "tinyhyena.onnx").read_text() == "not a model"
+    (tmp_path / "tinyhyena.onnx").unlink()
+    for _ in range(2):  # an earlier export is the kind of file export.py writes: replaced
+        result = run_script(ROOT / "export.py", "--checkpoint", FIXTURE, "--target", "cpu", "--no-check", cwd=tmp_path)
+        assert result.returncode == 0, result.stderr[-2000:]
+    assert sorted(os.listdir(tmp_path)) == ["tinyhyena.onnx"]
 
 
 @pytest.fixture(scope="module")

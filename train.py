@@ -56,7 +56,11 @@ def parse_args(argv=None):
     p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
     p.add_argument("--out", default="out")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start over in an --out that holds another run, deleting that run's files")
     args = p.parse_args(argv)
+    if args.resume and args.overwrite:
+        p.error("--resume and --overwrite exclude each other: continue the run in --out, or start over")
     for name in ("seq_len", "min_seq_len", "batch_size", "grad_accum", "max_steps", "eval_interval",
                  "eval_batches", "ckpt_interval"):
         if getattr(args, name) <= 0:
@@ -171,6 +175,26 @@ def save_checkpoint(model, optimizer, step, args, out):
     th.save_pretrained(raw, out)  # config.json + model.pt, what from_pretrained(out) reads
 
 
+RUN_FILES = ("metrics.jsonl", "train_state.pt", "model.pt", "config.json")  # what a run writes into --out
+
+
+def claim_out_dir(out, resume, overwrite, run_files=RUN_FILES, delete=True):
+    """Make --out safe to write a run into, before anything is written. A fresh run refuses an --out that
+    holds another run's files (its checkpoint may be days of compute); --overwrite deletes those files (and
+    only those); --resume needs them. Files of other names in --out are left alone."""
+    if os.path.lexists(out) and not os.path.isdir(out):
+        raise DataError(f"--out {out} exists and is not a folder")
+    found = [name for name in run_files if os.path.lexists(os.path.join(out, name))]
+    if resume or not found:
+        return
+    if not overwrite:
+        raise DataError(f"{out} holds another run ({', '.join(found)}); pass --resume to continue it, or "
+                        "--overwrite to start over and delete it")
+    if delete:
+        for name in found:
+            os.remove(os.path.join(out, name))  # the run's own files, named above; nothing else
+
+
 def log_metrics(path, record):
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
@@ -189,6 +213,7 @@ def main(argv=None):
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     main_rank = rank == 0
+    claim_out_dir(args.out, args.resume, args.overwrite, delete=main_rank)  # before anything is written
 
     genome, bed = load_data(args)
     stages = length_stages(args)
@@ -225,8 +250,6 @@ def main(argv=None):
                 with open(tmp, "w") as f:
                     f.writelines(kept)
             th.atomic_write(metrics_path, write_kept)
-    elif main_rank and os.path.exists(metrics_path):
-        os.remove(metrics_path)
     ddp = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
 
     stop = {"signal": None}
