@@ -85,7 +85,7 @@ def verify_gzip(path):
 # ---------------------------------------------------------------------------------------------------------
 # Preparing a FASTA: streamed, so a 3.1 GB genome needs little memory.
 
-def _open_text(path):
+def open_maybe_gzipped(path):
     if not os.path.isfile(path):
         raise DataError(f"{path}: file not found")
     with open(path, "rb") as f:
@@ -131,7 +131,7 @@ def _fasta_chunks(path):
     """(record name, ids, line number) for each line of a FASTA, plain or gzipped: ids is None at a record's
     header line and the line's token ids after it. DataError naming the file and line on bad input."""
     try:
-        with _open_text(path) as f:
+        with open_maybe_gzipped(path) as f:
             name, seen = None, 0
             for lineno, line in enumerate(f, 1):
                 if line.startswith(b">"):

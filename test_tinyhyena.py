@@ -464,19 +464,30 @@ def test_hg38_download_resumes_and_prepares(tmp_path):
 
 # --- train.py --------------------------------------------------------------------------------------------
 
-def markov_genome(path, n_chroms=4, length=40000, seed=0):
-    """A genome from an order-2 Markov source: after each pair of bases one next base has probability 0.7,
-    the other three 0.1. Returns the entropy rate in nats per base."""
+def markov_table(seed=0, favourites=None):
+    """(16, 4) transition probabilities of an order-2 Markov source: after each pair of bases (row 4*a + b),
+    one next base (its favourite, random unless given) has probability 0.7, the other three 0.1."""
     rng = np.random.default_rng(seed)
-    cum = np.full((16, 4), 0.1)
-    cum[np.arange(16), rng.integers(0, 4, 16)] = 0.7
-    cum = cum.cumsum(1)
+    probs = np.full((16, 4), 0.1)
+    probs[np.arange(16), rng.integers(0, 4, 16) if favourites is None else favourites] = 0.7
+    return probs
+
+
+def markov_sequence(probs, length, rng):
+    """A base string drawn from the source."""
+    cum, seq, u = probs.cumsum(1), [int(rng.integers(4)), int(rng.integers(4))], rng.random(length)
+    for i in range(2, length):
+        seq.append(min(3, int(np.searchsorted(cum[seq[-2] * 4 + seq[-1]], u[i]))))
+    return "".join("ACGT"[b] for b in seq[:length])
+
+
+def markov_genome(path, n_chroms=4, length=40000, seed=0):
+    """A genome from the order-2 Markov source markov_table(seed). Returns the entropy rate in nats per base."""
+    rng = np.random.default_rng(seed)
+    probs = markov_table(seed)
     with open(path, "w") as f:
         for c in range(n_chroms):
-            seq, u = [0, 1], rng.random(length)
-            for i in range(2, length):
-                seq.append(int(np.searchsorted(cum[seq[-2] * 4 + seq[-1]], u[i])))
-            text = "".join("ACGT"[b] for b in seq)
+            text = markov_sequence(probs, length, rng)
             f.write(f">chr{c}\n" + "\n".join(text[i:i + 70] for i in range(0, length, 70)) + "\n")
     return -(0.7 * np.log(0.7) + 3 * 0.1 * np.log(0.1))
 
@@ -492,18 +503,26 @@ def read_metrics(out):
         return [json.loads(line) for line in f]
 
 
-def test_train_learns_markov_source(markov, tmp_path):
-    fasta, entropy = markov
-    result = run_script("train.py", "--fasta", fasta, "--preset", "tiny", "--seq_len", 256, "--min_seq_len", 128,
+@pytest.fixture(scope="module")
+def markov_model(markov, tmp_path_factory):
+    """A tiny model trained on the Markov genome to near its entropy rate: train.py's own test, and a known
+    source for score.py and finetune.py."""
+    out = tmp_path_factory.mktemp("markov_model") / "run"
+    result = run_script("train.py", "--fasta", markov[0], "--preset", "tiny", "--seq_len", 256, "--min_seq_len", 128,
                         "--batch_size", 8, "--max_steps", 120, "--lr", 3e-3, "--warmup_steps", 10,
-                        "--eval_interval", 60, "--eval_batches", 8, "--out", tmp_path / "run")
+                        "--eval_interval", 60, "--eval_batches", 8, "--out", out)
     assert result.returncode == 0, result.stderr[-2000:]
-    metrics = read_metrics(tmp_path / "run")
+    return out
+
+
+def test_train_learns_markov_source(markov, markov_model):
+    _, entropy = markov
+    metrics = read_metrics(markov_model)
     assert {m["seq_len"] for m in metrics if m["split"] == "train"} == {128, 256}  # the length warm-up ran
     assert all({"step", "split", "loss", "tokens", "seq_len", "elapsed_s"} <= set(m) for m in metrics)
     assert metrics[-1]["split"] == "val" and metrics[-2] == {**metrics[-2], "split": "train", "step": 120}
     assert metrics[-1]["loss"] < entropy + 0.05 < np.log(4)  # near the source's entropy rate, far below chance
-    model = th.from_pretrained(tmp_path / "run")
+    model = th.from_pretrained(markov_model)
     assert model.cfg.l_max == 258
 
 
@@ -710,3 +729,164 @@ def test_bench_runs_at_a_tiny_size():
     assert len(rows) == 2 and "inference" in rows[0] and "train step" in rows[1]
     assert "-" not in rows[0].split("|")[3]  # tinyhyena was timed
     assert_one_line_error(run_script("bench.py", "--lengths", "12,x"), "comma-separated")
+
+
+# --- score.py --------------------------------------------------------------------------------------------
+
+import score
+
+
+def spearman(a, b):
+    """Spearman's rank correlation, ties given their average rank."""
+    def ranks(x):
+        x = np.asarray(x, dtype=np.float64)
+        order = np.argsort(x, kind="stable")
+        r = np.empty(len(x))
+        r[order] = np.arange(len(x))
+        for value in np.unique(x):  # average the ranks of tied values
+            r[x == value] = r[x == value].mean()
+        return r
+    return float(np.corrcoef(ranks(a), ranks(b))[0, 1])
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 3000), st.integers(2, 300), st.data())
+def test_scoring_windows_predict_every_base_once(length, window, data):
+    context = data.draw(st.integers(0, window - 1))
+    plan = th.scoring_windows(length, window, context)
+    scored = [t for i, (start, first) in enumerate(plan) for t in range(first, min(start + window, length))]
+    assert scored == list(range(1, length))  # each base once, in order; base 0 has no prediction
+    for start, first in plan:
+        assert 0 <= start < first and start + window <= max(length, window)
+        assert first - start >= min(max(context, 1), first)  # at least `context` bases before, as far as exist
+
+
+def test_windowed_scoring_equals_a_single_pass_where_the_window_covers_the_record():
+    model = random_model(th.HyenaConfig(d_model=16, n_layer=2, d_inner=32, filter_order=8, l_max=700), 1)
+    ids = np.random.default_rng(0).integers(7, 11, 700)
+    with torch.no_grad():
+        single = th.log_likelihood(model, torch.from_numpy(ids)[None])[0]
+    assert torch.allclose(th.record_log_probs(model, ids), single, atol=1e-5)  # window = l_max: one pass
+    windowed = th.record_log_probs(model, ids, window=256, context=100, batch_size=3)
+    for start, first in th.scoring_windows(len(ids), 256, 100):  # each window's bases, as that window alone
+        stop = min(start + 256, len(ids))
+        alone = th.log_likelihood(model, torch.from_numpy(ids[start:stop])[None])[0]
+        assert torch.allclose(windowed[first - 1:stop - 1], alone[first - start - 1:], atol=1e-5)
+    # right padding changes nothing before it (the model is causal)
+    padded, lengths = th.pad_right([ids[:300], ids[:500]])
+    assert torch.allclose(th.log_likelihood(model, padded, lengths)[0, :299], single[:299], atol=1e-4)
+    assert (th.log_likelihood(model, padded, lengths)[0, 299:] == 0).all()
+
+
+def test_score_sequence_by_hand_on_the_published_fixture(tmp_path):
+    seq = "ACGTTGACCATGGCAATTGCCGATAGGCTA" * 5
+    (tmp_path / "in.fa").write_text(f">s1 a record\n{seq[:70]}\n{seq[70:]}\n>s2\nA\n")
+    result = run_script("score.py", "sequences", "--checkpoint", FIXTURE, "--input", tmp_path / "in.fa",
+                        "--out", tmp_path / "s.tsv", "--per_base", tmp_path / "s.bedGraph", "--quiet")
+    assert result.returncode == 0, result.stderr[-2000:]
+    model = th.from_pretrained(FIXTURE)
+    ids = torch.from_numpy(th.tokenize(seq))[None]
+    with torch.no_grad():
+        logits = model(ids)
+    by_hand = [float(torch.log_softmax(logits[0, t - 1], -1)[ids[0, t]]) for t in range(1, len(seq))]
+    header, s1, s2 = [line.split("\t") for line in (tmp_path / "s.tsv").read_text().splitlines()]
+    assert header == ["id", "length", "nats_per_base", "bits_per_base", "perplexity"]
+    nats = -np.mean(by_hand)
+    assert s1[:2] == ["s1", str(len(seq))] and abs(float(s1[2]) - nats) < 1e-4
+    assert abs(float(s1[3]) - nats / np.log(2)) < 1e-4 and abs(float(s1[4]) - np.exp(nats)) < 1e-3 * np.exp(nats)
+    assert s2 == ["s2", "1", "NA", "NA", "NA"]  # one base: nothing to predict
+    bedgraph = [line.split("\t") for line in (tmp_path / "s.bedGraph").read_text().splitlines()]
+    assert [(c, int(a), int(b)) for c, a, b, _ in bedgraph] == [("s1", t, t + 1) for t in range(1, len(seq))]
+    assert np.allclose([float(v) for *_, v in bedgraph], by_hand, atol=1e-5)
+
+
+VCF = """##fileformat=VCFv4.2
+##contig=<ID=chr1>
+#CHROM\tPOS\tID\tREF\tALT\tQUAL\tFILTER\tINFO
+chr1\t100\trs1\tA\tC,G\t.\tPASS\t.
+1\t200\trs2\tC\tCTT\t.\t.\t.
+chr1\t300\t.\tGAC\tG\t.\t.\t.
+chr1\t50\tbad\tT\tA\t.\t.\t.
+chr2\t10\t.\tA\tT\t.\t.\t.
+chr1\t3000\t.\tAC\tA\t.\t.\t.
+chr1\t400\t.\tA\t<DEL>\t.\t.\t.
+"""
+
+
+def test_vcf_parsing_and_variant_windows(tmp_path):
+    rng = np.random.default_rng(0)
+    ref = list(rng.choice(list("ACGT"), 3000))
+    ref[99], ref[199], ref[299:302], ref[49] = "A", "C", list("GAC"), "G"
+    (tmp_path / "ref.fa").write_text(">chr1\n" + "".join(ref) + "\n")
+    with gzip.open(tmp_path / "v.vcf.gz", "wt") as f:
+        f.write(VCF)
+    variants = score.read_vcf(str(tmp_path / "v.vcf.gz"))
+    assert [(v.chrom, v.pos, v.ref, v.alt) for v in variants][:3] == [("chr1", 100, "A", "C"), ("chr1", 100, "A", "G"),
+                                                                     ("1", 200, "C", "CTT")]
+    genome = score.load_genome(str(tmp_path / "ref.fa"))
+    windows = [score.variant_windows(genome, v, 64, 66) for v in variants]
+    r, a = windows[0]
+    assert len(r) == len(a) == 64 and (r != a).sum() == 1 and th.detokenize(r[32]) == "A" and th.detokenize(a[32]) == "C"
+    r, a = windows[2]  # "1" found as "chr1"; an insertion makes the ALT window longer, within l_max
+    assert len(a) == 66 and th.detokenize(a[32:35]) == "CTT" and np.array_equal(a[35:], r[33:])
+    r, a = windows[3]
+    assert len(a) == 62 and np.array_equal(a[:33], r[:33]) and np.array_equal(a[33:], r[35:])
+    notes = [w for w in windows if isinstance(w, str)]
+    assert [n.split(":")[0] for n in notes] == ["REF mismatch", "missing chromosome", "outside the chromosome",
+                                              "symbolic ALT"]
+    assert "the FASTA has G" in notes[0]
+    model = random_model(th.HyenaConfig(d_model=8, n_layer=1, d_inner=16, filter_order=8, l_max=66), 0)
+    scores = score.score_variants(model, genome, variants, 64, both_strands=True, batch_size=2)
+    for (llr, forward, reverse, note), w in zip(scores, windows):
+        assert np.isnan(llr) == isinstance(w, str) and (note == "") == (not isinstance(w, str))
+        if not isinstance(w, str):  # each strand's llr is log P(alt) - log P(ref), computed here directly
+            for ids, strand_llr in ((w, forward), ([data.reverse_complement(x).astype(np.int64) for x in w], reverse)):
+                whole = [th.log_likelihood(model, torch.from_numpy(x)[None])[0].sum().item() for x in ids]
+                assert abs((whole[1] - whole[0]) - strand_llr) < 1e-3
+            assert abs(llr - (forward + reverse) / 2) < 1e-9
+
+
+def test_variants_cli_and_its_errors(tmp_path):
+    (tmp_path / "ref.fa").write_text(">chr1\n" + "ACGT" * 40 + "\n")
+    (tmp_path / "v.vcf").write_text("#CHROM\tPOS\tID\tREF\tALT\nchr1\t3\tx\tG\tT\nchr1\t4\ty\tA\tC\n")
+    args = ["score.py", "variants", "--checkpoint", FIXTURE, "--fasta", tmp_path / "ref.fa", "--window", 32]
+    result = run_script(*args, "--vcf", tmp_path / "v.vcf", "--out", tmp_path / "o.tsv")
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = [line.split("\t") for line in (tmp_path / "o.tsv").read_text().splitlines()]
+    assert rows[0][:6] == ["chrom", "pos", "id", "ref", "alt", "llr"] and len(rows) == 3
+    assert rows[1][:5] == ["chr1", "3", "x", "G", "T"] and rows[2][-1] == "REF mismatch: the FASTA has T"
+    assert "1 x REF mismatch" in result.stderr
+    (tmp_path / "nohead.vcf").write_text("chr1\t3\tx\tG\tT\n")
+    assert_one_line_error(run_script(*args, "--vcf", tmp_path / "nohead.vcf"), "nohead.vcf:1", "#CHROM header")
+    (tmp_path / "bad.vcf").write_text("##x\n#CHROM\tPOS\tID\tREF\tALT\nchr1\tthree\tx\tG\tT\n")
+    assert_one_line_error(run_script(*args, "--vcf", tmp_path / "bad.vcf"), "bad.vcf:3", "POS must be")
+    (tmp_path / "short.vcf").write_text("#CHROM\tPOS\tID\tREF\tALT\nchr1\t3\tx\n")
+    assert_one_line_error(run_script(*args, "--vcf", tmp_path / "short.vcf"), "short.vcf:2", "5 tab-separated")
+    assert_one_line_error(run_script("score.py", "variants", "--checkpoint", FIXTURE, "--fasta", tmp_path / "no.fa",
+                                     "--vcf", tmp_path / "v.vcf"), "no.fa: file not found")
+    assert_one_line_error(run_script(*args[:-2], "--window", 5000, "--vcf", tmp_path / "v.vcf"),
+                          "--window 5000 is outside [2, 1026]")
+
+
+def test_variant_scores_rank_snps_like_the_true_source(markov_model, markov):
+    """The model trained on an order-2 Markov source ranks SNPs as the source's exact log-likelihood ratios do."""
+    probs = np.log(markov_table(0))
+    genome = score.load_genome(markov[0])
+    chrom = genome.array("chr3")
+    rng = np.random.default_rng(1)
+    variants, truth = [], []
+    for pos in rng.choice(np.arange(200, len(chrom) - 200), 150, replace=False):
+        seq = [int(b) - 7 for b in chrom[pos - 2:pos + 3]]  # two bases before the SNP, three from it
+        alt = int(rng.choice([b for b in range(4) if b != seq[2]]))
+        mutated = seq[:2] + [alt] + seq[3:]
+
+        def logp(s):  # the terms that the SNP touches: positions pos, pos+1, pos+2
+            return sum(probs[s[t - 2] * 4 + s[t - 1], s[t]] for t in (2, 3, 4))
+        truth.append(logp(mutated) - logp(seq))
+        variants.append(score.Variant("chr3", int(pos) + 1, ".", "ACGT"[seq[2]], "ACGT"[alt], 0))
+    model = th.from_pretrained(markov_model)
+    scores = score.score_variants(model, genome, variants, window=128, batch_size=50)
+    llr = [s[0] for s in scores]
+    rho = spearman(llr, truth)
+    print(f"Spearman {rho:.3f}")
+    assert rho >= 0.7, rho

@@ -453,6 +453,8 @@ class HyenaDNA(nn.Module):
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must have shape (batch, length), got {input_ids.dim()} dims "
                              f"{tuple(input_ids.shape)}")
+        if torch.compiler.is_exporting():  # a traced graph has no concrete values to check
+            return
         B, L = input_ids.shape
         if not 1 <= L <= self.cfg.l_max:
             raise ValueError(f"sequence length {L} is outside the allowed range [1, {self.cfg.l_max}] (l_max)")
@@ -465,7 +467,14 @@ class HyenaDNA(nn.Module):
     def hidden_states(self, input_ids):
         """(B, L) token ids -> (B, L, d_model), after the final LayerNorm."""
         self.check_input_ids(input_ids)
-        x = self.dropout(self.embedding(input_ids.long()))  # (B, L, d)
+        return self.hidden_states_from_embeddings(self.embedding(input_ids.long()))
+
+    def hidden_states_from_embeddings(self, x):
+        """(B, L, d_model) input embeddings -> (B, L, d_model) hidden states. Soft prompting enters here, with
+        learned vectors in place of some token embeddings."""
+        if x.shape[1] > self.cfg.l_max:
+            raise ValueError(f"sequence length {x.shape[1]} is outside the allowed range [1, {self.cfg.l_max}] (l_max)")
+        x = self.dropout(x)
         for block in self.blocks:
             x = checkpointed(self.gradient_checkpointing, block, x, self.gradient_checkpointing)
         return self.ln_f(x)
@@ -476,6 +485,100 @@ class HyenaDNA(nn.Module):
 
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Using a trained model: likelihoods and embeddings. Batches of unequal lengths are padded on the RIGHT here:
+# the model is causal, so a position never sees the padding after it, and every score and embedding is the
+# one the sequence gets alone (up to float rounding), whatever it is batched with.
+
+def pad_right(sequences, pad_id=PAD_ID):
+    """list of 1-D int arrays -> (B, max length) int64 tensor, padded with pad_id, and (B,) lengths."""
+    lengths = torch.tensor([len(s) for s in sequences])
+    ids = torch.full((len(sequences), int(lengths.max())), pad_id, dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        ids[row, :len(seq)] = torch.as_tensor(np.asarray(seq, dtype=np.int64))
+    return ids, lengths
+
+
+@torch.no_grad()
+def log_likelihood(model, input_ids, lengths=None):
+    """(B, L) ids -> (B, L-1) float32, entry t-1 = log P(ids[:, t] | ids[:, :t]): each base's log-probability
+    given the bases before it (the first has none). With `lengths`, rows are right-padded to L and entries
+    past a row's end are 0, so a row's sum is its sequence's log-likelihood."""
+    logits = model(input_ids)[:, :-1].float()  # (B, L-1, V): position t predicts token t+1
+    logp = torch.log_softmax(logits, -1).gather(-1, input_ids[:, 1:, None].long())[..., 0]
+    if lengths is not None:
+        logp = logp.masked_fill(torch.arange(logp.shape[1], device=logp.device) >= lengths.to(logp.device)[:, None] - 1, 0.0)
+    return logp
+
+
+def scoring_windows(length, window, context):
+    """Cover positions 1..length-1 of a record with windows of `window` bases so that each position is predicted
+    exactly once, with at least `context` bases before it inside its window (fewer only near the record's
+    start). Returns [(start, first)]: the window [start, start + window) scores positions [first, its end)."""
+    if length <= window:
+        return [(0, 1)] if length > 1 else []
+    if not 0 <= context < window:
+        raise ValueError(f"context {context} must be in [0, window {window})")
+    plan, first = [], 1
+    while first < length:
+        # base `first` is predicted from the ones before it, so its window starts at least one base earlier;
+        # the last window is moved back to end at the record's end
+        start = max(0, min(first - max(context, 1), length - window))
+        plan.append((start, first))
+        first = start + window
+    return plan
+
+
+@torch.no_grad()
+def record_log_probs(model, ids, window=None, context=None, batch_size=8):
+    """1-D ids of a record of any length -> (length-1,) float32 log-probabilities of its bases 1..length-1,
+    scored in windows of at most `window` (default l_max) bases with `context` (default window // 2) bases of
+    context before each (see scoring_windows)."""
+    window = window or model.cfg.l_max
+    context = window // 2 if context is None else context
+    if not 1 <= window <= model.cfg.l_max:
+        raise ValueError(f"window {window} is outside [1, {model.cfg.l_max}] (l_max)")
+    ids = torch.as_tensor(np.asarray(ids, dtype=np.int64))
+    device = next(model.parameters()).device
+    out = torch.zeros(max(0, len(ids) - 1))
+    plan = scoring_windows(len(ids), window, context)
+    for i in range(0, len(plan), batch_size):
+        chunk = plan[i:i + batch_size]
+        logp = log_likelihood(model, torch.stack([ids[s:s + window] for s, _ in chunk]).to(device)).cpu()
+        for row, (start, first) in enumerate(chunk):
+            stop = min(start + window, len(ids))
+            out[first - 1:stop - 1] = logp[row, first - start - 1:stop - start - 1]
+    return out
+
+
+@torch.no_grad()
+def embed(model, sequences, pool="mean", batch_size=32):
+    """One vector per sequence: (N, d_model) float32 NumPy, in input order. sequences: DNA strings or 1-D id
+    arrays. pool "mean" averages the hidden states over the sequence; "last" takes its last position, where
+    the causal model has read all of it. Sequences are batched by similar length to waste little on padding."""
+    if pool not in ("mean", "last"):
+        raise ValueError(f"pool must be 'mean' or 'last', got {pool!r}")
+    seqs = [tokenize(s) if isinstance(s, (str, bytes)) else np.asarray(s) for s in sequences]
+    for i, s in enumerate(seqs):
+        if not 1 <= len(s) <= model.cfg.l_max:
+            raise ValueError(f"sequence {i} has length {len(s)}, outside [1, {model.cfg.l_max}] (l_max)")
+    device = next(model.parameters()).device
+    out = np.zeros((len(seqs), model.cfg.d_model), dtype=np.float32)
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+    for i in range(0, len(order), batch_size):
+        rows = order[i:i + batch_size]
+        ids, lengths = pad_right([seqs[r] for r in rows])
+        hidden = model.hidden_states(ids.to(device)).float()  # (B, L, d)
+        lengths = lengths.to(device)
+        if pool == "mean":
+            real = (torch.arange(ids.shape[1], device=device) < lengths[:, None]).float()  # (B, L)
+            vectors = (hidden * real[..., None]).sum(1) / lengths[:, None]
+        else:
+            vectors = hidden[torch.arange(len(rows), device=device), lengths - 1]
+        out[rows] = vectors.cpu().numpy()
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -626,6 +729,19 @@ def from_pretrained(path, device="cpu"):
     model = HyenaDNA(cfg)
     _load_state_dict(model, blob, weights_path)
     return model.to(device).eval()
+
+
+def pick_device(name="auto"):
+    """torch.device from a command-line name: "auto" is the GPU when there is one, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} asked for, but torch sees no CUDA device here")
+    return device
 
 
 def atomic_write(path, write):

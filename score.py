@@ -1,0 +1,283 @@
+"""
+Score DNA with a pretrained model: sequence likelihoods and zero-shot variant effects.
+
+    python score.py sequences --checkpoint DIR --input FASTA [--out FILE.tsv] [--per_base FILE.bedGraph]
+    python score.py variants --checkpoint DIR --fasta REF --vcf VCF [--window 1024] [--out FILE.tsv] [--both_strands]
+
+A causal language model is a density over sequences: log P(x) = sum_t log P(x_t | x_<t). `sequences` reports it
+per base for every FASTA record. `variants` compares the reference and the alternative allele in their genomic
+context: llr = log P(ALT window) - log P(REF window), in nats. Negative means the model finds the ALT allele
+less likely than the REF allele there; large negative values are what zero-shot variant-effect ranking looks for.
+
+Checkpoints: a published HyenaDNA folder or one written by train.py / finetune.py (its backbone). Tables are
+written atomically to --out, or to standard output without it; progress and counts go to standard error.
+"""
+
+import argparse
+import math
+import os
+import sys
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+import tinyhyena as th
+from data import DataError, Genome, is_prepared_genome, open_maybe_gzipped, prepare, read_fasta, reverse_complement
+
+
+# ---------------------------------------------------------------------------------------------------------
+# VCF
+
+@dataclass
+class Variant:
+    chrom: str
+    pos: int  # 1-based, as in the VCF
+    id: str
+    ref: str
+    alt: str
+    line: int  # where it came from, for messages
+
+
+def read_vcf(path):
+    """Variants of a VCF 4.x file (plain or gzipped), one per ALT allele, in file order. DataError naming the
+    file and line for a missing #CHROM header line or a malformed row."""
+    variants, header_seen = [], False
+    with open_maybe_gzipped(path) as f:
+        try:
+            for lineno, raw in enumerate(f, 1):
+                line = raw.decode("utf-8").rstrip("\r\n")
+                if line.startswith("##") or not line.strip():
+                    continue
+                if line.startswith("#"):
+                    if not line.startswith("#CHROM"):
+                        raise DataError(f"{path}:{lineno}: expected the #CHROM header line, got {line[:40]!r}")
+                    header_seen = True
+                    continue
+                if not header_seen:
+                    raise DataError(f"{path}:{lineno}: data row before the #CHROM header line (not a VCF?)")
+                cols = line.split("\t")
+                if len(cols) < 5:
+                    raise DataError(f"{path}:{lineno}: expected at least 5 tab-separated columns "
+                                    f"(CHROM POS ID REF ALT), got {len(cols)}")
+                chrom, pos, vid, ref, alts = cols[:5]
+                if not pos.isdigit() or int(pos) < 1:
+                    raise DataError(f"{path}:{lineno}: POS must be a positive integer, got {pos!r}")
+                if not ref or not set(ref.upper()) <= set("ACGTN"):
+                    raise DataError(f"{path}:{lineno}: REF must be bases (ACGTN), got {ref!r}")
+                for alt in alts.split(","):
+                    variants.append(Variant(chrom, int(pos), vid, ref, alt, lineno))
+        except (UnicodeDecodeError, EOFError, OSError) as e:
+            raise DataError(f"{path}: not a readable VCF ({type(e).__name__}: {e})") from None
+    if not header_seen:
+        raise DataError(f"{path}: no #CHROM header line (not a VCF?)")
+    return variants
+
+
+def find_chrom(genome, name):
+    """The genome's name for a VCF chromosome, with or without the "chr" prefix; None if absent."""
+    for candidate in (name, name[3:] if name.startswith("chr") else "chr" + name):
+        if candidate in genome.chroms:
+            return candidate
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Variant windows and scores
+
+def variant_windows(genome, v, window, l_max):
+    """(REF window ids, ALT window ids), or a note saying why the variant cannot be scored.
+
+    The REF window is `window` bases of the reference centred on the REF allele (moved inward at a chromosome's
+    ends); the ALT window is the same with REF replaced by ALT. An insertion can make the ALT window longer
+    than l_max: then both windows give up the same number of bases on the left, so they still differ only
+    from the variant on."""
+    if not set(v.alt.upper()) <= set("ACGTN") or not v.alt:
+        return f"symbolic ALT: {v.alt!r} is not a sequence of bases"
+    chrom = find_chrom(genome, v.chrom)
+    if chrom is None:
+        return f"missing chromosome: {v.chrom} is not in the FASTA"
+    length, p, n_ref = genome.chroms[chrom], v.pos - 1, len(v.ref)
+    if p + n_ref > length:
+        return f"outside the chromosome: position {v.pos} (REF {n_ref} bp) on {chrom} of length {length}"
+    if n_ref >= window:
+        return f"REF too long: {n_ref} bp, not shorter than the window of {window}"
+    have = genome.fetch(chrom, p, p + n_ref).astype(np.int64)
+    if not np.array_equal(have, th.tokenize(v.ref)):
+        return f"REF mismatch: the FASTA has {th.detokenize(have)}"
+    span = min(window, length)
+    start = min(max(0, p + n_ref // 2 - span // 2), length - span)
+    ref_ids = genome.fetch(chrom, start, start + span).astype(np.int64)
+    offset = p - start
+    alt_ids = np.concatenate([ref_ids[:offset], th.tokenize(v.alt), ref_ids[offset + n_ref:]])
+    excess = len(alt_ids) - l_max
+    if excess > 0:
+        if excess >= offset:
+            return f"ALT too long: no window within l_max {l_max} holds it"
+        ref_ids, alt_ids = ref_ids[excess:], alt_ids[excess:]
+    return ref_ids, alt_ids
+
+
+def llr_of_pair(logp_ref, logp_alt, ref_ids, alt_ids):
+    """log P(alt) - log P(ref) from their per-position log-probabilities (entry t-1 predicts base t). The
+    terms before the first base where the two differ are equal and are left out of both sums, so rounding
+    in those shared positions cannot blur a small effect."""
+    n = min(len(ref_ids), len(alt_ids))
+    differ = np.flatnonzero(ref_ids[:n] != alt_ids[:n])
+    shared = int(differ[0]) if differ.size else n
+    first = max(shared, 1) - 1  # logp index of the first base that can differ
+    return float(logp_alt[first:len(alt_ids) - 1].sum() - logp_ref[first:len(ref_ids) - 1].sum())
+
+
+@torch.no_grad()
+def score_variants(model, genome, variants, window=1024, both_strands=False, batch_size=32, progress=None):
+    """[(llr, llr_forward, llr_reverse, note)] per variant, in order. llr is in nats (forward strand, or the
+    mean of both strands with both_strands); unscored variants have NaN scores and a note. REF and ALT windows
+    of `batch_size` variants go through the model together, right-padded (exact: the model is causal)."""
+    device = next(model.parameters()).device
+    results = [None] * len(variants)
+    pending = []  # (variant index, strand, ref ids, alt ids)
+
+    def flush():
+        seqs = [ids for *_, r, a in pending for ids in (r, a)]
+        ids, lengths = th.pad_right(seqs)
+        logp = th.log_likelihood(model, ids.to(device), lengths.to(device)).cpu().numpy()
+        for k, (i, strand, r, a) in enumerate(pending):
+            results[i][strand] = llr_of_pair(logp[2 * k], logp[2 * k + 1], r, a)
+        pending.clear()
+
+    for i, v in enumerate(variants):
+        windows = variant_windows(genome, v, window, model.cfg.l_max)
+        if isinstance(windows, str):
+            results[i] = [math.nan, math.nan, windows]
+        else:
+            results[i] = [math.nan, math.nan, ""]
+            ref_ids, alt_ids = windows
+            pending.append((i, 0, ref_ids, alt_ids))
+            if both_strands:  # the other strand reads the variant after its downstream context
+                pending.append((i, 1, reverse_complement(ref_ids).astype(np.int64),
+                                reverse_complement(alt_ids).astype(np.int64)))
+        if len(pending) >= (2 if both_strands else 1) * batch_size:
+            flush()
+        if progress:
+            progress(1)
+    if pending:
+        flush()
+    out = []
+    for forward, reverse, note in results:
+        llr = (forward + reverse) / 2 if both_strands else forward
+        out.append((llr, forward, reverse if both_strands else math.nan, note))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Command line
+
+def load_genome(path):
+    """A prepared genome folder as it is; a FASTA prepared once into FASTA.tinyhyena (as train.py does)."""
+    if os.path.isdir(path) and is_prepared_genome(path):
+        return Genome(path)
+    if os.path.isdir(path):
+        raise DataError(f"{path}: a folder, but not a genome prepared by tinyhyena (pass the FASTA file)")
+    return Genome(prepare(path, quiet=True))
+
+
+def write_table(path, lines):
+    """Write lines to path atomically, or to standard output when path is None."""
+    if path is None:
+        sys.stdout.writelines(lines)
+        return
+
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.writelines(lines)
+    th.atomic_write(path, write)
+
+
+def fmt(x):
+    return "NA" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.6f}"
+
+
+def load_model(args):
+    device = th.pick_device(args.device)
+    model = th.from_pretrained(args.checkpoint, device)
+    window = args.window or model.cfg.l_max
+    if not 2 <= window <= model.cfg.l_max:
+        raise ValueError(f"--window {window} is outside [2, {model.cfg.l_max}] (the checkpoint's l_max)")
+    return model, window
+
+
+def cmd_sequences(args):
+    from tqdm import tqdm
+    records = read_fasta(args.input)
+    model, window = load_model(args)
+    context = window // 2 if args.context is None else args.context
+    if not 0 <= context < window:
+        raise ValueError(f"--context {context} must be in [0, --window {window})")
+    rows, per_base = ["id\tlength\tnats_per_base\tbits_per_base\tperplexity\n"], []
+    for name, ids in tqdm(records, desc="records", unit="rec", file=sys.stderr, disable=args.quiet):
+        logp = th.record_log_probs(model, ids, window, context, args.batch_size).numpy()
+        nats = -float(logp.mean()) if logp.size else math.nan
+        rows.append(f"{name}\t{len(ids)}\t{fmt(nats)}\t{fmt(nats / math.log(2))}\t{fmt(math.exp(nats))}\n")
+        if args.per_base:  # bedGraph: 0-based start, end exclusive; base 0 has no prediction
+            per_base.extend(f"{name}\t{t}\t{t + 1}\t{value:.6f}\n" for t, value in enumerate(logp.tolist(), 1))
+    if args.per_base:
+        write_table(args.per_base, per_base)
+    write_table(args.out, rows)
+    return 0
+
+
+def cmd_variants(args):
+    from tqdm import tqdm
+    variants = read_vcf(args.vcf)
+    genome = load_genome(args.fasta)
+    model, window = load_model(args)
+    with tqdm(total=len(variants), desc="variants", unit="var", file=sys.stderr, disable=args.quiet) as bar:
+        scores = score_variants(model, genome, variants, window, args.both_strands, args.batch_size, bar.update)
+    header = ["chrom", "pos", "id", "ref", "alt", "llr"] + (["llr_forward", "llr_reverse"] if args.both_strands else [])
+    rows = ["\t".join(header + ["note"]) + "\n"]
+    for v, (llr, forward, reverse, note) in zip(variants, scores):
+        cells = [v.chrom, str(v.pos), v.id, v.ref, v.alt, fmt(llr)] + ([fmt(forward), fmt(reverse)] if args.both_strands else [])
+        rows.append("\t".join(cells + [note]) + "\n")
+    write_table(args.out, rows)
+    skipped = [note.split(":")[0] for *_, note in scores if note]
+    summary = f"scored {len(variants) - len(skipped)} of {len(variants)} variants"
+    if skipped:
+        kinds = {k: skipped.count(k) for k in dict.fromkeys(skipped)}
+        summary += "; not scored (see the note column): " + ", ".join(f"{n} x {k}" for k, n in kinds.items())
+    print(summary, file=sys.stderr)
+    return 0
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Sequence likelihoods and zero-shot variant effects.")
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("sequences", help="nats and bits per base, perplexity, of every FASTA record")
+    s.add_argument("--input", required=True, help="FASTA (plain or gzipped)")
+    s.add_argument("--per_base", help="also write every base's log-probability as bedGraph")
+    s.add_argument("--context", type=int, help="bases of context before each scored base in long records "
+                                               "(default: half the window)")
+    v = sub.add_parser("variants", help="llr = log P(ALT window) - log P(REF window) per VCF allele")
+    v.add_argument("--fasta", required=True, help="reference FASTA (plain or gzipped), or a prepared genome folder")
+    v.add_argument("--vcf", required=True, help="VCF 4.x, plain or gzipped")
+    v.add_argument("--both_strands", action="store_true", help="average with the reverse complement's score")
+    for q in (s, v):
+        q.add_argument("--checkpoint", required=True, help="published HyenaDNA folder or one of ours")
+        q.add_argument("--out", help="TSV to write (default: standard output)")
+        q.add_argument("--window", type=int, default=1024 if q is v else None,
+                       help="bases per window (variants: 1024; sequences: the model's l_max)")
+        q.add_argument("--batch_size", type=int, default=32)
+        q.add_argument("--device", default="auto", help="auto (cuda when there is one), cpu, cuda, cuda:1, ...")
+        q.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = p.parse_args(argv)
+    if args.batch_size < 1:
+        p.error(f"--batch_size must be positive, got {args.batch_size}")
+    try:
+        return cmd_sequences(args) if args.command == "sequences" else cmd_variants(args)
+    except (DataError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
