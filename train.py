@@ -106,20 +106,19 @@ def load_data(args):
                     "(downloads hg38), or pass --fasta FILE [--bed FILE]")
 
 
-def batches(dataset, batch, seed, rank, world, skip, workers):
+def batches(dataset, batch, seed, rank, world, skip, workers, collate_fn=None):
     """Endless micro-batches of this rank's shard: each epoch a fresh permutation (seeded by seed and epoch)
     dealt out across ranks. `skip` micro-batches are passed over, so a resumed run sees what it would have."""
     per_rank = len(dataset) // world
     if per_rank < batch:
-        raise DataError(f"{len(dataset)} windows of length {dataset.seq_len} are too few for {world} rank(s) "
-                        f"x batch {batch}")
+        raise DataError(f"{len(dataset)} training examples are fewer than {world} rank(s) x one batch of {batch}")
     per_epoch = per_rank // batch
     epoch, start = divmod(skip, per_epoch)
     while True:
         order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed * 100003 + epoch))
         shard = order[rank::world][:per_epoch * batch][start * batch:]
         loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, shard.tolist()), batch_size=batch,
-                                             num_workers=workers,  # its own generator: the global RNG
+                                             num_workers=workers, collate_fn=collate_fn,  # its own generator: the global RNG
                                              generator=torch.Generator().manual_seed(epoch))  # is dropout's
         yield from loader
         epoch, start = epoch + 1, 0
@@ -165,12 +164,35 @@ def want_checkpointing(args, cfg, micro_batch, device):
     return checkpointing_needed(cfg, micro_batch * args.seq_len, device)
 
 
-def save_checkpoint(model, optimizer, step, args, out):
-    raw = model.module if hasattr(model, "module") else model
-    state = {"model": raw.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-             "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(), "args": vars(args)}
+def adamw(model, args):
+    """AdamW as the paper: weight decay on the matrices, none on biases, norms and the implicit filter's
+    parameters (its MLP is a function of position, not a feature map). Frozen parameters are left out."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    decay = [p for n, p in named if p.dim() >= 2 and ".filter." not in n]
+    no_decay = [p for n, p in named if not (p.dim() >= 2 and ".filter." not in n)]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.95))
+
+
+def rng_state():
+    """Every random state a run draws from, for an exact resume."""
+    state = {"torch_rng": torch.get_rng_state(), "python_rng": random.getstate()}
     if torch.cuda.is_available():
         state["cuda_rng"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state):
+    torch.set_rng_state(state["torch_rng"])
+    if "cuda_rng" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    random.setstate(state["python_rng"])
+
+
+def save_checkpoint(model, optimizer, step, args, out):
+    raw = model.module if hasattr(model, "module") else model
+    state = {"model": raw.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "args": vars(args),
+             **rng_state()}
     th.atomic_write(os.path.join(out, "train_state.pt"), lambda tmp: torch.save(state, tmp))
     th.save_pretrained(raw, out)  # config.json + model.pt, what from_pretrained(out) reads
 
@@ -193,6 +215,19 @@ def claim_out_dir(out, resume, overwrite, run_files=RUN_FILES, delete=True):
     if delete:
         for name in found:
             os.remove(os.path.join(out, name))  # the run's own files, named above; nothing else
+
+
+def drop_metrics_after(path, step):
+    """On resume: forget what was logged after the checkpoint, which the resumed run logs again."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        kept = [line for line in f if json.loads(line)["step"] <= step]
+
+    def write_kept(tmp):
+        with open(tmp, "w") as f:
+            f.writelines(kept)
+    th.atomic_write(path, write_kept)
 
 
 def log_metrics(path, record):
@@ -222,10 +257,7 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     model = th.HyenaDNA(cfg).to(device)
     model.gradient_checkpointing = want_checkpointing(args, cfg, args.batch_size, device)
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and ".filter." not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and ".filter." not in n)]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.95))
+    optimizer = adamw(model, args)
     os.makedirs(args.out, exist_ok=True)
     metrics_path = os.path.join(args.out, "metrics.jsonl")
     step = 0
@@ -237,17 +269,9 @@ def main(argv=None):
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         step = state["step"]
-        torch.set_rng_state(state["torch_rng"])
-        if "cuda_rng" in state and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
-        random.setstate(state["python_rng"])
-        if main_rank and os.path.exists(metrics_path):  # drop what was logged after the checkpoint
-            with open(metrics_path) as f:
-                kept = [line for line in f if json.loads(line)["step"] <= step]
-            def write_kept(tmp):
-                with open(tmp, "w") as f:
-                    f.writelines(kept)
-            th.atomic_write(metrics_path, write_kept)
+        restore_rng_state(state)
+        if main_rank:
+            drop_metrics_after(metrics_path, step)
     ddp = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
 
     stop = {"signal": None}
