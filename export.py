@@ -29,6 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import finetune
 import tinyhyena as th
 
 DIRECT_CONV_MAX_LEN = 8192
@@ -108,30 +109,31 @@ def dft_conv(u, k, n):
 
 class ExportedModel(nn.Module):
     """The model with frozen filters and the long convolution of one target. Inputs are not checked here:
-    the graph's metadata tells an app the token map and max_len."""
+    the graph's metadata tells an app the token map and max_len. `model` is a HyenaDNA language model, or a
+    fine-tuned classifier (finetune.py) whose graph outputs class probabilities."""
 
     def __init__(self, model, target, max_len, outputs):
         super().__init__()
         self.model, self.outputs = copy.deepcopy(model).eval(), outputs
-        d = self.model.cfg.d_model
-        for block in self.model.blocks:
-            block.mlp_chunk = max_len  # one MLP call: the graph has no Python loop over slices
+        lm = self.model.backbone if outputs == "probabilities" else self.model
+        d = lm.cfg.d_model
+        for block in lm.blocks:
+            block.mlp_chunk = lm.cfg.l_max  # one MLP call: the graph has no Python loop over slices
             mixer = block.mixer
             mixer.channel_group = d  # one group: ONNX Runtime plans memory itself
-            mixer.filter.freeze(max_len)
+            mixer.filter.freeze(lm.cfg.l_max if outputs == "probabilities" else max_len)
             if target == "cuda":
                 mixer.long_conv = torch.ops.tinyhyena.causal_conv
             elif max_len <= DIRECT_CONV_MAX_LEN:
                 mixer.long_conv = direct_conv
             else:
-                n = th.fft_size(2 * max_len - 1, radices=(2,))
+                n = th.fft_size(2 * lm.cfg.l_max, radices=(2,))
                 mixer.long_conv = lambda v, h, n=n: dft_conv(v, h, n)
 
     def forward(self, input_ids):  # (B, L) int64
-        x = self.model.embedding(input_ids)
-        for block in self.model.blocks:
-            x = block(x)
-        hidden = self.model.ln_f(x)  # (B, L, d)
+        if self.outputs == "probabilities":
+            return torch.softmax(self.model(input_ids), -1)  # (B, n_classes)
+        hidden = self.model.hidden_states(input_ids)  # (B, L, d)
         logits = F.linear(hidden, self.model.embedding.weight)  # (B, L, V)
         return {"logits": logits, "hidden": hidden, "both": (logits, hidden)}[self.outputs]
 
@@ -154,19 +156,22 @@ def find_checkpoint(root="out"):
 
 
 def export(model, path, target="cuda", max_len=None, outputs="logits"):
-    """Write the ONNX file (atomically) and return the onnx.ModelProto."""
-    cfg = model.cfg
-    max_len = max_len or cfg.l_max
-    wrapper = ExportedModel(model, target, max_len, outputs)
+    """Write the ONNX file (atomically) and return the onnx.ModelProto. A fine-tuned classifier's graph
+    outputs "probabilities" whatever `outputs` says."""
+    classifier = isinstance(model, finetune.SequenceClassifier)
+    outputs = "probabilities" if classifier else outputs
+    cfg = model.backbone.cfg if classifier else model.cfg
+    max_len = max_len or (model.max_len if classifier else cfg.l_max)
+    wrapper = ExportedModel(model, target, max_len, outputs).eval()
     example = torch.full((2, min(max_len, 16)), th.BASE_IDS["A"], dtype=torch.long)
     batch, length = torch.export.Dim("batch", max=1 << 16), torch.export.Dim("length", max=max_len)
     table = {}
     if target == "cuda":
-        table[torch.ops.tinyhyena.causal_conv.default] = cuda_translation(odd_fft_size(2 * max_len - 1))
+        table[torch.ops.tinyhyena.causal_conv.default] = cuda_translation(odd_fft_size(2 * cfg.l_max - 1))
     with torch.no_grad():
         program = torch.onnx.export(wrapper, (example,), dynamo=True, input_names=["input_ids"],
                                     output_names={"logits": ["logits"], "hidden": ["hidden"],
-                                                  "both": ["logits", "hidden"]}[outputs],
+                                                  "both": ["logits", "hidden"], "probabilities": ["probabilities"]}[outputs],
                                     dynamic_shapes=({0: batch, 1: length},), custom_translation_table=table,
                                     optimize=True, verbose=False)
     proto = program.model_proto
@@ -174,6 +179,10 @@ def export(model, path, target="cuda", max_len=None, outputs="logits"):
             "unknown_base_id": str(th.N_ID), "l_max": str(cfg.l_max), "max_len": str(max_len),
             "config": json.dumps(cfg.to_dict()), "target": target, "outputs": outputs,
             "tinyhyena_version": th.__version__}
+    if classifier:
+        meta.update(class_names=json.dumps(model.class_names), pool=model.pool,
+                    soft_prompt=str(0 if model.prompt is None else len(model.prompt)),
+                    padding="left: [PAD] ids before the sequence, as in fine-tuning")
     for key, value in meta.items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
@@ -193,11 +202,16 @@ def check_against_torch(model, path, outputs, lengths, batches=(1, 2, 3), provid
     for B in batches:
         for L in lengths:
             ids = rng.integers(7, 12, size=(B, L), dtype=np.int64)
+            if outputs == "probabilities" and B > 1:  # left padding, as fine-tuning batches are padded
+                ids[1:, :L // 2] = th.PAD_ID
             got = session.run(None, {"input_ids": ids})
             with torch.no_grad():
                 t = torch.from_numpy(ids)
-                ref = {"logits": [model(t)], "hidden": [model.hidden_states(t)],
-                       "both": [model(t), model.hidden_states(t)]}[outputs]
+                if outputs == "probabilities":
+                    ref = [torch.softmax(model(t), -1)]
+                else:
+                    ref = {"logits": [model(t)], "hidden": [model.hidden_states(t)],
+                           "both": [model(t), model.hidden_states(t)]}[outputs]
             for g, r in zip(got, ref):
                 r = r.numpy()
                 worst = max(worst, float(np.linalg.norm(g - r) / np.linalg.norm(r)))
@@ -228,7 +242,9 @@ def main(argv=None):
     p.add_argument("--out", help=f"ONNX file to write (default: {DEFAULT_OUT}, replaced only if it is an ONNX model)")
     p.add_argument("--target", default="cuda", help="cuda (ONNX Runtime's CUDA provider) or cpu")
     p.add_argument("--max_len", type=int, help="longest input the graph accepts (default: l_max)")
-    p.add_argument("--outputs", default="logits", choices=["logits", "hidden", "both"])
+    p.add_argument("--outputs", choices=["logits", "hidden", "both"],
+                   help="language models: logits (default), hidden or both; a fine-tuned classifier's graph "
+                        "always outputs probabilities [batch, n_classes]")
     p.add_argument("--no-check", dest="check", action="store_false", help="skip the ONNX Runtime comparison")
     args = p.parse_args(argv)
     try:
@@ -244,10 +260,18 @@ def main(argv=None):
         if checkpoint is None:
             raise ValueError("no checkpoint in out/: train one with `python train.py ...`, "
                              "or pass --checkpoint DIR (a published HyenaDNA folder works too)")
-        model = th.from_pretrained(checkpoint)
-        max_len = args.max_len or model.cfg.l_max
-        if not 1 <= max_len <= model.cfg.l_max:
-            raise ValueError(f"--max_len {max_len} is outside [1, {model.cfg.l_max}] (the checkpoint's l_max)")
+        if os.path.isfile(os.path.join(checkpoint, finetune.CLASSIFIER_FILE)):
+            if args.outputs is not None:
+                raise ValueError(f"{checkpoint} is a fine-tuned classifier: its graph outputs probabilities, "
+                                 "drop --outputs")
+            model, args.outputs = finetune.load_classifier(checkpoint), "probabilities"
+            limit = model.max_len
+        else:
+            model, args.outputs = th.from_pretrained(checkpoint), args.outputs or "logits"
+            limit = model.cfg.l_max
+        max_len = args.max_len or limit
+        if not 1 <= max_len <= limit:
+            raise ValueError(f"--max_len {max_len} is outside [1, {limit}] (the checkpoint's l_max)")
         proto = export(model, args.out, args.target, max_len, args.outputs)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

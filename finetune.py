@@ -16,7 +16,8 @@ Two ways to classify, both from the paper:
   is read as the next token after the sequence from the language-model logits (class i -> one nucleotide
   token, `--class_tokens`). Only the K x d_model prompt trains: the pretrained model is left untouched.
 
-Batches are padded on the left, as the published tokenizer does. The loop is train.py's: AdamW with a cosine
+Training batches are padded on the left, as the published tokenizer does; predictions are made in batches of
+equal lengths, so that no padding enters them. The loop is train.py's: AdamW with a cosine
 schedule after warm-up, gradient clipping, bf16 on CUDA, atomic checkpoints, exact --resume.
 """
 
@@ -393,13 +394,17 @@ def classification_metrics(labels, predictions, n_classes):
 
 @torch.no_grad()
 def predict_logits(model, seqs, batch_size, device):
-    """(N, C) float32 logits in input order; batches group similar lengths, so little padding is added."""
+    """(N, C) float32 logits in input order. Padding is an input like any other (it sits before the sequence
+    of a causal model), so a batch here holds sequences of one length only: each prediction is the one the
+    sequence gets alone, whatever else is being predicted."""
     was_training = model.training
     model.eval()
-    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+    by_length = {}
+    for i, s in enumerate(seqs):
+        by_length.setdefault(len(s), []).append(i)
+    batches_ = [rows[i:i + batch_size] for rows in by_length.values() for i in range(0, len(rows), batch_size)]
     out = torch.zeros(len(seqs), model.n_classes)
-    for i in range(0, len(order), batch_size):
-        rows = order[i:i + batch_size]
+    for rows in batches_:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             out[rows] = model(pad_left([seqs[r] for r in rows]).to(device)).float().cpu()
     model.train(was_training)

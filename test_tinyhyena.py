@@ -890,3 +890,257 @@ def test_variant_scores_rank_snps_like_the_true_source(markov_model, markov):
     rho = spearman(llr, truth)
     print(f"Spearman {rho:.3f}")
     assert rho >= 0.7, rho
+
+
+# --- finetune.py -----------------------------------------------------------------------------------------
+
+import finetune
+
+SOURCES = [markov_table(0), markov_table(0, favourites=0)]  # the genome's source, and one that favours A
+
+
+def labelled(n, seed, lengths=(80, 120)):
+    """n sequences alternating between the two sources: [(sequence, class 0 or 1)]."""
+    rng = np.random.default_rng(seed)
+    return [(markov_sequence(SOURCES[i % 2], int(rng.integers(*lengths)), rng), i % 2) for i in range(n)]
+
+
+def write_table(path, rows, sep=",", labels=("neg", "pos"), split=None):
+    with open(path, "w") as f:
+        f.write(sep.join(["name", "sequence", "label"] + (["split"] if split else [])) + "\n")
+        for i, (seq, c) in enumerate(rows):
+            f.write(sep.join([f"s{i}", seq, labels[c]] + ([split(i)] if split else [])) + "\n")
+
+
+def write_benchmark(root, split, rows, labels=("negative", "positive")):
+    for i, (seq, c) in enumerate(rows):
+        folder = root / split / labels[c]
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{i}.txt").write_text(seq)
+
+
+def write_species_fasta(path, source, seed, records=2, length=12000):
+    rng = np.random.default_rng(seed)
+    with open(path, "w") as f:
+        for r in range(records):
+            text = markov_sequence(source, length, rng)
+            f.write(f">rec{r}\n" + "\n".join(text[i:i + 60] for i in range(0, length, 60)) + "\n")
+
+
+FIT = ["finetune.py", "fit", "--batch_size", 16, "--lr", 1e-3, "--max_steps", 40, "--eval_interval", 20]
+
+
+def test_finetune_learns_each_data_format(tmp_path):
+    train, test = labelled(400, 0), labelled(100, 1)
+    write_table(tmp_path / "train.csv", train)  # Nucleotide Transformer style: CSV + --test
+    write_table(tmp_path / "test.csv", test)
+    write_table(tmp_path / "all.tsv", train + test, sep="\t", labels=("0", "1"),  # integer labels, split column
+                split=lambda i: "train" if i < 360 else "valid" if i < 400 else "test")
+    write_benchmark(tmp_path / "gb", "train", train)  # genomic-benchmarks folders
+    write_benchmark(tmp_path / "gb", "test", test)
+    write_species_fasta(tmp_path / "a.fa", SOURCES[0], 2)
+    with gzip.open(tmp_path / "b.fa.gz", "wt") as f:
+        write_species_fasta(tmp_path / "b.fa", SOURCES[1], 3)
+        f.write((tmp_path / "b.fa").read_text())
+    runs = {"csv": ["--data", tmp_path / "train.csv", "--test", tmp_path / "test.csv"],
+            "tsv": ["--data", tmp_path / "all.tsv"],
+            "benchmark": ["--data", tmp_path / "gb"],
+            "species": ["--species", f"alpha={tmp_path / 'a.fa'}", f"beta={tmp_path / 'b.fa.gz'}", "--eval_windows", 50]}
+    for name, data_args in runs.items():
+        out = tmp_path / name
+        result = run_script(*FIT, "--preset", "tiny", "--seq_len", 100, *data_args, "--out", out)
+        assert result.returncode == 0, (name, result.stderr[-2000:])
+        metrics = read_metrics(out)
+        assert all({"step", "split", "loss", "accuracy", "mcc", "f1_macro", "elapsed_s"} <= set(m) for m in metrics)
+        assert [m["split"] for m in metrics if m["split"] != "train"] == ["valid", "valid", "test"]
+        assert metrics[-1]["accuracy"] >= 0.9, (name, metrics[-1])
+        classifier = finetune.load_classifier(out)
+        assert classifier.class_names == {"tsv": ["0", "1"], "benchmark": ["negative", "positive"],
+                                          "species": ["alpha", "beta"]}.get(name, ["neg", "pos"])
+        with torch.no_grad():
+            assert classifier(torch.from_numpy(th.tokenize(test[0][0]))[None]).shape == (1, 2)
+    assert "100 sequences longer" not in result.stderr
+    # sequences longer than the model takes are cut, and counted
+    long_rows = labelled(40, 5, lengths=(150, 200))
+    write_table(tmp_path / "long.csv", long_rows)
+    result = run_script(*FIT, "--preset", "tiny", "--seq_len", 100, "--data", tmp_path / "long.csv",
+                        "--max_steps", 1, "--out", tmp_path / "long", "--truncate", "left")
+    assert result.returncode == 0 and "40 sequences longer than 100 were cut (--truncate left)" in result.stderr
+
+
+def test_classification_metrics():
+    m = finetune.classification_metrics([0, 0, 1, 1, 2, 2], [0, 0, 1, 2, 2, 2], 3)
+    assert abs(m["accuracy"] - 5 / 6) < 1e-12
+    f1 = np.mean([1.0, 2 / 3, 0.8])
+    assert abs(m["f1_macro"] - f1) < 1e-12
+    # binary MCC against its textbook formula
+    tp, tn, fp, fn = 3, 4, 1, 2
+    labels = [1] * (tp + fn) + [0] * (tn + fp)
+    preds = [1] * tp + [0] * fn + [0] * tn + [1] * fp
+    expect = (tp * tn - fp * fn) / np.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn))
+    assert abs(finetune.classification_metrics(labels, preds, 2)["mcc"] - expect) < 1e-12
+    assert finetune.classification_metrics([0, 1], [1, 1], 2)["mcc"] == 0.0
+
+
+@pytest.fixture(scope="module")
+def mixed_lm(tmp_path_factory):
+    """A tiny language model pretrained on a genome from both sources: to predict well it must tell, from
+    context, which source it is reading. Soft prompting can then draw the class from its next-token logits."""
+    root = tmp_path_factory.mktemp("mixed")
+    rng = np.random.default_rng(0)
+    with open(root / "mix.fa", "w") as f:
+        for c in range(6):
+            text = markov_sequence(SOURCES[c % 2], 30000, rng)
+            f.write(f">chr{c}\n" + "\n".join(text[i:i + 70] for i in range(0, len(text), 70)) + "\n")
+    result = run_script("train.py", "--fasta", root / "mix.fa", "--seq_len", 256, "--min_seq_len", 256,
+                        "--batch_size", 8, "--max_steps", 100, "--lr", 3e-3, "--warmup_steps", 10,
+                        "--eval_interval", 1000, "--eval_batches", 4, "--out", root / "lm")
+    assert result.returncode == 0, result.stderr[-2000:]
+    return root / "lm"
+
+
+def test_freeze_and_soft_prompt_leave_the_backbone_untouched(mixed_lm, tmp_path):
+    write_table(tmp_path / "train.csv", labelled(400, 0), labels=("0", "1"))
+    write_table(tmp_path / "test.csv", labelled(200, 1), labels=("0", "1"))
+    before = th.from_pretrained(mixed_lm).state_dict()
+    data_args = ["--checkpoint", mixed_lm, "--data", tmp_path / "train.csv", "--test", tmp_path / "test.csv"]
+    for name, mode in (("frozen", ["--freeze"]), ("prompt", ["--soft_prompt", 8, "--class_tokens", "CA", "--lr", 1e-2])):
+        result = run_script(*FIT, *data_args, "--max_steps", 60, *mode, "--out", tmp_path / name)
+        assert result.returncode == 0, result.stderr[-2000:]
+        after = finetune.load_classifier(tmp_path / name).backbone.state_dict()
+        assert all(torch.equal(before[k], after[k]) for k in before)  # bitwise: nothing of the backbone trained
+        state = torch.load(tmp_path / name / "train_state.pt", weights_only=True)["model"]
+        assert all(torch.equal(before[k], state["backbone." + k]) for k in before)
+    prompt = finetune.load_classifier(tmp_path / "prompt")
+    assert prompt.prompt.shape == (8, 128) and prompt.head is None
+    test = read_metrics(tmp_path / "prompt")[-1]
+    assert test["split"] == "test" and test["accuracy"] >= 0.6 and test["mcc"] > 0.2, test  # chance: 0.5, 0
+
+
+def test_soft_prompt_sits_between_padding_and_sequence():
+    model = random_model(th.HyenaConfig(d_model=8, n_layer=1, d_inner=16, filter_order=8, l_max=40), 0)
+    clf = finetune.SequenceClassifier(model, 2, soft_prompt=3, class_tokens="AC").eval()
+    seqs = [th.tokenize("ACGTAC"), th.tokenize("GGATTACAGT")]
+    with torch.no_grad():
+        batched = clf(finetune.pad_left(seqs))
+        for row, seq in enumerate(seqs):  # alone, no padding: the prompt directly before the bases
+            x = torch.cat([clf.prompt, model.embedding(torch.from_numpy(seq))])[None]
+            logits = model.hidden_states_from_embeddings(x)[0, -1] @ model.embedding.weight.T
+            alone = logits[[th.BASE_IDS["A"], th.BASE_IDS["C"]]]
+            if row == 1:  # the longest row has no padding: identical
+                assert torch.allclose(batched[row], alone, atol=1e-5)
+            assert torch.allclose(clf(torch.from_numpy(seq)[None])[0], alone, atol=1e-5)
+
+
+def test_finetune_resume_reproduces_an_uninterrupted_run(tmp_path):
+    write_table(tmp_path / "train.csv", labelled(300, 0))
+    args = [*FIT, "--preset", "tiny", "--seq_len", 100, "--data", tmp_path / "train.csv", "--max_steps", 30,
+            "--eval_interval", 5, "--rc_aug"]
+    full = run_script(*args, "--out", tmp_path / "full")
+    assert full.returncode == 0, full.stderr[-2000:]
+    run = subprocess.Popen(list(map(str, [sys.executable, *args, "--out", tmp_path / "cut"])), cwd=ROOT,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "cut" / "metrics.jsonl"
+    while run.poll() is None and not (metrics.exists() and '"valid"' in metrics.read_text()
+                                      and len(metrics.read_text().splitlines()) >= 9):
+        time.sleep(0.02)
+    run.send_signal(signal.SIGTERM)
+    out, err = run.communicate(timeout=120)
+    assert run.returncode == 0 and "continue with --resume" in out, err[-2000:]
+    assert 5 <= torch.load(tmp_path / "cut" / "train_state.pt", weights_only=True)["step"] < 30
+    resumed = run_script(*args, "--out", tmp_path / "cut", "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    drop = lambda rows: [{k: v for k, v in m.items() if k != "elapsed_s"} for m in rows]
+    assert drop(read_metrics(tmp_path / "cut")) == drop(read_metrics(tmp_path / "full"))
+    assert (tmp_path / "cut" / "head.pt").read_bytes() == (tmp_path / "full" / "head.pt").read_bytes()
+
+
+@pytest.fixture(scope="module")
+def fixture_classifier(tmp_path_factory):
+    """A classifier fine-tuned a few steps from the published-format fixture."""
+    root = tmp_path_factory.mktemp("fixture_classifier")
+    write_table(root / "train.csv", labelled(64, 0))
+    result = run_script(*FIT, "--checkpoint", FIXTURE, "--data", root / "train.csv", "--max_steps", 3,
+                        "--out", root / "clf")
+    assert result.returncode == 0, result.stderr[-2000:]
+    return root / "clf"
+
+
+def test_predict_and_embed_round_trips(fixture_classifier, tmp_path):
+    rows = labelled(7, 3)
+    (tmp_path / "in.fa").write_text("".join(f">r{i} x\n{seq}\n" for i, (seq, _) in enumerate(rows)))
+    (tmp_path / "in.txt").write_text("".join(seq + "\n" for seq, _ in rows))
+    write_table(tmp_path / "in.csv", rows)
+    clf = finetune.load_classifier(fixture_classifier)
+    with torch.no_grad():
+        expect = [torch.softmax(clf(torch.from_numpy(th.tokenize(s))[None])[0], -1).numpy() for s, _ in rows]
+    for name, ids in (("in.fa", [f"r{i}" for i in range(7)]), ("in.txt", [str(i) for i in range(1, 8)]),
+                      ("in.csv", [f"s{i}" for i in range(7)])):
+        result = run_script("finetune.py", "predict", "--checkpoint", fixture_classifier, "--input", tmp_path / name,
+                            "--out", tmp_path / "p.tsv", "--batch_size", 3)
+        assert result.returncode == 0, result.stderr[-2000:]
+        table = [line.split("\t") for line in (tmp_path / "p.tsv").read_text().splitlines()]
+        assert table[0] == ["id", "predicted", "p_neg", "p_pos"] and [r[0] for r in table[1:]] == ids
+        probs = np.array([[float(x) for x in r[2:]] for r in table[1:]])
+        assert np.allclose(probs, expect, atol=1e-5)  # batched, yet each as it is alone
+        assert [r[1] for r in table[1:]] == [["neg", "pos"][int(p.argmax())] for p in probs]
+    # embed: any checkpoint, the published fixture included; rows in input order, batching irrelevant
+    for checkpoint in (FIXTURE, fixture_classifier):
+        for pool in ("mean", "last"):
+            result = run_script("finetune.py", "embed", "--checkpoint", checkpoint, "--input", tmp_path / "in.fa",
+                                "--out", tmp_path / "e.npy", "--pool", pool, "--batch_size", 2)
+            assert result.returncode == 0, result.stderr[-2000:]
+            got = np.load(tmp_path / "e.npy")
+            model = th.from_pretrained(checkpoint)
+            with torch.no_grad():
+                hidden = [model.hidden_states(torch.from_numpy(th.tokenize(s))[None])[0] for s, _ in rows]
+            expect_e = np.stack([(h.mean(0) if pool == "mean" else h[-1]).numpy() for h in hidden])
+            assert got.shape == (7, 128) and np.allclose(got, expect_e, atol=1e-4)
+    model = th.from_pretrained(FIXTURE)
+    with torch.no_grad():
+        last = np.stack([model.hidden_states(torch.from_numpy(th.tokenize(s))[None])[0, -1].numpy() for s, _ in rows])
+    assert np.allclose(th.embed(model, [s for s, _ in rows], "last", batch_size=3), last, atol=1e-4)
+
+
+def test_exported_classifier_matches_torch(fixture_classifier, tmp_path):
+    result = run_script("export.py", "--checkpoint", fixture_classifier, "--target", "cpu", "--out", tmp_path / "c.onnx")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "max relative error" in result.stdout
+    clf = finetune.load_classifier(fixture_classifier)
+    session = ort.InferenceSession(str(tmp_path / "c.onnx"), providers=["CPUExecutionProvider"])
+    ids = finetune.pad_left([th.tokenize(s) for s, _ in labelled(4, 9)])  # left-padded, as in fine-tuning
+    (probs,) = session.run(["probabilities"], {"input_ids": ids.numpy()})
+    with torch.no_grad():
+        assert rel_err(probs, torch.softmax(clf(ids), -1)) <= 1e-4
+    meta = {p.key: p.value for p in onnx.load(str(tmp_path / "c.onnx")).metadata_props}
+    assert json.loads(meta["class_names"]) == ["neg", "pos"] and meta["outputs"] == "probabilities"
+    assert_one_line_error(run_script("export.py", "--checkpoint", fixture_classifier, "--outputs", "hidden",
+                                     "--out", tmp_path / "x.onnx"), "fine-tuned classifier")
+
+
+def test_finetune_errors(fixture_classifier, tmp_path):
+    fit = [*FIT, "--preset", "tiny", "--seq_len", 100, "--out", tmp_path / "o"]
+    (tmp_path / "gb" / "train" / "pos").mkdir(parents=True)
+    (tmp_path / "gb" / "train" / "neg").mkdir(parents=True)
+    (tmp_path / "gb" / "train" / "pos" / "1.txt").write_text("ACGT")
+    assert_one_line_error(run_script(*fit, "--data", tmp_path / "gb"), "train/neg", "empty class folder")
+    (tmp_path / "nolabel.csv").write_text("sequence,class\nACGT,1\n")
+    assert_one_line_error(run_script(*fit, "--data", tmp_path / "nolabel.csv"), "nolabel.csv:1", "'label'")
+    (tmp_path / "empty.csv").write_text("sequence,label\n")
+    assert_one_line_error(run_script(*fit, "--data", tmp_path / "empty.csv"), "empty.csv", "no sequences")
+    write_table(tmp_path / "train.csv", labelled(40, 0))
+    write_table(tmp_path / "test.csv", labelled(4, 1), labels=("neg", "maybe"))
+    assert_one_line_error(run_script(*fit, "--data", tmp_path / "train.csv", "--test", tmp_path / "test.csv"),
+                          "test.csv", "'maybe' is unseen in training")
+    assert_one_line_error(run_script(*fit, "--species", "human", "mouse=m.fa"), "'human'", "NAME=FASTA")
+    write_species_fasta(tmp_path / "a.fa", SOURCES[0], 0, records=1, length=400)
+    write_species_fasta(tmp_path / "b.fa", SOURCES[1], 1, records=1, length=400)
+    assert_one_line_error(run_script(*fit, "--species", f"a={tmp_path / 'a.fa'}", f"b={tmp_path / 'b.fa'}"),
+                          "windows are fewer than one batch")
+    assert_one_line_error(run_script("finetune.py", "predict", "--checkpoint", FIXTURE, "--input", tmp_path / "test.csv"),
+                          "not a fine-tuned classifier")
+    assert_one_line_error(run_script("finetune.py", "embed", "--checkpoint", fixture_classifier, "--input",
+                                     tmp_path / "missing.fa", "--out", tmp_path / "e.npy"), "missing.fa: file not found")
+    # a second fit into the same --out refuses, as train.py does
+    assert_one_line_error(run_script(*FIT, "--checkpoint", FIXTURE, "--data", tmp_path / "train.csv",
+                                     "--out", fixture_classifier), "--resume", "--overwrite")
