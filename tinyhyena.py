@@ -342,7 +342,10 @@ class HyenaOperator(nn.Module):
         self.short_conv = nn.Conv1d((N + 1) * d, (N + 1) * d, cfg.short_filter_order, groups=(N + 1) * d)
         self.filter = ImplicitFilter(cfg)
         self.out_proj = nn.Linear(d, d)
-        self.fft_budget = 1 << 25  # floats per channel group's FFT spectrum (128 MB), see forward
+        # Floats per channel group's FFT spectrum: 32 MB, glibc's largest mmap threshold. Bigger buffers are
+        # mmap'ed fresh on every call and pay a page fault per 4 KB page; smaller ones are reused from the heap.
+        # Measured at batch 32 x 1,024 (training step, 2-core CPU): 1.2-1.5 s here against 1.7-2.2 s at 128 MB.
+        self.fft_budget = 1 << 23
         self.channel_group = None  # channels per group; None: chosen from fft_budget
         self.long_conv = causal_fft_conv  # export.py swaps in the formulation its target runs best
 
@@ -355,7 +358,12 @@ class HyenaOperator(nn.Module):
         # projected streams and the FFT buffers) to one group's worth: at L = 2^20 the whole width at once
         # would need several GB, a group of 16 channels a few hundred MB, and runs faster (cache-sized FFTs).
         # Under checkpointing each group is recomputed alone in backward, so training memory is bounded too.
-        group = self.channel_group or max(1, min(d, self.fft_budget // (B * fft_size(2 * L - 1))))
+        group = self.channel_group
+        if group is None:  # equal groups, each FFT spectrum (B, G, n/2+1) within fft_budget floats, but at
+            # least 16 channels: in_proj's slice of a group is a matmul, and thinner ones run far below peak
+            # (measured at L = 2^20: groups of 3 channels took inference from 22 s to 30 s)
+            n_groups = math.ceil(d / max(16, self.fft_budget // (B * (fft_size(2 * L - 1) + 2))))
+            group = math.ceil(d / n_groups)
         y = torch.cat([checkpointed(checkpoint, self.mix_channels, u, h, c, min(c + group, d))
                        for c in range(0, d, group)], dim=1)  # (B, d, L)
         return self.out_proj(y.transpose(1, 2))  # (B, L, d)
