@@ -7,15 +7,21 @@ Export a tinyhyena or published HyenaDNA checkpoint to ONNX, for ONNX Runtime wi
 The graph takes `input_ids` int64 [batch, length] (both dynamic, length <= max_len) and gives `logits` float32
 [batch, length, padded vocab] and/or `hidden` [batch, length, d_model].
 
-The long convolution is the part that needs care (what ONNX Runtime offers, measured on version 1.31):
-- the implicit filter depends only on the weights and the length, so it is computed once here, for max_len,
-  and stored in the graph; a shorter sequence uses its first positions;
+A fine-tuned classifier's folder (finetune.py) gives a graph whose output is `probabilities` [batch, n_classes],
+with the class names in metadata_props.
+
+The graph holds about the parameters and its cost follows the input's length (what ONNX Runtime offers,
+measured on version 1.31):
+- the implicit filters are computed in the graph, for the input's length, from positional features made
+  from positions (the published checkpoints store them as l_max-long tables; export checks that the two
+  agree). Freezing the filters instead would store 8 GB of constants for large-1m, over protobuf's 2 GB;
+- the FFT size is chosen in the graph from the input's L, from a table of fast sizes, so a 1,000-base input
+  costs the same on a graph exported for max_len 2^20 as on one for 1,026;
 - `--target cuda`: ONNX's DFT op has no CUDA kernel in ONNX Runtime (nodes would fall back to the CPU), so the
   FFT is written with the contrib ops com.microsoft.Rfft / Irfft, which run on cuFFT. Their Irfft infers an
-  output length of 2m-1 from m frequency bins, so the FFT size is odd;
-- `--target cpu`: ONNX Runtime's CPU DFT is slow and inexact at sizes other than powers of two, so up to
-  max_len 8192 the convolution is a direct one (a grouped Conv against the flipped filter, exact and fast at
-  that size) and beyond that a power-of-two DFT.
+  output length of 2m-1 from m frequency bins, so the sizes are odd (3^a 5^b 7^c);
+- `--target cpu`: ONNX's DFT at powers of two (ORT's CPU DFT is inexact at other sizes), the inverse taken
+  over the spectrum completed by conjugate symmetry.
 """
 
 import argparse
@@ -32,7 +38,6 @@ import torch.nn.functional as F
 import finetune
 import tinyhyena as th
 
-DIRECT_CONV_MAX_LEN = 8192
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -49,24 +54,46 @@ def _(u, k):
     return torch.empty_like(u)
 
 
-def odd_fft_size(n):
-    """Smallest odd 3^a 5^b 7^c >= n: sizes cuFFT is fast at, and odd as ORT's Irfft needs."""
-    best = None
-    p3 = 1
-    while p3 < 3 * n:
+def odd_fft_sizes(limit):
+    """Every odd 3^a 5^b 7^c up to the first one >= limit, ascending: sizes cuFFT is fast at, and odd as
+    ORT's Irfft needs (it infers 2m-1 outputs from m bins). A few hundred sizes reach 2^21."""
+    sizes, p3 = [], 1
+    while p3 < 3 * limit:
         p5 = p3
-        while p5 < 3 * n:
-            size = p5
-            while size < n:
-                size *= 7
-            best = size if best is None else min(best, size)
+        while p5 < 3 * limit:
+            p7 = p5
+            while p7 < 7 * limit:
+                sizes.append(p7)
+                p7 *= 7
             p5 *= 5
         p3 *= 3
-    return best
+    sizes.sort()
+    return sizes[:next(i for i, n in enumerate(sizes) if n >= limit) + 1]
 
 
-def cuda_translation(n):
-    """onnxscript function for causal_conv on the CUDA provider: zero-pad to n, Rfft, complex product, Irfft."""
+def odd_fft_size(n):
+    """Smallest odd 3^a 5^b 7^c >= n."""
+    return odd_fft_sizes(n)[-1]
+
+
+def smallest_size_at_least(op, sizes, need):
+    """In the graph: the smallest entry of the constant table `sizes` that is >= need (a [1] tensor), so the
+    FFT size follows the input's length instead of being fixed at export."""
+    table = op.Constant(value_ints=sizes)
+    fits = op.GreaterOrEqual(table, need)
+    return op.ReduceMin(op.Where(fits, table, op.Constant(value_ints=[sizes[-1]])), keepdims=1)  # [1]
+
+
+def complex_product(op, a, b):
+    """(..., 2) real/imaginary pairs multiplied as complex numbers."""
+    ar, ai = op.Split(a, num_outputs=2, axis=-1)
+    br, bi = op.Split(b, num_outputs=2, axis=-1)
+    return op.Concat(op.Sub(op.Mul(ar, br), op.Mul(ai, bi)), op.Add(op.Mul(ar, bi), op.Mul(ai, br)), axis=-1)
+
+
+def cuda_translation(l_max):
+    """onnxscript function for causal_conv on the CUDA provider: zero-pad to an odd n >= 2L-1 chosen from the
+    input's L, Rfft, complex product, Irfft (contrib ops on cuFFT: the graph has no DFT node)."""
     import onnxscript
     from onnx.defs import OpSchema
     from onnxscript import opset18 as op
@@ -80,39 +107,63 @@ def cuda_translation(n):
                                       for a in ("normalized", "onesided", "signal_ndim")])
         return onnxscript.values.Op(ms, name, schema)
     rfft, irfft = contrib("Rfft"), contrib("Irfft")
+    sizes = odd_fft_sizes(2 * l_max - 1)
 
     def translate(u, k):  # u (B, C, L), k (C, L)
         L = op.Shape(u, start=2, end=3)
-        pad_u = op.Concat(op.Constant(value_ints=[0, 0, 0, 0, 0]), op.Sub(op.Constant(value_ints=[n]), L), axis=0)
-        pad_k = op.Concat(op.Constant(value_ints=[0, 0, 0]), op.Sub(op.Constant(value_ints=[n]), op.Shape(k, start=1, end=2)), axis=0)
+        n = smallest_size_at_least(op, sizes, op.Sub(op.Add(L, L), op.Constant(value_ints=[1])))
+        pad_u = op.Concat(op.Constant(value_ints=[0, 0, 0, 0, 0]), op.Sub(n, L), axis=0)
+        pad_k = op.Concat(op.Constant(value_ints=[0, 0, 0]), op.Sub(n, L), axis=0)
         U = rfft(op.Pad(u, pad_u), normalized=0, onesided=1, signal_ndim=1)  # (B, C, m, 2)
         K = rfft(op.Pad(k, pad_k), normalized=0, onesided=1, signal_ndim=1)  # (C, m, 2)
-        ur, ui = op.Split(U, num_outputs=2, axis=-1)
-        kr, ki = op.Split(K, num_outputs=2, axis=-1)
-        Y = op.Concat(op.Sub(op.Mul(ur, kr), op.Mul(ui, ki)), op.Add(op.Mul(ur, ki), op.Mul(ui, kr)), axis=-1)
-        y = irfft(Y, normalized=0, onesided=1, signal_ndim=1)  # (B, C, n), scaled by 1/n
+        y = irfft(complex_product(op, U, K), normalized=0, onesided=1, signal_ndim=1)  # (B, C, n), scaled by 1/n
         return op.Slice(y, op.Constant(value_ints=[0]), L, op.Constant(value_ints=[2]))
     return translate
 
 
-def direct_conv(u, k):
-    """u (B, C, L), k (C, L): y[t] = sum_j k[j] u[t-j], as a grouped convolution of u, padded on the left
-    with L-1 zeros, against the flipped filter. O(L^2) work, but exact, and fast at short lengths."""
-    L = u.shape[-1]
-    return F.conv1d(F.pad(u, (L - 1, 0)), k.flip(-1)[:, None, :], groups=u.shape[1])
+def cpu_translation(l_max):
+    """onnxscript function for causal_conv on the CPU provider: ONNX DFT at a power of two n >= 2L-1 chosen
+    from the input's L (ORT's CPU DFT is exact at powers of two only), complex product, inverse DFT of the
+    spectrum completed by conjugate symmetry, real part."""
+    from onnxscript import opset18 as op
+    sizes = [1 << i for i in range(max(1, (2 * l_max - 1 - 1).bit_length()) + 1)]
+
+    def translate(u, k):  # u (B, C, L), k (C, L)
+        L = op.Shape(u, start=2, end=3)
+        n = smallest_size_at_least(op, sizes, op.Sub(op.Add(L, L), op.Constant(value_ints=[1])))
+        n_scalar = op.Squeeze(n)
+        U = op.DFT(op.Unsqueeze(u, op.Constant(value_ints=[3])), n_scalar, axis=2, onesided=1)  # (B, C, n/2+1, 2)
+        K = op.DFT(op.Unsqueeze(k, op.Constant(value_ints=[2])), n_scalar, axis=1, onesided=1)  # (C, n/2+1, 2)
+        Y = complex_product(op, U, K)
+        # bins n/2+1 .. n-1 are the conjugates of bins n/2-1 .. 1
+        mirrored = op.Slice(Y, op.Constant(value_ints=[-2]), op.Constant(value_ints=[0]),
+                            op.Constant(value_ints=[2]), op.Constant(value_ints=[-1]))
+        full = op.Concat(Y, op.Mul(mirrored, op.Constant(value_floats=[1.0, -1.0])), axis=2)  # (B, C, n, 2)
+        y = op.DFT(full, n_scalar, axis=2, inverse=1, onesided=0)  # (B, C, n, 2), scaled by 1/n
+        real = op.Slice(y, op.Constant(value_ints=[0]), op.Constant(value_ints=[1]), op.Constant(value_ints=[3]))
+        return op.Squeeze(op.Slice(real, op.Constant(value_ints=[0]), L, op.Constant(value_ints=[2])),
+                          op.Constant(value_ints=[3]))
+    return translate
 
 
-def dft_conv(u, k, n):
-    """The FFT convolution at a fixed power-of-two size n, which torch's exporter writes as DFT nodes."""
-    return torch.fft.irfft(torch.fft.rfft(u, n=n) * torch.fft.rfft(k, n=n), n=n)[..., :u.shape[-1]]
+def padded_short_conv(z, weight, bias):
+    """tinyhyena.causal_short_conv with a left pad instead of in-place updates of slices: the exporter writes
+    those as ScatterND between full transposes, which took 60-110 ms each on ORT's CPU provider at batch
+    16 x 1,000 (the whole torch forward: 170 ms)."""
+    K, L = weight.shape[-1], z.shape[-1]
+    padded = F.pad(z, (K - 1, 0))  # (B, C, K-1+L): z[t - j] is padded[t + K-1 - j]
+    out = bias[:, None]
+    for j in range(K):
+        out = out + padded[..., j:j + L] * weight[:, j, None]
+    return out
 
 
 class ExportedModel(nn.Module):
-    """The model with frozen filters and the long convolution of one target. Inputs are not checked here:
+    """The model with the long convolution of one target and filters computed for the input's length. Inputs are not checked here:
     the graph's metadata tells an app the token map and max_len. `model` is a HyenaDNA language model, or a
     fine-tuned classifier (finetune.py) whose graph outputs class probabilities."""
 
-    def __init__(self, model, target, max_len, outputs):
+    def __init__(self, model, outputs):
         super().__init__()
         self.model, self.outputs = copy.deepcopy(model).eval(), outputs
         lm = self.model.backbone if outputs == "probabilities" else self.model
@@ -121,14 +172,12 @@ class ExportedModel(nn.Module):
             block.mlp_chunk = lm.cfg.l_max  # one MLP call: the graph has no Python loop over slices
             mixer = block.mixer
             mixer.channel_group = d  # one group: ONNX Runtime plans memory itself
-            mixer.filter.freeze(lm.cfg.l_max if outputs == "probabilities" else max_len)
-            if target == "cuda":
-                mixer.long_conv = torch.ops.tinyhyena.causal_conv
-            elif max_len <= DIRECT_CONV_MAX_LEN:
-                mixer.long_conv = direct_conv
-            else:
-                n = th.fft_size(2 * lm.cfg.l_max, radices=(2,))
-                mixer.long_conv = lambda v, h, n=n: dft_conv(v, h, n)
+            mixer.long_conv = torch.ops.tinyhyena.causal_conv  # translated per target, see export()
+            mixer.short_conv_fn = padded_short_conv
+            # the filter from positional features computed for the input's length: the graph holds the
+            # filter MLP's weights, not l_max-long tables (8 GB of frozen filters for large-1m)
+            mixer.filter.features_from_positions = True
+            mixer.filter.z = mixer.filter.t = None
 
     def forward(self, input_ids):  # (B, L) int64
         if self.outputs == "probabilities":
@@ -143,7 +192,8 @@ CUDA_OPS = {"Add", "Sub", "Mul", "Div", "Pow", "Sqrt", "Tanh", "Sin", "Exp", "Ne
             "Concat", "Split", "Slice", "Pad", "Reshape", "Transpose", "Unsqueeze", "Squeeze", "Expand", "Shape",
             "Cast", "Constant", "ReduceMean", "LayerNormalization", "Gelu", "Erf", "Where", "Equal", "Identity",
             "Conv", "ConstantOfShape", "Range", "Flatten", "Softmax", "Rfft", "Irfft", "FastGelu",
-            "SkipLayerNormalization", "BiasGelu", "Greater", "Less", "Min", "Max", "CumSum", "Einsum", "Not", "And", "ScatterND"}
+            "SkipLayerNormalization", "BiasGelu", "Greater", "Less", "Min", "Max", "CumSum", "Einsum", "Not", "And", "ScatterND",
+            "Cos", "GreaterOrEqual", "ReduceMin", "ReduceSum"}
 
 
 def find_checkpoint(root="out"):
@@ -162,12 +212,17 @@ def export(model, path, target="cuda", max_len=None, outputs="logits"):
     outputs = "probabilities" if classifier else outputs
     cfg = model.backbone.cfg if classifier else model.cfg
     max_len = max_len or (model.max_len if classifier else cfg.l_max)
-    wrapper = ExportedModel(model, target, max_len, outputs).eval()
+    lm = model.backbone if classifier else model
+    z, t = th.positional_features(cfg.l_max, cfg.emb_dim)
+    for i, block in enumerate(lm.blocks):  # the graph computes what the checkpoint stores: they must agree
+        if not (torch.allclose(block.mixer.filter.z, z, atol=1e-5) and torch.allclose(block.mixer.filter.t, t, atol=1e-5)):
+            raise ValueError(f"block {i}'s positional features differ from the published formula for l_max "
+                             f"{cfg.l_max}; this checkpoint cannot be exported with filters computed in the graph")
+    wrapper = ExportedModel(model, outputs).eval()
     example = torch.full((2, min(max_len, 16)), th.BASE_IDS["A"], dtype=torch.long)
     batch, length = torch.export.Dim("batch", max=1 << 16), torch.export.Dim("length", max=max_len)
-    table = {}
-    if target == "cuda":
-        table[torch.ops.tinyhyena.causal_conv.default] = cuda_translation(odd_fft_size(2 * cfg.l_max - 1))
+    translation = cuda_translation if target == "cuda" else cpu_translation
+    table = {torch.ops.tinyhyena.causal_conv.default: translation(max_len)}
     with torch.no_grad():
         program = torch.onnx.export(wrapper, (example,), dynamo=True, input_names=["input_ids"],
                                     output_names={"logits": ["logits"], "hidden": ["hidden"],

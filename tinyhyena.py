@@ -251,12 +251,15 @@ def causal_fft_conv(u, k):
 # ---------------------------------------------------------------------------------------------------------
 # The implicit filter.
 
-def positional_features(l_max, emb_dim):
-    """z (l_max, emb_dim): [t, cos(f*w), -sin(f*w)] with t in [0, 1] and w = 2*pi*position/l_max;
-    and t (l_max, 1). As published (the columns are the real and imaginary parts of exp(-i*f*w))."""
-    t = torch.linspace(0, 1, l_max)[:, None]
+def positional_features(l_max, emb_dim, length=None):
+    """z (length, emb_dim): [t, cos(f*w), -sin(f*w)] with t = position/(l_max-1) in [0, 1] and
+    w = 2*pi*position/l_max; and t (length, 1), for positions 0..length-1 (default l_max). As published (the
+    columns are the real and imaginary parts of exp(-i*f*w)). The features of a position depend on l_max,
+    not on length: a short sequence gets the first rows of the long one's."""
+    position = torch.arange(l_max if length is None else length, dtype=torch.float32)[:, None]  # (length, 1)
+    t = position / (l_max - 1)
+    w = 2 * math.pi * position / l_max
     bands = (emb_dim - 1) // 2
-    w = 2 * math.pi * torch.linspace(0, l_max - 1, l_max)[:, None] / l_max  # (l_max, 1)
     f = torch.linspace(1e-4, bands - 1, bands)[None, :]  # (1, bands)
     return torch.cat([t, torch.cos(f * w), -torch.sin(f * w)], dim=-1), t
 
@@ -278,6 +281,7 @@ class ImplicitFilter(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         n_filters = (cfg.order - 1) * cfg.d_model  # one filter per channel per long convolution
+        self.l_max, self.emb_dim = cfg.l_max, cfg.emb_dim
         z, t = positional_features(cfg.l_max, cfg.emb_dim)
         self.register_buffer("z", z)  # (l_max, emb_dim)
         self.register_buffer("t", t)  # (l_max, 1)
@@ -293,20 +297,18 @@ class ImplicitFilter(nn.Module):
         fast, slow = math.log(1e-2) / 0.3, math.log(1e-2) / 1.5
         self.register_buffer("deltas", torch.linspace(slow, fast, n_filters))  # (n_filters,)
         self.bias = nn.Parameter(torch.randn(n_filters))  # the skip term D of the paper
-        self.register_buffer("frozen", None, persistent=False)  # see freeze
-
-    def freeze(self, max_len):
-        """Compute the filter once, for deployment: it depends only on the weights, and its first L positions
-        do not depend on L, so every length up to max_len slices this one tensor."""
-        self.frozen = None
-        with torch.no_grad():
-            self.frozen = self(max_len)
+        # The published checkpoints store the positional features (z, t) as tables of l_max rows; the model
+        # reads them. An exported graph computes them for the input's length instead (export.py), so that
+        # it holds no l_max-long constants: the two agree to float rounding (positional_features).
+        self.features_from_positions = False
 
     def forward(self, L):
-        if self.frozen is not None:
-            return self.frozen[:, :L]
-        h = self.mlp(self.z[:L])  # (L, n_filters)
-        window = torch.exp(self.t[:L] * -self.deltas.abs()).add_(0.05)  # (L, n_filters), in place: 0.5 GB at 2^20
+        if self.features_from_positions:
+            z, t = positional_features(self.l_max, self.emb_dim, L)
+        else:
+            z, t = self.z[:L], self.t[:L]
+        h = self.mlp(z)  # (L, n_filters)
+        window = torch.exp(t * -self.deltas.abs()).add_(0.05)  # (L, n_filters), in place: 0.5 GB at 2^20
         return (h * window).t()  # (n_filters, L)
 
 
@@ -348,6 +350,7 @@ class HyenaOperator(nn.Module):
         self.fft_budget = 1 << 23
         self.channel_group = None  # channels per group; None: chosen from fft_budget
         self.long_conv = causal_fft_conv  # export.py swaps in the formulation its target runs best
+        self.short_conv_fn = causal_short_conv  # likewise
 
     def forward(self, u, checkpoint=False):
         B, L, d = u.shape  # u: (B, L, d)
@@ -377,7 +380,7 @@ class HyenaOperator(nn.Module):
         z = torch.baddbmm(b[:, g].reshape(-1, 1), W[:, g].flatten(0, 1).expand(u.shape[0], -1, -1),
                           u.transpose(1, 2))  # (B, (N+1)*G, L)
         Wc, bc = self.short_conv.weight.view(N + 1, d, -1), self.short_conv.bias.view(N + 1, d)
-        z = causal_short_conv(z, Wc[:, g].flatten(0, 1), bc[:, g].flatten())
+        z = self.short_conv_fn(z, Wc[:, g].flatten(0, 1), bc[:, g].flatten())
         *x, v = z.split(stop - start, dim=1)  # x_0 .. x_{N-1}, v: each (B, G, L)
         bias = self.filter.bias.view(N - 1, d)
         for o, x_i in enumerate(reversed(x[1:])):  # x_{N-1} first, as published
