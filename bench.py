@@ -2,14 +2,17 @@
 Measured speed and memory of tinyhyena, against the floor and against attention.
 
     python bench.py [--device cpu|cuda] [--preset tiny] [--lengths 1024,32768,1048576] [--batch 1] [--train]
+    python bench.py --published standalone_hyenadna.py --lengths 1024 --batch 32 --train    # side by side
 
 Each measurement runs in a fresh subprocess, so its peak memory (RSS on CPU, allocated memory on CUDA) is its
 own. Per length it reports: tinyhyena inference (and with --train a training step: forward, backward, with
 the same activation-checkpointing rule as train.py); the floor, i.e. the FFT convolutions and the linear
 layers alone, the work no implementation can skip; and a causal Transformer of the same width and depth using
 torch's scaled_dot_product_attention, until it runs out of memory or time; and the model exported by
-export.py for the device, run by ONNX Runtime (inference only). The table is appended to
-BENCHMARKS.md with the device, versions and date.
+export.py for the device, run by ONNX Runtime (inference only). With --published PATH (the published
+HyenaDNA standalone file, HazyResearch/hyena-dna `standalone_hyenadna.py`; it needs `pip install einops`), the
+published implementation of the same size is measured too, in the same environment, alternating with
+tinyhyena. The table is appended to BENCHMARKS.md with the device, versions and date.
 """
 
 import argparse
@@ -92,7 +95,51 @@ def onnx_step(cfg, L, device, batch):
     return lambda: session.run(None, {"input_ids": ids})
 
 
-def measure_one(kind, preset, L, device_name, train, batch):
+def load_published(path):
+    """Import the published standalone file from path. It imports two names that a forward pass never uses:
+    torchvision's StochasticDepth (its blocks use it at p = 0, the identity) and the base classes of
+    transformers' tokenizer; when those packages are not installed, inert stand-ins take their place."""
+    import importlib.util
+    import types
+
+    class Identity(nn.Module):  # StochasticDepth(p=0, mode) is the identity
+        def __init__(self, p, mode):
+            super().__init__()
+            if p:
+                raise ValueError("bench.py's stand-in for StochasticDepth supports p = 0 only")
+
+        def forward(self, x):
+            return x
+    stand_ins = {"torchvision": {}, "torchvision.ops": {"StochasticDepth": Identity}, "transformers": {},
+                 "transformers.tokenization_utils": {"AddedToken": lambda *a, **k: a[0] if a else None,
+                                                     "PreTrainedTokenizer": type("PreTrainedTokenizer", (), {})}}
+    missing = {p for p in ("torchvision", "transformers") if importlib.util.find_spec(p) is None}
+    for name, attrs in stand_ins.items():
+        if name.split(".")[0] in missing:
+            module = sys.modules.setdefault(name, types.ModuleType(name))
+            for key, value in attrs.items():
+                setattr(module, key, value)
+    spec = importlib.util.spec_from_file_location("published_hyenadna", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def published_model(path, cfg):
+    """The published HyenaDNAModel with cfg's sizes (its own initialisation) and a function that maps ids to
+    next-token logits, as tinyhyena's model(ids) does."""
+    published = load_published(path)
+    layer = {"_name_": "hyena", "emb_dim": cfg.emb_dim, "filter_order": cfg.filter_order, "local_order": 3,
+             "l_max": cfg.l_max, "modulate": True, "w": cfg.w, "lr": 6e-4, "wd": 0.0, "lr_pos_emb": 0.0}
+    model = published.HyenaDNAModel(d_model=cfg.d_model, n_layer=cfg.n_layer, d_inner=cfg.d_inner,
+                                    vocab_size=cfg.vocab_size, layer=layer, resid_dropout=0.0, embed_dropout=0.1,
+                                    fused_mlp=False, fused_dropout_add_ln=False, residual_in_fp32=True,
+                                    pad_vocab_size_multiple=cfg.pad_vocab_size_multiple)
+    embedding = model.backbone.embeddings.word_embeddings.weight
+    return model, lambda ids: model(ids) @ embedding.T
+
+
+def measure_one(kind, preset, L, device_name, train, batch, published_path=None):
     """Runs in a subprocess: time a call (after a warm-up call where it is cheap; the median of three up to
     2^17) and report peak memory."""
     device = torch.device(device_name)
@@ -104,20 +151,26 @@ def measure_one(kind, preset, L, device_name, train, batch):
     elif kind == "onnx":
         fn = onnx_step(cfg, L, device, batch)
     else:
-        model = (th.HyenaDNA(cfg) if kind == "hyena" else CausalTransformer(cfg)).to(device)
+        if kind == "published":
+            model, logits = published_model(published_path, cfg)
+        else:
+            model = th.HyenaDNA(cfg) if kind == "hyena" else CausalTransformer(cfg)
+            logits = model
+        model = model.to(device)
         if train:
             model.train()
             if kind == "hyena":  # the rule train.py applies
                 model.gradient_checkpointing = checkpointing_needed(cfg, L, device)
 
             def fn():
-                F.cross_entropy(model(ids).flatten(0, 1), ids.flatten()).backward()
+                F.cross_entropy(logits(ids).flatten(0, 1), ids.flatten()).backward()
+                model.zero_grad(set_to_none=True)
         else:
             model.eval()
 
             def fn():
                 with torch.no_grad():
-                    model(ids)
+                    logits(ids)
     with torch.no_grad() if kind in ("floor", "onnx") else torch.enable_grad():
         if L <= 1 << 17:
             fn()  # warm-up: allocator, FFT plans, kernels
@@ -138,9 +191,10 @@ def measure_one(kind, preset, L, device_name, train, batch):
     print(json.dumps({"seconds": seconds, "peak_gb": peak / 1e9}))
 
 
-def measure(kind, preset, L, device, train, timeout, batch):
+def measure(kind, preset, L, device, train, timeout, batch, published=None):
     cmd = [sys.executable, os.path.abspath(__file__), "--_measure", kind, "--preset", preset, "--lengths", str(L),
-           "--device", device, "--batch", str(batch)] + (["--train"] if train else [])
+           "--device", device, "--batch", str(batch)] + (["--train"] if train else []) + \
+          (["--published", published] if published else [])
     try:
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -160,6 +214,8 @@ def main(argv=None):
     p.add_argument("--timeout", type=float, default=600, help="seconds allowed to one measurement")
     p.add_argument("--onnx_max_len", type=int, default=1 << 20,
                    help="longest length run through ONNX Runtime (its CPU DFT is slow at long lengths)")
+    p.add_argument("--published", metavar="PATH", help="the published standalone_hyenadna.py: measure it side by side")
+    p.add_argument("--rounds", type=int, default=3, help="with --published: alternating rounds (medians reported)")
     p.add_argument("--no_append", action="store_true", help="print the table without appending to BENCHMARKS.md")
     p.add_argument("--_measure", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -179,8 +235,10 @@ def main(argv=None):
         print("error: --device cuda but no CUDA device is available", file=sys.stderr)
         return 1
     if args._measure:
-        measure_one(args._measure, args.preset, lengths[0], args.device, args.train, args.batch)
+        measure_one(args._measure, args.preset, lengths[0], args.device, args.train, args.batch, args.published)
         return 0
+    if args.published:
+        return side_by_side(args, lengths)
 
     rows, attention_dead = [], None
     modes = [False, True] if args.train else [False]
@@ -218,6 +276,47 @@ def main(argv=None):
         lines.append(f"| {r['length']:,} | {r['mode']} | {fmt(r['hyena_s'], '.3f')} | {fmt(r['hyena_gb'], '.2f')} | "
                      f"{fmt(r['floor_s'], '.3f')} | {fmt(ratio, '.2f')} | {fmt(r['attention_s'], '.3f')} | "
                      f"{fmt(r['attention_gb'], '.2f')} | {fmt(r['onnx_s'], '.3f')} | {r['note']} |")
+    table = "\n".join(lines) + "\n"
+    print(table)
+    if not args.no_append:
+        with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "BENCHMARKS.md"), "a") as f:
+            f.write(table)
+    return 0
+
+
+def side_by_side(args, lengths):
+    """Published implementation and tinyhyena, same sizes, same environment, alternating --rounds times."""
+    if not os.path.isfile(args.published):
+        print(f"error: {args.published}: file not found (the published standalone_hyenadna.py)", file=sys.stderr)
+        return 1
+    modes = ["inference"] + (["train step"] if args.train else [])
+    lines = [f"\n## Side by side with the published implementation: {args.preset}, {args.device}, batch {args.batch}, "
+             f"{datetime.date.today()}",
+             f"torch {torch.__version__}, THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE', 'unset')} for "
+             f"both, {args.rounds} alternating rounds, medians (each run a fresh process; peak = its peak memory).\n",
+             "| length | mode | published s | tinyhyena s | speed-up | published GB | tinyhyena GB | runs (published / tinyhyena) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for L in lengths:
+        for mode in modes:
+            runs = {"published": [], "hyena": []}
+            for _ in range(args.rounds):
+                for kind in runs:
+                    result, err = measure(kind, args.preset, L, args.device, mode != "inference", args.timeout,
+                                          args.batch, args.published if kind == "published" else None)
+                    if result:
+                        runs[kind].append(result)
+                    else:
+                        print(f"{kind} at {L} ({mode}): {err}", file=sys.stderr)
+            med = {k: sorted(r["seconds"] for r in v)[len(v) // 2] if v else None for k, v in runs.items()}
+            mem = {k: max(r["peak_gb"] for r in v) if v else None for k, v in runs.items()}
+            speed = f"{med['published'] / med['hyena']:.2f}x" if med["published"] and med["hyena"] else "-"
+            spread = " / ".join(", ".join(f"{r['seconds']:.3f}" for r in runs[k]) or "-" for k in ("published", "hyena"))
+            line = (f"| {L:,} | {mode} | {med['published'] or '-':{'.3f' if med['published'] else ''}} | "
+                    f"{med['hyena'] or '-':{'.3f' if med['hyena'] else ''}} | {speed} | "
+                    f"{mem['published'] or '-':{'.2f' if mem['published'] else ''}} | "
+                    f"{mem['hyena'] or '-':{'.2f' if mem['hyena'] else ''}} | {spread} |")
+            lines.append(line)
+            print(line, flush=True)
     table = "\n".join(lines) + "\n"
     print(table)
     if not args.no_append:
