@@ -262,8 +262,6 @@ def main(argv=None):
             rows.append(row)
             print(json.dumps(row), flush=True)
 
-    def fmt(x, spec):
-        return "-" if x is None else format(x, spec)
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else f"{platform.processor() or 'CPU'}, {os.cpu_count()} cores"
     lines = [f"\n## {args.preset}, {args.device} ({device_name}), {datetime.date.today()}",
              f"torch {torch.__version__}, Python {platform.python_version()}, float32, batch {args.batch}. "
@@ -276,12 +274,21 @@ def main(argv=None):
         lines.append(f"| {r['length']:,} | {r['mode']} | {fmt(r['hyena_s'], '.3f')} | {fmt(r['hyena_gb'], '.2f')} | "
                      f"{fmt(r['floor_s'], '.3f')} | {fmt(ratio, '.2f')} | {fmt(r['attention_s'], '.3f')} | "
                      f"{fmt(r['attention_gb'], '.2f')} | {fmt(r['onnx_s'], '.3f')} | {r['note']} |")
+    emit(lines, args.no_append)
+    return 0
+
+
+def emit(lines, no_append):
+    """Print the table and append it to BENCHMARKS.md (only ever appended: earlier tables stay)."""
     table = "\n".join(lines) + "\n"
     print(table)
-    if not args.no_append:
+    if not no_append:
         with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "BENCHMARKS.md"), "a") as f:
             f.write(table)
-    return 0
+
+
+def fmt(x, spec):
+    return "-" if x is None else format(x, spec)
 
 
 def side_by_side(args, lengths):
@@ -311,17 +318,11 @@ def side_by_side(args, lengths):
             mem = {k: max(r["peak_gb"] for r in v) if v else None for k, v in runs.items()}
             speed = f"{med['published'] / med['hyena']:.2f}x" if med["published"] and med["hyena"] else "-"
             spread = " / ".join(", ".join(f"{r['seconds']:.3f}" for r in runs[k]) or "-" for k in ("published", "hyena"))
-            line = (f"| {L:,} | {mode} | {med['published'] or '-':{'.3f' if med['published'] else ''}} | "
-                    f"{med['hyena'] or '-':{'.3f' if med['hyena'] else ''}} | {speed} | "
-                    f"{mem['published'] or '-':{'.2f' if mem['published'] else ''}} | "
-                    f"{mem['hyena'] or '-':{'.2f' if mem['hyena'] else ''}} | {spread} |")
+            line = (f"| {L:,} | {mode} | {fmt(med['published'], '.3f')} | {fmt(med['hyena'], '.3f')} | {speed} | "
+                    f"{fmt(mem['published'], '.2f')} | {fmt(mem['hyena'], '.2f')} | {spread} |")
             lines.append(line)
             print(line, flush=True)
-    table = "\n".join(lines) + "\n"
-    print(table)
-    if not args.no_append:
-        with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "BENCHMARKS.md"), "a") as f:
-            f.write(table)
+    emit(lines, args.no_append)
     return 0
 
 

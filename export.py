@@ -159,9 +159,9 @@ def padded_short_conv(z, weight, bias):
 
 
 class ExportedModel(nn.Module):
-    """The model with the long convolution of one target and filters computed for the input's length. Inputs are not checked here:
-    the graph's metadata tells an app the token map and max_len. `model` is a HyenaDNA language model, or a
-    fine-tuned classifier (finetune.py) whose graph outputs class probabilities."""
+    """The model with the long convolution of one target and filters computed for the input's length. Inputs
+    are not checked here: the graph's metadata tells an app the token map and max_len. `model` is a HyenaDNA
+    language model, or a fine-tuned classifier (finetune.py) whose graph outputs class probabilities."""
 
     def __init__(self, model, outputs):
         super().__init__()
