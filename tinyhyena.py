@@ -36,8 +36,9 @@ the filter: some channels look mostly at the recent past, others far back, and n
 The rest is a standard pre-norm residual network: token embedding -> blocks of (LayerNorm -> Hyena ->
 residual, LayerNorm -> MLP -> residual) -> LayerNorm -> logits from the tied embedding matrix.
 
-Reading order: tokenizer, config, FFT convolution, implicit filter, Hyena operator, block, model, loading
-published checkpoints, and finally the NumPy twin (the same forward pass written again, used by the tests).
+Reading order: tokenizer, config, FFT convolution, implicit filter, Hyena operator, block, model, using a
+trained model (likelihoods, embeddings), loading published checkpoints, and finally the NumPy twin (the same
+forward pass written again, used by the tests).
 """
 
 import dataclasses
