@@ -242,7 +242,7 @@ def read_table(path, need_label=True):
     -> [dict]. DataError naming the file and line on bad input."""
     if not os.path.isfile(path):
         raise DataError(f"{path}: file not found")
-    delimiter = "," if path.lower().rstrip(".gz").endswith(".csv") else "\t"
+    delimiter = "," if path.lower().removesuffix(".gz").endswith(".csv") else "\t"
     with open_maybe_gzipped(path) as raw:
         text = raw.read().decode("utf-8", errors="replace").splitlines()
     reader = csv.DictReader(text, delimiter=delimiter)
