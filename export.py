@@ -71,11 +71,6 @@ def odd_fft_sizes(limit):
     return sizes[:next(i for i, n in enumerate(sizes) if n >= limit) + 1]
 
 
-def odd_fft_size(n):
-    """Smallest odd 3^a 5^b 7^c >= n."""
-    return odd_fft_sizes(n)[-1]
-
-
 def smallest_size_at_least(op, sizes, need):
     """In the graph: the smallest entry of the constant table `sizes` that is >= need (a [1] tensor), so the
     FFT size follows the input's length instead of being fixed at export."""

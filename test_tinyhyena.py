@@ -698,10 +698,12 @@ def test_large_1m_shape_exports_within_memory(tmp_path):
         assert os.path.getsize(out) < 20e6  # 2 layers: about 3.5M parameters, 14 MB
 
 
-def test_odd_fft_size():
+def test_odd_fft_sizes():
     for n in [1, 2, 100, 2051, 2 * 1_000_002 - 1]:
-        m = export.odd_fft_size(n)
+        sizes = export.odd_fft_sizes(n)
+        m = sizes[-1]  # the graph's largest choice: the first size that fits n
         assert m >= n and m % 2 == 1 and m < 1.3 * n + 3
+        assert sizes == sorted(sizes) and all(s % 2 == 1 for s in sizes) and (len(sizes) == 1 or sizes[-2] < n)
 
 
 def test_export_default_out_never_replaces_a_file_that_is_not_onnx(tmp_path):
