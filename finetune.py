@@ -124,11 +124,7 @@ def save_classifier(model, out, class_names, meta):
         {k: v.detach().cpu() for k, v in model.trained_state().items()}, tmp))
     info = {"class_names": class_names, "pool": model.pool, "class_tokens": model.class_tokens,
             "soft_prompt": 0 if model.prompt is None else len(model.prompt), **meta}
-
-    def write(tmp):
-        with open(tmp, "w") as f:
-            json.dump(info, f, indent=2)
-    th.atomic_write(os.path.join(out, CLASSIFIER_FILE), write)
+    th.write_text(os.path.join(out, CLASSIFIER_FILE), [json.dumps(info, indent=2)])
 
 
 def read_classifier_info(path):
@@ -580,7 +576,7 @@ def predict(args):
     lines = ["\t".join(["id", "predicted"] + [f"p_{c}" for c in model.class_names]) + "\n"]
     for (name, _), p in zip(records, probs):
         lines.append("\t".join([name, model.class_names[int(p.argmax())]] + [f"{x:.6f}" for x in p]) + "\n")
-    write_output(args.out, lambda f: f.writelines(lines), text=True)
+    th.write_text(args.out, lines)
     return 0
 
 
@@ -602,21 +598,12 @@ def embed(args):
         for i in range(0, len(seqs), chunk):
             out[i:i + chunk] = th.embed(model, seqs[i:i + chunk], args.pool, args.batch_size)
             bar.update(len(seqs[i:i + chunk]))
-    write_output(args.out, lambda f: np.save(f, out))
+    def save(tmp):
+        with open(tmp, "wb") as f:  # a file object: np.save would add ".npy" to a temporary name
+            np.save(f, out)
+    th.atomic_write(args.out, save)
     print(f"wrote {args.out}: {out.shape[0]} x {out.shape[1]} float32 ({args.pool} pooling)", file=sys.stderr)
     return 0
-
-
-def write_output(path, write, text=False):
-    """Atomically to path (a file the user named), or to standard output when path is None."""
-    if path is None:
-        write(sys.stdout if text else sys.stdout.buffer)
-        return
-
-    def to_tmp(tmp):
-        with open(tmp, "w" if text else "wb") as f:
-            write(f)
-    th.atomic_write(path, to_tmp)
 
 
 # ---------------------------------------------------------------------------------------------------------

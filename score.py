@@ -182,18 +182,6 @@ def load_genome(path):
     return Genome(prepare(path, quiet=True))
 
 
-def write_table(path, lines):
-    """Write lines to path atomically, or to standard output when path is None."""
-    if path is None:
-        sys.stdout.writelines(lines)
-        return
-
-    def write(tmp):
-        with open(tmp, "w") as f:
-            f.writelines(lines)
-    th.atomic_write(path, write)
-
-
 def fmt(x):
     return "NA" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.6f}"
 
@@ -222,8 +210,8 @@ def cmd_sequences(args):
         if args.per_base:  # bedGraph: 0-based start, end exclusive; base 0 has no prediction
             per_base.extend(f"{name}\t{t}\t{t + 1}\t{value:.6f}\n" for t, value in enumerate(logp.tolist(), 1))
     if args.per_base:
-        write_table(args.per_base, per_base)
-    write_table(args.out, rows)
+        th.write_text(args.per_base, per_base)
+    th.write_text(args.out, rows)
     return 0
 
 
@@ -239,7 +227,7 @@ def cmd_variants(args):
     for v, (llr, forward, reverse, note) in zip(variants, scores):
         cells = [v.chrom, str(v.pos), v.id, v.ref, v.alt, fmt(llr)] + ([fmt(forward), fmt(reverse)] if args.both_strands else [])
         rows.append("\t".join(cells + [note]) + "\n")
-    write_table(args.out, rows)
+    th.write_text(args.out, rows)
     skipped = [note.split(":")[0] for *_, note in scores if note]
     summary = f"scored {len(variants) - len(skipped)} of {len(variants)} variants"
     if skipped:

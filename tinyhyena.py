@@ -46,6 +46,7 @@ import json
 import math
 import os
 import pickle
+import sys
 from dataclasses import dataclass, field
 
 # Large tensors on 2 MB pages (transparent huge pages) instead of 4 KB ones: at L = 2^20 the page faults of
@@ -775,16 +776,24 @@ def atomic_write(path, write):
             os.remove(tmp)
 
 
+def write_text(path, lines):
+    """Text lines to path atomically, or to standard output when path is None."""
+    if path is None:
+        sys.stdout.writelines(lines)
+        return
+
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.writelines(lines)
+    atomic_write(path, write)
+
+
 def save_pretrained(model, path):
     """Write config.json + model.pt into the folder `path`, each atomically (temp file, then rename)."""
     os.makedirs(path, exist_ok=True)
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     atomic_write(os.path.join(path, "model.pt"), lambda tmp: torch.save(state, tmp))
-
-    def write_config(tmp):
-        with open(tmp, "w") as f:
-            json.dump(model.cfg.to_dict(), f, indent=2)
-    atomic_write(os.path.join(path, "config.json"), write_config)
+    write_text(os.path.join(path, "config.json"), [json.dumps(model.cfg.to_dict(), indent=2)])
 
 
 # ---------------------------------------------------------------------------------------------------------

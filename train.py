@@ -219,11 +219,7 @@ def drop_metrics_after(path, step):
         return
     with open(path) as f:
         kept = [line for line in f if json.loads(line)["step"] <= step]
-
-    def write_kept(tmp):
-        with open(tmp, "w") as f:
-            f.writelines(kept)
-    th.atomic_write(path, write_kept)
+    th.write_text(path, kept)
 
 
 def log_metrics(path, record):
