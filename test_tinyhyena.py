@@ -286,6 +286,90 @@ def test_checkpoint_errors_name_the_file(tmp_path):
         th.from_pretrained(folder)
 
 
+# --- the Hugging Face hub layout ("-hf" folders) -----------------------------------------------------------
+
+def hf_folder(tmp_path, name="hf", drop=(), weights="safetensors", **config_changes):
+    """The fixture written as a -hf folder; `drop` removes weight keys (as the hub's deduplicating save does),
+    `config_changes` edits config.json."""
+    folder = tmp_path / name
+    th.save_pretrained(th.from_pretrained(FIXTURE), folder, layout="hf")
+    state = {k: v for k, v in th.read_safetensors(folder / "model.safetensors").items() if k not in drop}
+    if weights == "bin":
+        os.remove(folder / "model.safetensors")
+        torch.save(state, folder / "pytorch_model.bin")
+    else:
+        th.write_safetensors(folder / "model.safetensors", state, {"format": "pt"})
+    config = json.loads((folder / "config.json").read_text())
+    config.update(config_changes)
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_hf_folder_round_trips_bitwise_and_computes_the_published_function(tmp_path):
+    model = th.from_pretrained(FIXTURE)
+    th.save_pretrained(model, tmp_path / "hf", layout="hf")
+    assert sorted(os.listdir(tmp_path / "hf")) == ["config.json", "model.safetensors"]
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert config["max_seq_len"] == 1026 and config["hyena_order"] == 2 and config["activation_freq"] == 10
+    assert config["model_type"] == "hyenadna" and "AutoModelForCausalLM" in config["auto_map"]
+    weights = th.read_safetensors(tmp_path / "hf" / "model.safetensors")
+    assert weights["hyena.backbone.layers.0.mixer.filter_fn.pos_emb.z"].shape == (1, 1026, 5)
+    assert weights["hyena.backbone.layers.1.mixer.filter_fn.modulation.deltas"].shape == (1, 1, 128)
+    assert torch.equal(weights["lm_head.weight"], weights["hyena.backbone.embeddings.word_embeddings.weight"])
+    loaded = th.from_pretrained(tmp_path / "hf")
+    assert loaded.cfg == model.cfg
+    for (ka, va), (kb, vb) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert ka == kb and torch.equal(va, vb), ka
+    ref = np.load(FIXTURE / "reference.npz")
+    with torch.no_grad():
+        assert rel_err(loaded(torch.from_numpy(ref["input_ids"])), ref["logits"]) <= 1e-5
+
+
+@pytest.mark.parametrize("weights", ["safetensors", "bin"])
+def test_hf_folder_with_deduplicated_tensors_loads(tmp_path, weights):
+    shared = [f"hyena.backbone.layers.{i}.mixer.filter_fn.implicit_filter.{j}.freq" for i in (0, 1) for j in (3, 5)]
+    folder = hf_folder(tmp_path, drop=shared + ["lm_head.weight"], weights=weights)
+    a, b = th.from_pretrained(FIXTURE), th.from_pretrained(folder)
+    for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(va, vb), ka
+
+
+def test_hf_without_trained_frequencies_uses_activation_freq(tmp_path):
+    freqs = [f"hyena.backbone.layers.{i}.mixer.filter_fn.implicit_filter.{j}.freq" for i in (0, 1) for j in (1, 3, 5)]
+    model = th.from_pretrained(hf_folder(tmp_path, drop=freqs, train_freq=False, activation_freq=7))
+    assert torch.equal(model.blocks[1].mixer.filter.mlp[5].freq, torch.full((1, 64), 7.0))
+
+
+def test_hf_pickle_that_would_run_code_runs_nothing(tmp_path):
+    folder = hf_folder(tmp_path, weights="bin")
+    marker = tmp_path / "pwned"
+    exploit = _Exploit()
+    exploit.marker = marker
+    state = torch.load(folder / "pytorch_model.bin", weights_only=True)
+    torch.save({**state, "evil": exploit}, folder / "pytorch_model.bin")
+    model = th.from_pretrained(folder)  # the exploit is an inert placeholder, not a tensor: ignored
+    assert not marker.exists()
+    ref = np.load(FIXTURE / "reference.npz")
+    with torch.no_grad():
+        assert rel_err(model(torch.from_numpy(ref["input_ids"])), ref["logits"]) <= 1e-5
+
+
+@pytest.mark.parametrize("field, value", [("hyena_order", 3), ("num_inner_mlps", 1), ("use_bias", False),
+                                          ("short_filter_order", 5), ("layer_norm_epsilon", 1e-6),
+                                          ("d_model", 0), ("max_seq_len", "long")])
+def test_hf_config_tinyhyena_cannot_represent_is_refused_by_field(tmp_path, field, value):
+    folder = hf_folder(tmp_path, **{field: value})
+    with pytest.raises(ValueError, match=rf"config.json: malformed config \(config field {field if field != 'max_seq_len' else 'l_max'}"):
+        th.from_pretrained(folder)
+
+
+def test_safetensors_garbage_is_refused_by_name(tmp_path):
+    folder = hf_folder(tmp_path)
+    (folder / "model.safetensors").write_bytes(b"\xff" * 12)
+    with pytest.raises(ValueError, match="model.safetensors: not a readable safetensors file"):
+        th.from_pretrained(folder)
+
+
 # --- data.py ---------------------------------------------------------------------------------------------
 
 import gzip
