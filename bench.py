@@ -106,7 +106,7 @@ def load_published(path):
         def __init__(self, p, mode):
             super().__init__()
             if p:
-                raise ValueError("bench.py's stand-in for StochasticDepth supports p = 0 only")
+                raise th.UserError("bench.py's stand-in for StochasticDepth supports p = 0 only")
 
         def forward(self, x):
             return x
@@ -205,17 +205,19 @@ def measure(kind, preset, L, device, train, timeout, batch, published=None):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    p = th.ArgumentParser(description=__doc__.strip().splitlines()[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
-    p.add_argument("--preset", default="tiny")
+    p.add_argument("--preset", default="tiny", choices=["tiny", "large", *th.PRESETS])
     p.add_argument("--lengths", default="1024,32768,131072,1048576")
-    p.add_argument("--batch", type=int, default=1, help="sequences per call")
+    p.add_argument("--batch", type=th.positive_int, default=1, help="sequences per call")
     p.add_argument("--train", action="store_true", help="also time a training step")
-    p.add_argument("--timeout", type=float, default=600, help="seconds allowed to one measurement")
-    p.add_argument("--onnx_max_len", type=int, default=1 << 20,
+    p.add_argument("--timeout", type=th.positive_float, default=600, help="seconds allowed to one measurement")
+    p.add_argument("--onnx_max_len", type=th.nonnegative_int, default=1 << 20,
                    help="longest length run through ONNX Runtime (its CPU DFT is slow at long lengths)")
-    p.add_argument("--published", metavar="PATH", help="the published standalone_hyenadna.py: measure it side by side")
-    p.add_argument("--rounds", type=int, default=3, help="with --published: alternating rounds (medians reported)")
+    p.add_argument("--published", metavar="PATH", type=th.existing_file,
+                   help="the published standalone_hyenadna.py: measure it side by side")
+    p.add_argument("--rounds", type=th.positive_int, default=3,
+                   help="with --published: alternating rounds (medians reported)")
     p.add_argument("--no_append", action="store_true", help="print the table without appending to BENCHMARKS.md")
     p.add_argument("--_measure", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -223,17 +225,9 @@ def main(argv=None):
         lengths = [int(x) for x in args.lengths.split(",")]
     except ValueError:
         lengths = []
-    if not lengths or min(lengths) < 1 or args.batch < 1:
-        print(f"error: --lengths {args.lengths!r}: expected positive integers, comma-separated", file=sys.stderr)
-        return 1
-    try:
-        th.preset_config(args.preset)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print("error: --device cuda but no CUDA device is available", file=sys.stderr)
-        return 1
+    if not lengths or min(lengths) < 1:
+        p.error(f"--lengths {args.lengths!r}: expected positive integers, comma-separated")
+    th.pick_device(args.device)
     if args._measure:
         measure_one(args._measure, args.preset, lengths[0], args.device, args.train, args.batch, args.published)
         return 0
@@ -293,9 +287,6 @@ def fmt(x, spec):
 
 def side_by_side(args, lengths):
     """Published implementation and tinyhyena, same sizes, same environment, alternating --rounds times."""
-    if not os.path.isfile(args.published):
-        print(f"error: {args.published}: file not found (the published standalone_hyenadna.py)", file=sys.stderr)
-        return 1
     modes = ["inference"] + (["train step"] if args.train else [])
     lines = [f"\n## Side by side with the published implementation: {args.preset}, {args.device}, batch {args.batch}, "
              f"{datetime.date.today()}",
@@ -327,4 +318,4 @@ def side_by_side(args, lengths):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(th.run_command(main))

@@ -8,7 +8,6 @@ Preparing turns a FASTA into one flat uint8 file of token ids per chromosome plu
 windows from those files through numpy memmaps, so a window costs O(seq_len) whatever the genome's size.
 """
 
-import argparse
 import gzip
 import json
 import os
@@ -21,14 +20,14 @@ import zlib
 import numpy as np
 import torch
 
-from tinyhyena import N_ID, PAD_ID, BYTE_TO_ID
+from tinyhyena import N_ID, PAD_ID, BYTE_TO_ID, ArgumentParser, UserError, existing_file, run_command
 
 HG38_FASTA_URL = "https://storage.googleapis.com/basenji_barnyard2/hg38.ml.fa.gz"
 HG38_BED_URL = "https://storage.googleapis.com/basenji_barnyard2/sequences_human.bed"
 
 
-class DataError(Exception):
-    """Bad input data; the command line prints its message on one line and exits 1."""
+class DataError(UserError):
+    """Bad input data, named in the message; the command line prints it on one line and exits 1."""
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -368,28 +367,24 @@ def setup_hg38(directory, fasta_url=HG38_FASTA_URL, bed_url=HG38_BED_URL, quiet=
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Download and prepare genomes for train.py.")
+    p = ArgumentParser(description="Download and prepare genomes for train.py.")
     sub = p.add_subparsers(dest="command", required=True)
     h = sub.add_parser("hg38", help="download hg38 and the paper's intervals, verify and prepare them")
     h.add_argument("--dir", default="data/hg38")
     h.add_argument("--fasta_url", default=HG38_FASTA_URL)
     h.add_argument("--bed_url", default=HG38_BED_URL)
     q = sub.add_parser("prepare", help="prepare a FASTA (plain or gzipped) into token arrays")
-    q.add_argument("fasta")
+    q.add_argument("fasta", type=existing_file)
     q.add_argument("--out", default=None, help="output folder (default: FASTA.tinyhyena)")
     args = p.parse_args(argv)
-    try:
-        if args.command == "hg38":
-            genome, rows = setup_hg38(args.dir, args.fasta_url, args.bed_url)
-            print(f"hg38 ready in {args.dir}: {len(genome.chroms)} chromosomes, {len(rows)} intervals")
-        else:
-            genome = Genome(prepare(args.fasta, args.out))
-            print(f"prepared {len(genome.chroms)} records, {sum(genome.chroms.values())} bp in {genome.directory}")
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    if args.command == "hg38":
+        genome, rows = setup_hg38(args.dir, args.fasta_url, args.bed_url)
+        print(f"hg38 ready in {args.dir}: {len(genome.chroms)} chromosomes, {len(rows)} intervals")
+    else:
+        genome = Genome(prepare(args.fasta, args.out))
+        print(f"prepared {len(genome.chroms)} records, {sum(genome.chroms.values())} bp in {genome.directory}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command(main))

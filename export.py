@@ -7,8 +7,9 @@ Export a tinyhyena or published HyenaDNA checkpoint to ONNX, for ONNX Runtime wi
 The graph takes `input_ids` int64 [batch, length] (both dynamic, length <= max_len) and gives `logits` float32
 [batch, length, padded vocab] and/or `hidden` [batch, length, d_model].
 
-A fine-tuned classifier's folder (finetune.py) gives a graph whose output is `probabilities` [batch, n_classes],
-with the class names in metadata_props.
+A fine-tuned model's folder (finetune.py, or a Hugging Face sequence classifier) gives a graph whose output
+is `probabilities` [batch, n_classes] (task classify, softmax; multilabel, one sigmoid per target) or `values`
+[batch, n_targets] (regression), with the class or target names in metadata_props.
 
 The graph holds about the parameters and its cost follows the input's length (what ONNX Runtime offers,
 measured on version 1.31):
@@ -24,7 +25,6 @@ measured on version 1.31):
   over the spectrum completed by conjugate symmetry.
 """
 
-import argparse
 import copy
 import json
 import os
@@ -156,12 +156,14 @@ def padded_short_conv(z, weight, bias):
 class ExportedModel(nn.Module):
     """The model with the long convolution of one target and filters computed for the input's length. Inputs
     are not checked here: the graph's metadata tells an app the token map and max_len. `model` is a HyenaDNA
-    language model, or a fine-tuned classifier (finetune.py) whose graph outputs class probabilities."""
+    language model, or a fine-tuned model (finetune.SequenceClassifier) whose graph outputs what its task reads
+    out (finetune.readout)."""
 
     def __init__(self, model, outputs):
         super().__init__()
         self.model, self.outputs = copy.deepcopy(model).eval(), outputs
-        lm = self.model.backbone if outputs == "probabilities" else self.model
+        self.task = getattr(model, "task", None)
+        lm = self.model.backbone if self.task else self.model
         d = lm.cfg.d_model
         for block in lm.blocks:
             block.mlp_chunk = lm.cfg.l_max  # one MLP call: the graph has no Python loop over slices
@@ -175,8 +177,8 @@ class ExportedModel(nn.Module):
             mixer.filter.z = mixer.filter.t = None
 
     def forward(self, input_ids):  # (B, L) int64
-        if self.outputs == "probabilities":
-            return torch.softmax(self.model(input_ids), -1)  # (B, n_classes)
+        if self.task:
+            return finetune.readout(self.task, self.model(input_ids))  # (B, n_outputs)
         hidden = self.model.hidden_states(input_ids)  # (B, L, d)
         logits = F.linear(hidden, self.model.embedding.weight)  # (B, L, V)
         return {"logits": logits, "hidden": hidden, "both": (logits, hidden)}[self.outputs]
@@ -201,17 +203,17 @@ def find_checkpoint(root="out"):
 
 
 def export(model, path, target="cuda", max_len=None, outputs="logits"):
-    """Write the ONNX file (atomically) and return the onnx.ModelProto. A fine-tuned classifier's graph
-    outputs "probabilities" whatever `outputs` says."""
+    """Write the ONNX file (atomically) and return the onnx.ModelProto. A fine-tuned model's graph outputs
+    "probabilities" or "values" (finetune.OUTPUT_NAME) whatever `outputs` says."""
     classifier = isinstance(model, finetune.SequenceClassifier)
-    outputs = "probabilities" if classifier else outputs
+    outputs = finetune.OUTPUT_NAME[model.task] if classifier else outputs
     cfg = model.backbone.cfg if classifier else model.cfg
     max_len = max_len or (model.max_len if classifier else cfg.l_max)
     lm = model.backbone if classifier else model
     z, t = th.positional_features(cfg.l_max, cfg.emb_dim)
     for i, block in enumerate(lm.blocks):  # the graph computes what the checkpoint stores: they must agree
         if not (torch.allclose(block.mixer.filter.z, z, atol=1e-5) and torch.allclose(block.mixer.filter.t, t, atol=1e-5)):
-            raise ValueError(f"block {i}'s positional features differ from the published formula for l_max "
+            raise th.UserError(f"block {i}'s positional features differ from the published formula for l_max "
                              f"{cfg.l_max}; this checkpoint cannot be exported with filters computed in the graph")
     wrapper = ExportedModel(model, outputs).eval()
     example = torch.full((2, min(max_len, 16)), th.BASE_IDS["A"], dtype=torch.long)
@@ -221,7 +223,8 @@ def export(model, path, target="cuda", max_len=None, outputs="logits"):
     with torch.no_grad():
         program = torch.onnx.export(wrapper, (example,), dynamo=True, input_names=["input_ids"],
                                     output_names={"logits": ["logits"], "hidden": ["hidden"],
-                                                  "both": ["logits", "hidden"], "probabilities": ["probabilities"]}[outputs],
+                                                  "both": ["logits", "hidden"], "probabilities": ["probabilities"],
+                                                  "values": ["values"]}[outputs],
                                     dynamic_shapes=({0: batch, 1: length},), custom_translation_table=table,
                                     optimize=True, verbose=False)
     proto = program.model_proto
@@ -230,7 +233,7 @@ def export(model, path, target="cuda", max_len=None, outputs="logits"):
             "config": json.dumps(cfg.to_dict()), "target": target, "outputs": outputs,
             "tinyhyena_version": th.__version__}
     if classifier:
-        meta.update(class_names=json.dumps(model.class_names), pool=model.pool,
+        meta.update(class_names=json.dumps(model.class_names), task=model.task, pool=model.pool,
                     soft_prompt=str(0 if model.prompt is None else len(model.prompt)),
                     padding="left: [PAD] ids before the sequence, as in fine-tuning")
     for key, value in meta.items():
@@ -248,17 +251,18 @@ def check_against_torch(model, path, outputs, lengths, batches=(1, 2, 3), provid
     if provider not in session.get_providers():
         raise RuntimeError(f"ONNX Runtime did not enable {provider}")
     worst = 0.0
+    classifier = isinstance(model, finetune.SequenceClassifier)
     rng = np.random.default_rng(0)
     for B in batches:
         for L in lengths:
             ids = rng.integers(7, 12, size=(B, L), dtype=np.int64)
-            if outputs == "probabilities" and B > 1:  # left padding, as fine-tuning batches are padded
+            if classifier and B > 1:  # left padding, as fine-tuning batches are padded
                 ids[1:, :L // 2] = th.PAD_ID
             got = session.run(None, {"input_ids": ids})
             with torch.no_grad():
                 t = torch.from_numpy(ids)
-                if outputs == "probabilities":
-                    ref = [torch.softmax(model(t), -1)]
+                if classifier:
+                    ref = [finetune.readout(model.task, model(t))]
                 else:
                     ref = {"logits": [model(t)], "hidden": [model.hidden_states(t)],
                            "both": [model(t), model.hidden_states(t)]}[outputs]
@@ -287,45 +291,38 @@ def is_onnx_model(path):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Export a checkpoint to ONNX for ONNX Runtime.")
-    p.add_argument("--checkpoint", help="checkpoint folder (default: the newest in out/)")
-    p.add_argument("--out", help=f"ONNX file to write (default: {DEFAULT_OUT}, replaced only if it is an ONNX model)")
-    p.add_argument("--target", default="cuda", help="cuda (ONNX Runtime's CUDA provider) or cpu")
-    p.add_argument("--max_len", type=int, help="longest input the graph accepts (default: l_max)")
+    p = th.ArgumentParser(description="Export a checkpoint to ONNX for ONNX Runtime.")
+    p.add_argument("--checkpoint", type=th.existing_path, help="checkpoint folder (default: the newest in out/)")
+    p.add_argument("--out", type=th.output_file, help=f"ONNX file to write (default: {DEFAULT_OUT}, replaced only if it is an ONNX model)")
+    p.add_argument("--target", default="cuda", choices=["cuda", "cpu"], help="cuda (ONNX Runtime's CUDA provider) or cpu")
+    p.add_argument("--max_len", type=th.positive_int, help="longest input the graph accepts (default: l_max)")
     p.add_argument("--outputs", choices=["logits", "hidden", "both"],
-                   help="language models: logits (default), hidden or both; a fine-tuned classifier's graph "
-                        "always outputs probabilities [batch, n_classes]")
+                   help="language models: logits (default), hidden or both; a fine-tuned model's graph "
+                        "always outputs what its task predicts (probabilities or values)")
     p.add_argument("--no-check", dest="check", action="store_false", help="skip the ONNX Runtime comparison")
     args = p.parse_args(argv)
-    try:
-        if args.out is None:  # not named by the user: never replace a file that is not an earlier export
-            args.out = DEFAULT_OUT
-            if os.path.lexists(args.out) and not (os.path.isfile(args.out) and is_onnx_model(args.out)):
-                raise ValueError(f"{args.out} exists and is not an ONNX model; pass --out FILE to choose the output")
-        if os.path.isdir(args.out):
-            raise ValueError(f"--out {args.out} is a folder; name the ONNX file to write")
-        if args.target not in ("cuda", "cpu"):
-            raise ValueError(f"unknown --target {args.target!r}: choose cuda or cpu")
-        checkpoint = args.checkpoint or find_checkpoint()
-        if checkpoint is None:
-            raise ValueError("no checkpoint in out/: train one with `python train.py ...`, "
-                             "or pass --checkpoint DIR (a published HyenaDNA folder works too)")
-        if os.path.isfile(os.path.join(checkpoint, finetune.CLASSIFIER_FILE)):
-            if args.outputs is not None:
-                raise ValueError(f"{checkpoint} is a fine-tuned classifier: its graph outputs probabilities, "
-                                 "drop --outputs")
-            model, args.outputs = finetune.load_classifier(checkpoint), "probabilities"
-            limit = model.max_len
-        else:
-            model, args.outputs = th.from_pretrained(checkpoint), args.outputs or "logits"
-            limit = model.cfg.l_max
-        max_len = args.max_len or limit
-        if not 1 <= max_len <= limit:
-            raise ValueError(f"--max_len {max_len} is outside [1, {limit}] (the checkpoint's l_max)")
-        proto = export(model, args.out, args.target, max_len, args.outputs)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    if args.out is None:  # not named by the user: never replace a file that is not an earlier export
+        args.out = DEFAULT_OUT
+        if os.path.lexists(args.out) and not (os.path.isfile(args.out) and is_onnx_model(args.out)):
+            raise th.UserError(f"{args.out} exists and is not an ONNX model; pass --out FILE to choose the output")
+    checkpoint = args.checkpoint or find_checkpoint()
+    if checkpoint is None:
+        raise th.UserError("no checkpoint in out/: train one with `python train.py ...`, "
+                         "or pass --checkpoint DIR (a published HyenaDNA folder works too)")
+    if finetune.is_classifier_folder(checkpoint):
+        if args.outputs is not None:
+            raise th.UserError(f"{checkpoint} is a fine-tuned model: its graph outputs what its task predicts, "
+                             "drop --outputs")
+        model = finetune.load_classifier(checkpoint)
+        args.outputs = finetune.OUTPUT_NAME[model.task]
+        limit = model.max_len
+    else:
+        model, args.outputs = th.from_pretrained(checkpoint), args.outputs or "logits"
+        limit = model.cfg.l_max
+    max_len = args.max_len or limit
+    if not 1 <= max_len <= limit:
+        raise th.UserError(f"--max_len {max_len} is outside [1, {limit}] (the checkpoint's l_max)")
+    proto = export(model, args.out, args.target, max_len, args.outputs)
     ops = sorted({n.op_type for n in proto.graph.node})
     print(f"wrote {args.out} ({os.path.getsize(args.out) / 1e6:.1f} MB, target {args.target}, max_len {max_len}); "
           f"ops: {', '.join(ops)}")
@@ -348,4 +345,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(th.run_command(main))

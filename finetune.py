@@ -1,10 +1,13 @@
 """
-Fine-tune a pretrained HyenaDNA to classify sequences; predict with the result; embed sequences.
+Fine-tune a pretrained HyenaDNA to classify sequences (or predict numbers, or many yes/no targets); predict
+with the result; embed sequences.
 
     python finetune.py fit --checkpoint hyenadna-tiny-1k-seqlen --data human_nontata_promoters --out ft
     python finetune.py fit --checkpoint DIR --data train.csv --test test.csv --out ft     # NT's tasks (MCC)
     python finetune.py fit --checkpoint DIR --species human=hg38.fa.gz worm=ce11.fa.gz --seq_len 16384 --out ft
     python finetune.py fit --checkpoint DIR --data ... --soft_prompt 16 --out ft          # the model frozen
+    python finetune.py fit --checkpoint DIR --data expr.csv --task regression --label_columns expression
+    python finetune.py fit --checkpoint DIR --data chromatin.csv --task multilabel --label_columns 'dnase_*'
     python finetune.py predict --checkpoint ft --input seqs.fa [--out predictions.tsv]
     python finetune.py embed --checkpoint DIR --input seqs.fa --out embeddings.npy [--pool mean|last]
 
@@ -16,12 +19,18 @@ Two ways to classify, both from the paper:
   is read as the next token after the sequence from the language-model logits (class i -> one nucleotide
   token, `--class_tokens`). Only the K x d_model prompt trains: the pretrained model is left untouched.
 
+Three tasks, the problem types of the published Hugging Face port: `classify` (one class per sequence, cross
+entropy; accuracy, MCC, F1), `regression` (one or more numbers per sequence, mean squared error on targets
+standardized by the training set's mean and spread; Pearson and Spearman r) and `multilabel` (many binary
+targets per sequence, as in the DeepSEA-style chromatin-profile experiment, binary cross entropy; mean AUROC).
+The targets of the last two are CSV/TSV columns (`--label_columns a,b,c`, or `prefix*` for every column whose
+name starts with prefix).
+
 Training batches are padded on the left, as the published tokenizer does; predictions are made in batches of
 equal lengths, so that no padding enters them. The loop is train.py's: AdamW with a cosine
 schedule after warm-up, gradient clipping, bf16 on CUDA, atomic checkpoints, exact --resume.
 """
 
-import argparse
 import csv
 import glob
 import json
@@ -43,24 +52,35 @@ from train import (adamw, batches, claim_out_dir, drop_metrics_after, log_metric
 
 CLASSIFIER_FILE = "classifier.json"  # marks a fine-tuned folder: the head and what it needs
 HEAD_FILE = "head.pt"
+TASKS = ("classify", "regression", "multilabel")
+SELECTION_METRIC = {"classify": "mcc", "regression": "pearson", "multilabel": "auroc"}  # picks the best model
 
 
 # ---------------------------------------------------------------------------------------------------------
 # The classifier.
 
 class SequenceClassifier(nn.Module):
-    """ids (B, L), padded on the left with [PAD] -> class logits (B, n_classes)."""
+    """ids (B, L), padded on the left with [PAD] -> (B, n_outputs): class logits (task classify), values
+    (regression) or one logit per binary target (multilabel)."""
 
-    def __init__(self, backbone, n_classes, pool="mean", soft_prompt=0, class_tokens=None, freeze=False):
+    def __init__(self, backbone, n_outputs, pool="mean", soft_prompt=0, class_tokens=None, freeze=False,
+                 task="classify"):
         super().__init__()
         if pool not in ("mean", "last"):
-            raise ValueError(f"pool must be mean or last, got {pool!r}")
-        self.backbone, self.pool, self.n_classes = backbone, pool, n_classes
+            raise th.UserError(f"pool must be mean or last, got {pool!r}")
+        if task not in TASKS:
+            raise th.UserError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
+        if soft_prompt and task != "classify":
+            raise th.UserError("soft prompting reads classes as next tokens; it does not do regression or multilabel")
+        self.backbone, self.pool, self.n_outputs, self.task = backbone, pool, n_outputs, task
         self.frozen = freeze or soft_prompt > 0
+        if task == "regression":  # the head predicts standardized targets; forward undoes it (set by fit)
+            self.register_buffer("target_mean", torch.zeros(n_outputs))
+            self.register_buffer("target_std", torch.ones(n_outputs))
         if soft_prompt:
-            tokens = class_tokens or "ACGTN"[:n_classes]
-            if len(tokens) != n_classes or not set(tokens) <= set(th.BASES) or len(set(tokens)) != n_classes:
-                raise ValueError(f"soft prompting maps each of the {n_classes} classes to its own nucleotide token "
+            tokens = class_tokens or "ACGTN"[:n_outputs]
+            if len(tokens) != n_outputs or not set(tokens) <= set(th.BASES) or len(set(tokens)) != n_outputs:
+                raise th.UserError(f"soft prompting maps each of the {n_outputs} classes to its own nucleotide token "
                                  f"(at most 5: ACGTN), got class tokens {tokens!r}")
             self.class_tokens = tokens
             self.register_buffer("class_ids", torch.tensor([th.BASE_IDS[t] for t in tokens]))
@@ -68,7 +88,7 @@ class SequenceClassifier(nn.Module):
             self.head = None
         else:
             self.class_tokens, self.prompt = None, None
-            self.head = nn.Linear(backbone.cfg.d_model, n_classes)
+            self.head = nn.Linear(backbone.cfg.d_model, n_outputs)
         if self.frozen:
             self.backbone.requires_grad_(False)
 
@@ -92,8 +112,19 @@ class SequenceClassifier(nn.Module):
             else:
                 weights = real.to(hidden.dtype)
                 pooled = (hidden * weights[..., None]).sum(1) / weights.sum(1, keepdim=True).clamp(min=1)
-            return self.head(pooled)
+            out = self.head(pooled)
+            return out * self.target_std + self.target_mean if self.task == "regression" else out
         return self.prompted_logits(input_ids, real)
+
+    def loss(self, outputs, targets):
+        """The task's loss of forward's outputs (B, n_outputs) against targets: class indices (B,), or (B, n)
+        floats."""
+        if self.task == "classify":
+            return F.cross_entropy(outputs, targets)
+        if self.task == "regression":  # on the standardized scale, so every target weighs alike
+            return F.mse_loss((outputs - self.target_mean) / self.target_std,
+                              (targets - self.target_mean) / self.target_std)
+        return F.binary_cross_entropy_with_logits(outputs, targets)
 
     def prompted_logits(self, input_ids, real):
         """The prompt goes between a row's padding and its bases, so no padding separates them: row i with n_i
@@ -116,13 +147,25 @@ class SequenceClassifier(nn.Module):
         return {k: v for k, v in self.state_dict().items() if not k.startswith("backbone.") and k != "class_ids"}
 
 
+# What users read from forward's outputs, and its name in an exported graph.
+OUTPUT_NAME = {"classify": "probabilities", "multilabel": "probabilities", "regression": "values"}
+
+
+def readout(task, outputs):
+    """forward's outputs (B, n) -> class probabilities (classify), each target's probability (multilabel),
+    or the values themselves (regression)."""
+    if task == "classify":
+        return torch.softmax(outputs, -1)
+    return torch.sigmoid(outputs) if task == "multilabel" else outputs
+
+
 def save_classifier(model, out, class_names, meta):
     """config.json + model.pt (the backbone: from_pretrained and embed read it), head.pt, classifier.json,
     each written atomically; classifier.json last, so the folder is a classifier only once complete."""
     th.save_pretrained(model.backbone, out)
     th.atomic_write(os.path.join(out, HEAD_FILE), lambda tmp: torch.save(
         {k: v.detach().cpu() for k, v in model.trained_state().items()}, tmp))
-    info = {"class_names": class_names, "pool": model.pool, "class_tokens": model.class_tokens,
+    info = {"task": model.task, "class_names": class_names, "pool": model.pool, "class_tokens": model.class_tokens,
             "soft_prompt": 0 if model.prompt is None else len(model.prompt), **meta}
     th.write_text(os.path.join(out, CLASSIFIER_FILE), [json.dumps(info, indent=2)])
 
@@ -131,31 +174,77 @@ def read_classifier_info(path):
     info_path = os.path.join(path, CLASSIFIER_FILE)
     if not os.path.isfile(info_path):
         kind = "a language model" if os.path.isfile(os.path.join(path, "config.json")) else "no checkpoint"
-        raise ValueError(f"{path}: not a fine-tuned classifier (no {CLASSIFIER_FILE}; it holds {kind}); "
+        raise th.UserError(f"{path}: not a fine-tuned classifier (no {CLASSIFIER_FILE}; it holds {kind}); "
                          "make one with `python finetune.py fit`")
     try:
         with open(info_path) as f:
             info = json.load(f)
         info["class_names"] = [str(c) for c in info["class_names"]]
+        info.setdefault("task", "classify")
         return info
     except (ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"{info_path}: malformed ({e})") from None
+        raise th.UserError(f"{info_path}: malformed ({e})") from None
+
+
+# The Hugging Face port's problem_type -> our task.
+HF_PROBLEM_TYPES = {"single_label_classification": "classify", "multi_label_classification": "multilabel",
+                    "regression": "regression"}
+
+
+def hf_classifier(ckpt, path):
+    """A HyenaDNAForSequenceClassification folder (config.json + weights with score.weight) as a
+    SequenceClassifier: the port's head is a linear map without bias on the hidden state of the last base."""
+    score = ckpt.rest.get("score.weight")
+    if score is None:
+        raise th.UserError(f"{path}: not a fine-tuned classifier (no {CLASSIFIER_FILE}, and its weights hold no "
+                         "score.weight of a Hugging Face sequence classifier); make one with `python finetune.py fit`")
+    n = score.shape[0]
+    problem = ckpt.config.get("problem_type") or ("regression" if n == 1 else "single_label_classification")
+    if problem not in HF_PROBLEM_TYPES:
+        raise th.UserError(f"{path}/config.json: config field problem_type is {problem!r}; expected one of "
+                         f"{', '.join(HF_PROBLEM_TYPES)}")
+    backbone = th.HyenaDNA(ckpt.cfg)
+    th._load_state_dict(backbone, ckpt.state, ckpt.weights_path)
+    model = SequenceClassifier(backbone, n, pool="last", task=HF_PROBLEM_TYPES[problem])
+    with torch.no_grad():
+        model.head.weight.copy_(score)
+        model.head.bias.zero_()
+    labels = ckpt.config.get("id2label") or {}
+    model.class_names = [str(labels.get(str(i), labels.get(i, i))) for i in range(n)]
+    model.truncate = "right"  # the port's tokenizer keeps a sequence's start
+    return model
+
+
+def is_classifier_folder(path):
+    """A folder `finetune.py fit` wrote, or a Hugging Face sequence classifier's."""
+    if os.path.isfile(os.path.join(path, CLASSIFIER_FILE)):
+        return True
+    try:
+        with open(os.path.join(path, "config.json")) as f:
+            return "HyenaDNAForSequenceClassification" in json.load(f).get("architectures", [])
+    except (OSError, ValueError, AttributeError, TypeError):
+        return False
 
 
 def load_classifier(path, device="cpu"):
-    """The fine-tuned classifier in folder `path` (written by `finetune.py fit`), in eval mode: a module that
-    maps ids (B, L), left-padded, to class logits (B, C). Its `class_names` attribute names the columns."""
+    """The fine-tuned model in folder `path`, in eval mode: a module that maps ids (B, L), left-padded, to
+    (B, n_outputs) (see SequenceClassifier). Reads folders written by `finetune.py fit` and Hugging Face
+    HyenaDNAForSequenceClassification folders. `class_names` names the outputs, `task` says what they are."""
     path = os.fspath(path)
+    if not os.path.isfile(os.path.join(path, CLASSIFIER_FILE)) and os.path.isfile(os.path.join(path, "config.json")):
+        ckpt = th.read_checkpoint(path)
+        if th.is_hf_config(ckpt.config):
+            return hf_classifier(ckpt, path).to(device).eval()
     info = read_classifier_info(path)
     backbone = th.from_pretrained(path)
     model = SequenceClassifier(backbone, len(info["class_names"]), info["pool"], info["soft_prompt"],
-                               info["class_tokens"])
+                               info["class_tokens"], task=info["task"])
     head_path = os.path.join(path, HEAD_FILE)
     state = th.load_torch_file(head_path)
     try:
         model.load_state_dict({**model.state_dict(), **state})
     except RuntimeError as e:
-        raise ValueError(f"{head_path}: does not fit {CLASSIFIER_FILE} ({str(e).splitlines()[0]})") from None
+        raise th.UserError(f"{head_path}: does not fit {CLASSIFIER_FILE} ({str(e).splitlines()[0]})") from None
     model.class_names = info["class_names"]
     model.truncate = info.get("truncate", "center")
     return model.to(device).eval()
@@ -165,7 +254,8 @@ def load_classifier(path, device="cpu"):
 # Data: labelled sequences in the formats users have.
 
 class Examples(torch.utils.data.Dataset):
-    """Labelled sequences: (uint8 token ids, class index) pairs, reverse-complemented at random with rc_aug."""
+    """Labelled sequences: (uint8 token ids, label) pairs, reverse-complemented at random with rc_aug. A label
+    is a class index, or a float32 vector of targets (regression, multilabel)."""
 
     def __init__(self, seqs, labels, rc_aug=False):
         self.seqs, self.labels, self.rc_aug = seqs, labels, rc_aug
@@ -194,7 +284,7 @@ def pad_left(seqs):
 
 def collate(items):
     seqs, labels = zip(*items)
-    return pad_left(seqs), torch.tensor(labels)
+    return pad_left(seqs), torch.as_tensor(np.asarray(labels))
 
 
 def cut(ids, max_len, side):
@@ -233,9 +323,26 @@ def read_benchmark_split(root, split):
     return rows
 
 
-def read_table(path, need_label=True):
-    """CSV (.csv) or TSV (other names) with a header holding `sequence` (and `label`; optional `split`, `name`)
-    -> [dict]. DataError naming the file and line on bad input."""
+def resolve_label_columns(spec, columns, path):
+    """--label_columns "a,b,c" (entries ending in * are prefixes) -> the header's matching columns."""
+    found = []
+    for entry in (e.strip() for e in spec.split(",")):
+        if not entry:
+            continue
+        matches = [c for c in columns if c.startswith(entry[:-1])] if entry.endswith("*") else \
+            [entry] if entry in columns else []
+        if not matches:
+            raise DataError(f"{path}:1: no column {'starts with ' + repr(entry[:-1]) if entry.endswith('*') else repr(entry)}"
+                            f" (--label_columns; found {', '.join(columns)})")
+        found += [c for c in matches if c not in found and c != "sequence"]
+    if not found:
+        raise DataError(f"{path}: --label_columns {spec!r} names no column")
+    return found
+
+
+def read_table(path, need_label=True, label_columns=None):
+    """CSV (.csv) or TSV (other names) with a header holding `sequence` (and `label`, or the --label_columns
+    spec; optional `split`, `name`) -> [dict], and the label columns. DataError naming the file and line."""
     if not os.path.isfile(path):
         raise DataError(f"{path}: file not found")
     delimiter = "," if path.lower().removesuffix(".gz").endswith(".csv") else "\t"
@@ -243,45 +350,83 @@ def read_table(path, need_label=True):
         text = raw.read().decode("utf-8", errors="replace").splitlines()
     reader = csv.DictReader(text, delimiter=delimiter)
     columns = reader.fieldnames or []
-    need = ["sequence", "label"] if need_label else ["sequence"]
+    need = ["sequence", "label"] if need_label and not label_columns else ["sequence"]
     missing = [c for c in need if c not in columns]
     if missing:
         raise DataError(f"{path}:1: header has no {' or '.join(repr(c) for c in missing)} column "
                         f"(found {', '.join(columns) or 'nothing'})")
+    labels = resolve_label_columns(label_columns, columns, path) if need_label and label_columns else \
+        ["label"] if need_label else []
     rows = []
     for lineno, row in enumerate(reader, 2):
         seq = (row.get("sequence") or "").strip()
         if not seq:
             raise DataError(f"{path}:{lineno}: empty sequence")
-        if need_label and not (row.get("label") or "").strip():
-            raise DataError(f"{path}:{lineno}: empty label")
+        for column in labels:
+            if not (row.get(column) or "").strip():
+                raise DataError(f"{path}:{lineno}: empty {column}")
         rows.append({**row, "sequence": seq, "line": lineno})
     if not rows:
         raise DataError(f"{path}: no sequences")
-    return rows
+    return rows, labels
+
+
+def targets_of(row, columns, task, path):
+    """A row's label columns as a float32 vector; multilabel targets must be 0 or 1."""
+    try:
+        values = np.array([float(row[c]) for c in columns], dtype=np.float32)
+    except ValueError:
+        bad = next(c for c in columns if not is_number(row[c]))
+        raise DataError(f"{path}:{row['line']}: {bad} is {row[bad].strip()!r}, not a number") from None
+    if not np.isfinite(values).all():
+        raise DataError(f"{path}:{row['line']}: a label column holds {values[~np.isfinite(values)][0]}")
+    if task == "multilabel" and not np.isin(values, (0, 1)).all():
+        bad = columns[int(np.flatnonzero(~np.isin(values, (0, 1)))[0])]
+        raise DataError(f"{path}:{row['line']}: {bad} is {row[bad].strip()!r}; multilabel targets are 0 or 1")
+    return values
+
+
+def is_number(text):
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
 
 
 def load_labelled(args):
-    """{split: [(sequence bytes or ids, class name)]} with split in train / valid / test (valid and test
-    may be missing), from --data DIR or --data TABLE [--test TABLE]."""
+    """{split: [(sequence bytes, label)]} with split in train / valid / test (valid and test may be missing),
+    from --data DIR or --data TABLE [--test TABLE], and the label columns. A label is a class name (task
+    classify) or a float32 vector of the label columns."""
     if os.path.isdir(args.data):
         splits = {"train": read_benchmark_split(args.data, "train")}
         if os.path.isdir(os.path.join(args.data, "test")):
             splits["test"] = read_benchmark_split(args.data, "test")
-        return splits, args.data
-    rows = read_table(args.data)
+        return splits, ["label"]
+
+    def labelled(path, rows, columns):
+        if args.task == "classify":
+            return [(r["sequence"].encode(), r[columns[0]].strip()) for r in rows]
+        return [(r["sequence"].encode(), targets_of(r, columns, args.task, path)) for r in rows]
+    rows, columns = read_table(args.data, label_columns=args.label_columns)
+    if args.task == "classify" and len(columns) != 1:
+        raise DataError(f"--label_columns: classification reads one label column, {args.data} gives {len(columns)}")
     splits = {}
-    for row in rows:
+    for row, example in zip(rows, labelled(args.data, rows, columns)):
         split = (row.get("split") or "train").strip().lower()
         split = {"val": "valid", "validation": "valid", "dev": "valid"}.get(split, split)
         if split not in ("train", "valid", "test"):
             raise DataError(f"{args.data}:{row['line']}: split must be train, valid or test, got {split!r}")
-        splits.setdefault(split, []).append((row["sequence"].encode(), row["label"].strip()))
+        splits.setdefault(split, []).append(example)
     if args.test:
-        splits["test"] = [(r["sequence"].encode(), r["label"].strip()) for r in read_table(args.test)]
+        test_rows, test_columns = read_table(args.test, label_columns=args.label_columns)
+        if test_columns != columns:
+            raise DataError(f"{args.test}: label columns {', '.join(test_columns)} differ from {args.data}'s "
+                            f"({', '.join(columns)})")
+        splits["test"] = labelled(args.test, test_rows, columns)
     if "train" not in splits:
         raise DataError(f"{args.data}: no training rows (split column has no 'train')")
-    return splits, args.data
+    return splits, columns
 
 
 def species_windows(args, max_len):
@@ -344,20 +489,26 @@ def prepare_splits(args, max_len):
     if args.species:
         splits, names = species_windows(args, max_len)
     else:
-        raw, source = load_labelled(args)
-        names = class_names([label for _, label in raw["train"]])
-        index = {name: i for i, name in enumerate(names)}
-        if len(names) < 2:
-            raise DataError(f"{source}: training data has a single class ({names[0]!r}); a classifier needs two")
+        raw, columns = load_labelled(args)
+        source = args.data
+        if args.task == "classify":
+            names = class_names([label for _, label in raw["train"]])
+            index = {name: i for i, name in enumerate(names)}
+            if len(names) < 2:
+                raise DataError(f"{source}: training data has a single class ({names[0]!r}); a classifier needs two")
+        else:
+            names = columns
         splits, n_cut = {}, 0
         for split, rows in raw.items():
-            unseen = sorted({label for _, label in rows} - set(index))
-            if unseen:
-                raise DataError(f"{args.test or source}: {split} label {unseen[0]!r} is unseen in training "
-                                f"(classes: {', '.join(names)})")
+            if args.task == "classify":
+                unseen = sorted({label for _, label in rows} - set(index))
+                if unseen:
+                    raise DataError(f"{args.test or source}: {split} label {unseen[0]!r} is unseen in training "
+                                    f"(classes: {', '.join(names)})")
             seqs = [th.BYTE_TO_ID[np.frombuffer(seq, dtype=np.uint8)] for seq, _ in rows]
             n_cut += sum(len(s) > max_len for s in seqs)
-            splits[split] = Examples([cut(s, max_len, args.truncate) for s in seqs], [index[l] for _, l in rows])
+            labels = [index[l] for _, l in rows] if args.task == "classify" else [l for _, l in rows]
+            splits[split] = Examples([cut(s, max_len, args.truncate) for s in seqs], labels)
         if n_cut:
             print(f"{n_cut} sequences longer than {max_len} were cut (--truncate {args.truncate})", file=sys.stderr)
     if "valid" not in splits:  # hold out a seeded fraction of train
@@ -388,9 +539,58 @@ def classification_metrics(labels, predictions, n_classes):
     return {"accuracy": float(correct / max(total, 1)), "mcc": float(mcc), "f1_macro": float(f1.mean())}
 
 
+def average_ranks(x):
+    """Ranks 1..n of x, ties sharing their mean rank (what Spearman's r and the AUROC need)."""
+    x = np.asarray(x)
+    ranks = np.empty(len(x))
+    ranks[np.argsort(x, kind="stable")] = np.arange(1, len(x) + 1)
+    _, tie, count = np.unique(x, return_inverse=True, return_counts=True)
+    return (np.bincount(tie, weights=ranks) / count)[tie]
+
+
+def pearson(a, b):
+    a, b = a - a.mean(), b - b.mean()
+    denominator = math.sqrt((a * a).sum() * (b * b).sum())
+    return float((a * b).sum() / denominator) if denominator else 0.0
+
+
+def regression_metrics(targets, predictions):
+    """Pearson r, Spearman r and mean squared error, each averaged over the targets (columns)."""
+    targets, predictions = np.asarray(targets, np.float64), np.asarray(predictions, np.float64)
+    columns = range(targets.shape[1])
+    return {"pearson": float(np.mean([pearson(targets[:, j], predictions[:, j]) for j in columns])),
+            "spearman": float(np.mean([pearson(average_ranks(targets[:, j]), average_ranks(predictions[:, j]))
+                                       for j in columns])),
+            "mse": float(((targets - predictions) ** 2).mean())}
+
+
+def auroc(labels, scores):
+    """Area under the ROC curve: the chance that a random positive scores above a random negative (ties
+    count half), from the rank sum of the positives (Mann-Whitney)."""
+    labels = np.asarray(labels) > 0.5
+    n_pos, n_neg = labels.sum(), (~labels).sum()
+    return float((average_ranks(scores)[labels].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def multilabel_metrics(targets, logits):
+    """Mean AUROC over the targets that have both positives and negatives here (others have none), and how
+    many those were."""
+    targets, logits = np.asarray(targets), np.asarray(logits)
+    scored = [j for j in range(targets.shape[1]) if 0 < targets[:, j].sum() < len(targets)]
+    mean = float(np.mean([auroc(targets[:, j], logits[:, j]) for j in scored])) if scored else float("nan")
+    return {"auroc": mean, "targets_scored": len(scored)}
+
+
+def task_metrics(task, targets, outputs):
+    """The task's metrics of forward's outputs (N, n_outputs) against targets."""
+    if task == "classify":
+        return classification_metrics(targets, np.asarray(outputs).argmax(1), np.asarray(outputs).shape[1])
+    return regression_metrics(targets, outputs) if task == "regression" else multilabel_metrics(targets, outputs)
+
+
 @torch.no_grad()
 def predict_logits(model, seqs, batch_size, device):
-    """(N, C) float32 logits in input order. Padding is an input like any other (it sits before the sequence
+    """(N, n_outputs) float32 outputs of forward, in input order. Padding is an input like any other (it sits before the sequence
     of a causal model), so a batch here holds sequences of one length only: each prediction is the one the
     sequence gets alone, whatever else is being predicted."""
     was_training = model.training
@@ -399,7 +599,7 @@ def predict_logits(model, seqs, batch_size, device):
     for i, s in enumerate(seqs):
         by_length.setdefault(len(s), []).append(i)
     batches_ = [rows[i:i + batch_size] for rows in by_length.values() for i in range(0, len(rows), batch_size)]
-    out = torch.zeros(len(seqs), model.n_classes)
+    out = torch.zeros(len(seqs), model.n_outputs)
     for rows in batches_:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             out[rows] = model(pad_left([seqs[r] for r in rows]).to(device)).float().cpu()
@@ -408,10 +608,11 @@ def predict_logits(model, seqs, batch_size, device):
 
 
 def evaluate(model, examples, batch_size, device):
-    logits = predict_logits(model, examples.seqs, batch_size, device)
-    labels = torch.tensor(examples.labels)
-    loss = F.cross_entropy(logits, labels).item()
-    return {"loss": loss, **classification_metrics(labels.numpy(), logits.argmax(1).numpy(), model.n_classes)}
+    outputs = predict_logits(model, examples.seqs, batch_size, device)
+    targets = torch.as_tensor(np.asarray(examples.labels))
+    with torch.no_grad():
+        loss = model.loss(outputs.to(device), targets.to(device)).item()
+    return {"loss": loss, **task_metrics(model.task, targets.numpy(), outputs.numpy())}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -424,7 +625,7 @@ def build_backbone(args):
     if args.checkpoint:
         return th.from_pretrained(args.checkpoint)
     if args.seq_len is None:
-        raise ValueError("--preset needs --seq_len (it sets the model's l_max)")
+        raise th.UserError("--preset needs --seq_len (it sets the model's l_max)")
     torch.manual_seed(args.seed)
     return th.HyenaDNA(th.preset_config(args.preset, l_max=args.seq_len + args.soft_prompt + 2))
 
@@ -433,16 +634,22 @@ def fit(args):
     from tqdm import tqdm
     device = th.pick_device(args.device)
     claim_out_dir(args.out, args.resume, args.overwrite, RUN_FILES)  # before anything is written
+    th.make_out_dir(args.out)  # up front: a folder that cannot be made fails before any work
     backbone = build_backbone(args)  # first: its l_max bounds the sequences
     max_len = backbone.cfg.l_max - args.soft_prompt
     if max_len < 1:
-        raise ValueError(f"--soft_prompt {args.soft_prompt} leaves no room for a sequence within l_max {backbone.cfg.l_max}")
+        raise th.UserError(f"--soft_prompt {args.soft_prompt} leaves no room for a sequence within l_max {backbone.cfg.l_max}")
     max_len = min(max_len, args.seq_len or max_len)
     splits, names = prepare_splits(args, max_len)
     torch.manual_seed(args.seed)
     model = SequenceClassifier(backbone, len(names), args.pool, args.soft_prompt, args.class_tokens,
-                               args.freeze).to(device)
+                               args.freeze, args.task).to(device)
     train_set = splits["train"]
+    if args.task == "regression":
+        targets = torch.as_tensor(np.asarray(train_set.labels))
+        model.target_mean.copy_(targets.mean(0))
+        model.target_std.copy_(targets.std(0).clamp(min=1e-6) if len(targets) > 1 else torch.ones(len(names)))
+    metric = SELECTION_METRIC[args.task]
     micro_per_step = args.grad_accum
     steps_per_epoch = max(1, len(train_set) // (args.batch_size * micro_per_step))
     if len(train_set) < args.batch_size:
@@ -452,7 +659,6 @@ def fit(args):
     args.warmup_steps = max(1, args.max_steps // 100) if args.warmup_steps is None else args.warmup_steps
     eval_interval = args.eval_interval or steps_per_epoch
     optimizer = adamw(model, args)
-    os.makedirs(args.out, exist_ok=True)
     metrics_path, state_path = os.path.join(args.out, "metrics.jsonl"), os.path.join(args.out, "train_state.pt")
     meta = {"truncate": args.truncate, "max_len": max_len, "trained_on": args.species or args.data}
     step, best = 0, -math.inf
@@ -462,12 +668,12 @@ def fit(args):
         state = torch.load(state_path, map_location="cpu", weights_only=True)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        step, best = state["step"], state["best_mcc"]
+        step, best = state["step"], state["best"]
         restore_rng_state(state)
         drop_metrics_after(metrics_path, step)
 
     def save_state():
-        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "best_mcc": best,
+        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "best": best,
                  "args": {k: v for k, v in vars(args).items() if k != "func"}, **rng_state()}
         th.atomic_write(state_path, lambda tmp: torch.save(state, tmp))
 
@@ -479,7 +685,8 @@ def fit(args):
     signal.signal(signal.SIGINT, request_stop)
 
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    print(f"{len(names)} classes ({', '.join(names)}); train {len(train_set)}, valid {len(splits['valid'])}, "
+    what = "classes" if args.task == "classify" else f"{args.task} targets"
+    print(f"{len(names)} {what} ({', '.join(names[:8])}{', ...' if len(names) > 8 else ''}); train {len(train_set)}, valid {len(splits['valid'])}, "
           f"test {len(splits['test']) if 'test' in splits else 0}; {trainable:,} trainable parameters; "
           f"{args.max_steps} steps", file=sys.stderr)
     data = batches(train_set, args.batch_size, args.seed, 0, 1, step * micro_per_step, args.workers, collate)
@@ -489,17 +696,17 @@ def fit(args):
     while step < args.max_steps and stop["signal"] is None:
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, args)
-        loss_sum, labels, predictions = 0.0, [], []
+        loss_sum, labels, outputs = 0.0, [], []
         for _ in range(micro_per_step):
             x, y = next(data)
             x, y = x.to(device), y.to(device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                logits = model(x).float()
-            loss = F.cross_entropy(logits, y)
+                out = model(x).float()
+            loss = model.loss(out, y)
             (loss / micro_per_step).backward()
             loss_sum += loss.item() / micro_per_step
-            labels += y.tolist()
-            predictions += logits.argmax(1).tolist()
+            labels.append(y.cpu())
+            outputs.append(out.detach().cpu())
         if not math.isfinite(loss_sum):
             print(f"error: loss is {loss_sum} at step {step}; stopping (try a lower --lr)", file=sys.stderr)
             return 1
@@ -509,16 +716,18 @@ def fit(args):
         step += 1
         bar.update(1)
         bar.set_postfix(loss=f"{loss_sum:.4f}")
-        log_metrics(metrics_path, {"step": step, "split": "train", "loss": loss_sum,
-                                   **classification_metrics(labels, predictions, len(names)),
+        batch_metrics = task_metrics(args.task, torch.cat(labels).numpy(), torch.cat(outputs).numpy()) \
+            if args.task == "classify" else {}  # a batch is too small a sample for r or the AUROC
+        log_metrics(metrics_path, {"step": step, "split": "train", "loss": loss_sum, **batch_metrics,
                                    "lr": lr_at(step - 1, args), "elapsed_s": round(time.time() - start_time, 3)})
         if step % eval_interval == 0 or step == args.max_steps:
             val = evaluate(model, splits["valid"], args.eval_batch_size, device)
             log_metrics(metrics_path, {"step": step, "split": "valid", **val,
                                        "elapsed_s": round(time.time() - start_time, 3)})
-            if val["mcc"] > best:  # the model folder holds the best model by validation MCC
-                best = val["mcc"]
-                save_classifier(model, args.out, names, {**meta, "step": step, "valid_mcc": best})
+            score = val[metric] if math.isfinite(val[metric]) else -math.inf  # NaN: no target could be scored
+            if score > best or best == -math.inf:  # the model folder holds the best model on validation
+                best = score
+                save_classifier(model, args.out, names, {**meta, "step": step, f"valid_{metric}": val[metric]})
             save_state()
     bar.close()
     if stop["signal"] is not None:
@@ -527,13 +736,14 @@ def fit(args):
               "(continue with --resume)")
         return 0
     if "test" not in splits:
-        print(f"best validation MCC {best:.4f}; no test set given (--test FILE or a split column), so no test row")
+        print(f"best validation {metric} {best:.4f}; no test set given (--test FILE or a split column), so no test row")
         return 0
     best_model = load_classifier(args.out, device)
     test = evaluate(best_model, splits["test"], args.eval_batch_size, device)
     log_metrics(metrics_path, {"step": step, "split": "test", **test, "elapsed_s": round(time.time() - start_time, 3)})
-    print(f"test (best validation checkpoint): accuracy {test['accuracy']:.4f}, MCC {test['mcc']:.4f}, "
-          f"F1 {test['f1_macro']:.4f}; model in {args.out}")
+    shown = {"classify": ("accuracy", "mcc", "f1_macro"), "regression": ("pearson", "spearman", "mse"),
+             "multilabel": ("auroc",)}[args.task]
+    print(f"test (best validation checkpoint): {', '.join(f'{k} {test[k]:.4f}' for k in shown)}; model in {args.out}")
     return 0
 
 
@@ -549,7 +759,7 @@ def read_sequences(path):
         return read_fasta(path)
     first = head.split(b"\n", 1)[0].decode("utf-8", "replace").lower()
     if "sequence" in first.replace(",", "\t").split("\t"):
-        rows = read_table(path, need_label=False)
+        rows, _ = read_table(path, need_label=False)
         key = next((k for k in ("name", "id") if k in rows[0]), None)
         return [(row[key] if key else str(row["line"] - 1), th.tokenize(row["sequence"])) for row in rows]
     out = []
@@ -572,10 +782,17 @@ def predict(args):
         print(f"{n_cut} sequences longer than {model.max_len} were cut ({model.truncate})", file=sys.stderr)
     if any(len(s) == 0 for s in seqs):
         raise DataError(f"{args.input}: record {records[[len(s) for s in seqs].index(0)][0]!r} is empty")
-    probs = torch.softmax(predict_logits(model, seqs, args.batch_size, device), -1).numpy()
-    lines = ["\t".join(["id", "predicted"] + [f"p_{c}" for c in model.class_names]) + "\n"]
-    for (name, _), p in zip(records, probs):
-        lines.append("\t".join([name, model.class_names[int(p.argmax())]] + [f"{x:.6f}" for x in p]) + "\n")
+    outputs = predict_logits(model, seqs, args.batch_size, device)
+    if model.task == "classify":  # the most probable class, then each class's probability
+        probs = readout("classify", outputs).numpy()
+        lines = ["\t".join(["id", "predicted"] + [f"p_{c}" for c in model.class_names]) + "\n"]
+        for (name, _), p in zip(records, probs):
+            lines.append("\t".join([name, model.class_names[int(p.argmax())]] + [f"{x:.6f}" for x in p]) + "\n")
+    else:  # regression: each target's value; multilabel: each target's probability
+        values = readout(model.task, outputs).numpy()
+        prefix = "" if model.task == "regression" else "p_"
+        lines = ["\t".join(["id"] + [prefix + c for c in model.class_names]) + "\n"]
+        lines += ["\t".join([name] + [f"{x:.6g}" for x in v]) + "\n" for (name, _), v in zip(records, values)]
     th.write_text(args.out, lines)
     return 0
 
@@ -610,50 +827,55 @@ def embed(args):
 # Command line
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Fine-tune HyenaDNA to classify sequences; predict; embed.")
+    p = th.ArgumentParser(description="Fine-tune HyenaDNA to classify sequences; predict; embed.")
     sub = p.add_subparsers(dest="command", required=True)
     f = sub.add_parser("fit", help="fine-tune a classifier")
     source = f.add_mutually_exclusive_group(required=True)
-    source.add_argument("--data", help="genomic-benchmarks folder (train/<class>/*.txt, test/...) or CSV/TSV "
+    source.add_argument("--data", type=th.existing_path, help="genomic-benchmarks folder (train/<class>/*.txt, test/...) or CSV/TSV "
                                        "with sequence and label columns (optional split column)")
     source.add_argument("--species", nargs="+", metavar="NAME=FASTA", help="species classification: windows of "
                                                                            "--seq_len from each FASTA")
-    f.add_argument("--test", help="CSV/TSV test set for --data FILE")
+    f.add_argument("--test", type=th.existing_file, help="CSV/TSV test set for --data FILE")
+    f.add_argument("--task", default="classify", choices=TASKS, help="classify (default): one class per "
+                   "sequence; regression: numbers; multilabel: many 0/1 targets")
+    f.add_argument("--label_columns", help="CSV/TSV columns holding the labels: a,b,c, or prefix* for all that "
+                                           "start with prefix (default: label)")
     model = f.add_mutually_exclusive_group()
-    model.add_argument("--checkpoint", help="pretrained folder: published HyenaDNA or one of ours")
-    model.add_argument("--preset", help="train from scratch at a published size (with --seq_len)")
-    f.add_argument("--seq_len", type=int, help="longest sequence / species window (default: the model's l_max)")
+    model.add_argument("--checkpoint", type=th.existing_path, help="pretrained folder: published HyenaDNA or one of ours")
+    model.add_argument("--preset", choices=["tiny", "large", *th.PRESETS],
+                       help="train from scratch at a published size (with --seq_len)")
+    f.add_argument("--seq_len", type=th.positive_int, help="longest sequence / species window (default: the model's l_max)")
     f.add_argument("--pool", default="mean", choices=["mean", "last"])
     f.add_argument("--freeze", action="store_true", help="train the head only")
-    f.add_argument("--soft_prompt", type=int, default=0, metavar="K", help="train K prompt vectors only")
+    f.add_argument("--soft_prompt", type=th.nonnegative_int, default=0, metavar="K", help="train K prompt vectors only")
     f.add_argument("--class_tokens", help="soft prompting: one nucleotide per class (default ACGTN in order)")
     f.add_argument("--truncate", default="center", choices=["left", "right", "center"],
                    help="where to cut sequences longer than the model takes")
-    f.add_argument("--val_fraction", type=float, default=0.1)
-    f.add_argument("--eval_windows", type=int, default=256, help="species: validation/test windows per species")
-    f.add_argument("--batch_size", type=int, default=32)
-    f.add_argument("--eval_batch_size", type=int, default=64)
-    f.add_argument("--grad_accum", type=int, default=1)
-    f.add_argument("--epochs", type=int, default=10)
-    f.add_argument("--max_steps", type=int, help="optimizer steps (default: --epochs over the training set)")
-    f.add_argument("--eval_interval", type=int, help="steps between validations (default: one epoch)")
-    f.add_argument("--lr", type=float, default=6e-4)
-    f.add_argument("--weight_decay", type=float, default=0.1)
-    f.add_argument("--warmup_steps", type=int, help="default: 1%% of the steps")
+    f.add_argument("--val_fraction", type=th.open_fraction, default=0.1)
+    f.add_argument("--eval_windows", type=th.positive_int, default=256, help="species: validation/test windows per species")
+    f.add_argument("--batch_size", type=th.positive_int, default=32)
+    f.add_argument("--eval_batch_size", type=th.positive_int, default=64)
+    f.add_argument("--grad_accum", type=th.positive_int, default=1)
+    f.add_argument("--epochs", type=th.positive_int, default=10)
+    f.add_argument("--max_steps", type=th.positive_int, help="optimizer steps (default: --epochs over the training set)")
+    f.add_argument("--eval_interval", type=th.positive_int, help="steps between validations (default: one epoch)")
+    f.add_argument("--lr", type=th.positive_float, default=6e-4)
+    f.add_argument("--weight_decay", type=th.nonnegative_float, default=0.1)
+    f.add_argument("--warmup_steps", type=th.nonnegative_int, help="default: 1%% of the steps")
     f.add_argument("--rc_aug", action="store_true", help="reverse-complement augmentation")
     f.add_argument("--seed", type=int, default=0)
-    f.add_argument("--workers", type=int, default=0)
+    f.add_argument("--workers", type=th.nonnegative_int, default=0)
     f.add_argument("--out", default="finetuned")
     f.add_argument("--resume", action="store_true", help="continue the run in --out")
     f.add_argument("--overwrite", action="store_true", help="start over in an --out that holds another run")
     for name, help_text in (("predict", "classify sequences with a fine-tuned folder"),
                             ("embed", "one vector per sequence from any checkpoint")):
         q = sub.add_parser(name, help=help_text)
-        q.add_argument("--checkpoint", required=True)
-        q.add_argument("--input", required=True, help="FASTA, CSV/TSV with a sequence column, or one sequence a line")
-        q.add_argument("--out", required=name == "embed", help="output file" + (" (.npy)" if name == "embed" else
+        q.add_argument("--checkpoint", required=True, type=th.existing_path)
+        q.add_argument("--input", required=True, type=th.existing_file, help="FASTA, CSV/TSV with a sequence column, or one sequence a line")
+        q.add_argument("--out", required=name == "embed", type=th.output_file, help="output file" + (" (.npy)" if name == "embed" else
                                                                                 " (TSV; default: standard output)"))
-        q.add_argument("--batch_size", type=int, default=32)
+        q.add_argument("--batch_size", type=th.positive_int, default=32)
         q.add_argument("--device", default="auto")
         if name == "embed":
             q.add_argument("--pool", default="mean", choices=["mean", "last"])
@@ -661,10 +883,6 @@ def parse_args(argv=None):
             q.add_argument("--quiet", action="store_true")
     f.add_argument("--device", default="auto", help="auto (cuda when there is one), cpu, cuda, cuda:1, ...")
     args = p.parse_args(argv)
-    positive = ["batch_size"] + (["eval_batch_size", "grad_accum", "epochs", "eval_windows"] if args.command == "fit" else [])
-    for name in positive + [n for n in ("seq_len", "max_steps", "eval_interval") if getattr(args, n, None) is not None]:
-        if getattr(args, name) <= 0:
-            p.error(f"--{name} must be positive, got {getattr(args, name)}")
     if args.command == "fit":
         if args.resume and args.overwrite:
             p.error("--resume and --overwrite exclude each other: continue the run in --out, or start over")
@@ -672,8 +890,10 @@ def parse_args(argv=None):
             p.error("give --checkpoint DIR (a pretrained model) or --preset NAME --seq_len N (from scratch)")
         if args.soft_prompt and args.freeze:
             p.error("--soft_prompt already freezes the model; --freeze is for the head")
-        if args.soft_prompt < 0 or not 0 < args.val_fraction < 1 or args.lr <= 0:
-            p.error("--soft_prompt must be >= 0, --val_fraction in (0, 1), --lr positive")
+        if args.task != "classify" and (args.species or os.path.isdir(args.data)):
+            p.error(f"--task {args.task} reads its targets from a CSV/TSV (--data FILE --label_columns ...)")
+        if args.task != "classify" and (args.soft_prompt or args.class_tokens):
+            p.error("--soft_prompt reads classes as next tokens: it goes with --task classify only")
         if args.test and (args.species or os.path.isdir(args.data)):
             p.error("--test goes with --data FILE (a folder has its own test/, species their held-out 5%)")
     return args
@@ -681,12 +901,8 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    try:
-        return {"fit": fit, "predict": predict, "embed": embed}[args.command](args)
-    except (DataError, ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    return {"fit": fit, "predict": predict, "embed": embed}[args.command](args)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(th.run_command(main))

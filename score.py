@@ -13,7 +13,6 @@ Checkpoints: a published HyenaDNA folder or one written by train.py / finetune.p
 written atomically to --out, or to standard output without it; progress and counts go to standard error.
 """
 
-import argparse
 import math
 import os
 import sys
@@ -191,7 +190,7 @@ def load_model(args):
     model = th.from_pretrained(args.checkpoint, device)
     window = args.window or model.cfg.l_max
     if not 2 <= window <= model.cfg.l_max:
-        raise ValueError(f"--window {window} is outside [2, {model.cfg.l_max}] (the checkpoint's l_max)")
+        raise th.UserError(f"--window {window} is outside [2, {model.cfg.l_max}] (the checkpoint's l_max)")
     return model, window
 
 
@@ -201,7 +200,7 @@ def cmd_sequences(args):
     model, window = load_model(args)
     context = window // 2 if args.context is None else args.context
     if not 0 <= context < window:
-        raise ValueError(f"--context {context} must be in [0, --window {window})")
+        raise th.UserError(f"--context {context} must be in [0, --window {window})")
     rows, per_base = ["id\tlength\tnats_per_base\tbits_per_base\tperplexity\n"], []
     for name, ids in tqdm(records, desc="records", unit="rec", file=sys.stderr, disable=args.quiet):
         logp = th.record_log_probs(model, ids, window, context, args.batch_size).numpy()
@@ -238,34 +237,28 @@ def cmd_variants(args):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Sequence likelihoods and zero-shot variant effects.")
+    p = th.ArgumentParser(description="Sequence likelihoods and zero-shot variant effects.")
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("sequences", help="nats and bits per base, perplexity, of every FASTA record")
-    s.add_argument("--input", required=True, help="FASTA (plain or gzipped)")
-    s.add_argument("--per_base", help="also write every base's log-probability as bedGraph")
-    s.add_argument("--context", type=int, help="bases of context before each scored base in long records "
+    s.add_argument("--input", required=True, type=th.existing_file, help="FASTA (plain or gzipped)")
+    s.add_argument("--per_base", type=th.output_file, help="also write every base's log-probability as bedGraph")
+    s.add_argument("--context", type=th.nonnegative_int, help="bases of context before each scored base in long records "
                                                "(default: half the window)")
     v = sub.add_parser("variants", help="llr = log P(ALT window) - log P(REF window) per VCF allele")
-    v.add_argument("--fasta", required=True, help="reference FASTA (plain or gzipped), or a prepared genome folder")
-    v.add_argument("--vcf", required=True, help="VCF 4.x, plain or gzipped")
+    v.add_argument("--fasta", required=True, type=th.existing_path, help="reference FASTA (plain or gzipped), or a prepared genome folder")
+    v.add_argument("--vcf", required=True, type=th.existing_file, help="VCF 4.x, plain or gzipped")
     v.add_argument("--both_strands", action="store_true", help="average with the reverse complement's score")
     for q in (s, v):
-        q.add_argument("--checkpoint", required=True, help="published HyenaDNA folder or one of ours")
-        q.add_argument("--out", help="TSV to write (default: standard output)")
-        q.add_argument("--window", type=int, default=1024 if q is v else None,
+        q.add_argument("--checkpoint", required=True, type=th.existing_path, help="published HyenaDNA folder or one of ours")
+        q.add_argument("--out", type=th.output_file, help="TSV to write (default: standard output)")
+        q.add_argument("--window", type=th.positive_int, default=1024 if q is v else None,
                        help="bases per window (variants: 1024; sequences: the model's l_max)")
-        q.add_argument("--batch_size", type=int, default=32)
+        q.add_argument("--batch_size", type=th.positive_int, default=32)
         q.add_argument("--device", default="auto", help="auto (cuda when there is one), cpu, cuda, cuda:1, ...")
         q.add_argument("--quiet", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
-    if args.batch_size < 1:
-        p.error(f"--batch_size must be positive, got {args.batch_size}")
-    try:
-        return cmd_sequences(args) if args.command == "sequences" else cmd_variants(args)
-    except (DataError, ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    return cmd_sequences(args) if args.command == "sequences" else cmd_variants(args)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(th.run_command(main))

@@ -653,8 +653,7 @@ def test_train_refuses_an_out_holding_another_run(markov, tmp_path):
     assert over.returncode == 0, over.stderr[-2000:]
     assert [m["step"] for m in read_metrics(out) if m["split"] == "train"] == [1]  # started over
     assert (out / "notes.txt").read_text() == "mine"
-    both = run_script(*args, "--resume", "--overwrite")  # argparse's usage error
-    assert both.returncode == 2 and "exclude each other" in both.stderr and "Traceback" not in both.stderr
+    assert_one_line_error(run_script(*args, "--resume", "--overwrite"), "exclude each other")
 
 
 def test_train_without_data_says_how_to_get_it(tmp_path):
@@ -827,8 +826,8 @@ def test_export_cli_errors(trained_checkpoint, tmp_path):
     assert_one_line_error(run_script("export.py", "--checkpoint", trained_checkpoint, "--max_len", 100000),
                           "--max_len 100000 is outside [1, 66]")
     assert_one_line_error(run_script("export.py", "--checkpoint", trained_checkpoint, "--target", "tpu"),
-                          "unknown --target 'tpu'")
-    assert_one_line_error(run_script("export.py", "--checkpoint", tmp_path / "none"), "checkpoint folder not found")
+                          "--target", "invalid choice: 'tpu'")
+    assert_one_line_error(run_script("export.py", "--checkpoint", tmp_path / "none"), "--checkpoint", "none: not found")
 
 
 def test_readme_deploy_snippet_runs_without_torch(tmp_path):
@@ -985,7 +984,7 @@ def test_variants_cli_and_its_errors(tmp_path):
     (tmp_path / "short.vcf").write_text("#CHROM\tPOS\tID\tREF\tALT\nchr1\t3\tx\n")
     assert_one_line_error(run_script(*args, "--vcf", tmp_path / "short.vcf"), "short.vcf:2", "5 tab-separated")
     assert_one_line_error(run_script("score.py", "variants", "--checkpoint", FIXTURE, "--fasta", tmp_path / "no.fa",
-                                     "--vcf", tmp_path / "v.vcf"), "no.fa: file not found")
+                                     "--vcf", tmp_path / "v.vcf"), "--fasta", "no.fa: not found")
     assert_one_line_error(run_script(*args[:-2], "--window", 5000, "--vcf", tmp_path / "v.vcf"),
                           "--window 5000 is outside [2, 1026]")
 
@@ -1088,6 +1087,122 @@ def test_finetune_learns_each_data_format(tmp_path):
     result = run_script(*FIT, "--preset", "tiny", "--seq_len", 100, "--data", tmp_path / "long.csv",
                         "--max_steps", 1, "--out", tmp_path / "long", "--truncate", "left")
     assert result.returncode == 0 and "40 sequences longer than 100 were cut (--truncate left)" in result.stderr
+
+
+def composition_rows(n, seed, length=100):
+    """Sequences of random base composition, with composition-derived targets: [(sequence, gc fraction,
+    [gc > 0.5, A > T, G > C])]."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for _ in range(n):
+        p = rng.dirichlet(np.ones(4))
+        seq = "".join(rng.choice(list("ACGT"), size=length, p=p))
+        count = {b: seq.count(b) for b in "ACGT"}
+        gc = (count["G"] + count["C"]) / length
+        rows.append((seq, gc, [int(gc > 0.5), int(count["A"] > count["T"]), int(count["G"] > count["C"])]))
+    return rows
+
+
+def test_finetune_regression_and_multilabel_learn(tmp_path):
+    rows = composition_rows(500, 0)
+    with open(tmp_path / "train.csv", "w") as f:
+        f.write("name,sequence,gc,t_gc,t_at,t_gcskew,split\n")
+        for i, (seq, gc, t) in enumerate(rows):
+            split = "train" if i < 400 else "valid" if i < 450 else "test"
+            f.write(f"s{i},{seq},{gc},{t[0]},{t[1]},{t[2]},{split}\n")
+    common = [*FIT, "--preset", "tiny", "--seq_len", 100, "--data", tmp_path / "train.csv", "--max_steps", 60]
+    result = run_script(*common, "--task", "regression", "--label_columns", "gc", "--out", tmp_path / "reg")
+    assert result.returncode == 0, result.stderr[-2000:]
+    test = read_metrics(tmp_path / "reg")[-1]
+    assert test["split"] == "test" and test["pearson"] > 0.8 and test["spearman"] > 0.8, test
+    result = run_script(*common, "--task", "multilabel", "--label_columns", "t_*", "--out", tmp_path / "multi")
+    assert result.returncode == 0, result.stderr[-2000:]
+    test = read_metrics(tmp_path / "multi")[-1]
+    assert test["split"] == "test" and test["auroc"] > 0.9 and test["targets_scored"] == 3, test
+    # predict: one value per target; probabilities per binary target
+    with open(tmp_path / "new.fa", "w") as f:
+        f.writelines(f">r{i}\n{seq}\n" for i, (seq, _, _) in enumerate(rows[450:]))
+    for name, header in (("reg", ["id", "gc"]), ("multi", ["id", "p_t_gc", "p_t_at", "p_t_gcskew"])):
+        result = run_script("finetune.py", "predict", "--checkpoint", tmp_path / name, "--input", tmp_path / "new.fa")
+        assert result.returncode == 0, result.stderr[-2000:]
+        lines = [line.split("\t") for line in result.stdout.splitlines()]
+        assert lines[0] == header and len(lines) == 51
+        values = np.array([[float(x) for x in line[1:]] for line in lines[1:]])
+        if name == "reg":  # de-standardized: on the targets' own scale
+            assert np.corrcoef(values[:, 0], [gc for _, gc, _ in rows[450:]])[0, 1] > 0.8
+        else:
+            assert ((0 <= values) & (values <= 1)).all()
+    # the exported graph of a regression model outputs values
+    result = run_script("export.py", "--checkpoint", tmp_path / "reg", "--target", "cpu", "--out", tmp_path / "r.onnx")
+    assert result.returncode == 0, result.stderr[-2000:]
+    session = ort.InferenceSession(str(tmp_path / "r.onnx"), providers=["CPUExecutionProvider"])
+    assert [o.name for o in session.get_outputs()] == ["values"]
+    ids = torch.from_numpy(th.tokenize(rows[460][0]))[None]
+    with torch.no_grad():
+        expect = finetune.load_classifier(tmp_path / "reg")(ids).numpy()
+    assert rel_err(session.run(None, {"input_ids": ids.numpy()})[0], expect) <= 1e-4
+
+
+def test_regression_and_auroc_metrics():
+    assert finetune.auroc([0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8]) == 0.75
+    assert finetune.auroc([0, 1, 0, 1], [1, 1, 1, 1]) == 0.5  # ties count half
+    m = finetune.regression_metrics(np.array([[1.0], [2.0], [3.0], [4.0]]), np.array([[1.0], [4.0], [9.0], [16.0]]))
+    assert m["spearman"] == pytest.approx(1.0) and 0.9 < m["pearson"] < 1.0 and m["mse"] == pytest.approx(46.0)
+    assert list(finetune.average_ranks([3, 1, 3, 2])) == [3.5, 1.0, 3.5, 2.0]
+
+
+def test_label_column_errors(tmp_path):
+    (tmp_path / "t.csv").write_text("sequence,y1,y2\nACGT,1,0\nACGA,1,x\n")
+    for extra, needle in ((["--task", "regression", "--label_columns", "z*"], "no column starts with 'z'"),
+                          (["--task", "regression", "--label_columns", "y1,y2"], "t.csv:3: y2 is 'x', not a number"),
+                          (["--task", "multilabel", "--label_columns", "y1"], None),
+                          (["--task", "regression", "--soft_prompt", 4, "--label_columns", "y1"], "--soft_prompt")):
+        result = run_script(*FIT, "--preset", "tiny", "--seq_len", 10, "--data", tmp_path / "t.csv", *extra,
+                            "--max_steps", 1, "--out", tmp_path / "o", "--overwrite")
+        if needle is None:
+            continue
+        assert_one_line_error(result, needle)
+    (tmp_path / "m.csv").write_text("sequence,y1\nACGT,1\nACGA,2\n")
+    assert_one_line_error(run_script(*FIT, "--preset", "tiny", "--seq_len", 10, "--data", tmp_path / "m.csv",
+                                     "--task", "multilabel", "--label_columns", "y1", "--out", tmp_path / "o2"),
+                          "m.csv:3: y1 is '2'; multilabel targets are 0 or 1")
+
+
+def hf_classifier_folder(tmp_path, n_labels=2, **config):
+    folder = hf_folder(tmp_path, "hf_clf", architectures=["HyenaDNAForSequenceClassification"],
+                       id2label={str(i): f"label{i}" for i in range(n_labels)}, **config)
+    state = th.read_safetensors(folder / "model.safetensors")
+    state["score.weight"] = torch.randn(n_labels, 128, generator=torch.Generator().manual_seed(0))
+    del state["lm_head.weight"]
+    th.write_safetensors(folder / "model.safetensors", state, {"format": "pt"})
+    return folder, state["score.weight"]
+
+
+@pytest.mark.parametrize("problem_type, task", [("single_label_classification", "classify"),
+                                                ("multi_label_classification", "multilabel"),
+                                                ("regression", "regression")])
+def test_hf_sequence_classifier_loads_with_its_score_head(tmp_path, problem_type, task):
+    folder, score = hf_classifier_folder(tmp_path, problem_type=problem_type)
+    clf = finetune.load_classifier(folder)
+    assert clf.task == task and clf.class_names == ["label0", "label1"] and clf.pool == "last"
+    ids = torch.from_numpy(np.random.default_rng(0).integers(7, 12, (3, 50)))
+    lm = th.from_pretrained(FIXTURE)
+    with torch.no_grad():  # the port: score (no bias) of the last position's hidden state
+        torch.testing.assert_close(clf(ids), lm.hidden_states(ids)[:, -1] @ score.T, rtol=1e-5, atol=1e-5)
+    if task == "classify":
+        (tmp_path / "in.txt").write_text("ACGTACGTAC\nGGGGCCCCAA\n")
+        result = run_script("finetune.py", "predict", "--checkpoint", folder, "--input", tmp_path / "in.txt")
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert result.stdout.splitlines()[0].split("\t") == ["id", "predicted", "p_label0", "p_label1"]
+
+
+def test_hf_folder_without_a_score_head_is_no_classifier(tmp_path):
+    folder = hf_folder(tmp_path, architectures=["HyenaDNAForSequenceClassification"])
+    with pytest.raises(ValueError, match="no score.weight"):
+        finetune.load_classifier(folder)
+    folder, _ = hf_classifier_folder(tmp_path, problem_type="ranking")
+    with pytest.raises(ValueError, match="config field problem_type is 'ranking'"):
+        finetune.load_classifier(folder)
 
 
 def test_classification_metrics():
@@ -1237,7 +1352,7 @@ def test_exported_classifier_matches_torch(fixture_classifier, tmp_path):
     meta = {p.key: p.value for p in onnx.load(str(tmp_path / "c.onnx")).metadata_props}
     assert json.loads(meta["class_names"]) == ["neg", "pos"] and meta["outputs"] == "probabilities"
     assert_one_line_error(run_script("export.py", "--checkpoint", fixture_classifier, "--outputs", "hidden",
-                                     "--out", tmp_path / "x.onnx"), "fine-tuned classifier")
+                                     "--out", tmp_path / "x.onnx"), "fine-tuned model")
 
 
 def test_finetune_errors(fixture_classifier, tmp_path):
@@ -1266,3 +1381,92 @@ def test_finetune_errors(fixture_classifier, tmp_path):
     # a second fit into the same --out refuses, as train.py does
     assert_one_line_error(run_script(*FIT, "--checkpoint", FIXTURE, "--data", tmp_path / "train.csv",
                                      "--out", fixture_classifier), "--resume", "--overwrite")
+
+
+# --- the command-line convention: a bad invocation is one line, `error: ...`, exit 1 ---------------------
+
+def bad_invocations(tmp):
+    """(script and arguments, what the one line must name) for every script."""
+    (tmp / "user_folder").mkdir()
+    (tmp / "user_folder" / "thesis.txt").write_text("precious")
+    (tmp / "a.fa").write_text(">r\nACGT\n")
+    (tmp / "plain.txt").write_text("not a folder")
+    (tmp / "t.csv").write_text("sequence,label\nACGT,a\nACGA,b\n")
+    fix = str(FIXTURE)
+    cases = [
+        # train.py
+        (["train.py", "--device", "cuda:99", "--fasta", tmp / "a.fa"], ["--device cuda:99"]),
+        (["train.py", "--fasta", tmp / "a.fa", "--out", tmp / "plain.txt" / "run"], ["--out", "plain.txt/run"]),
+        (["train.py", "--seq_len", "0"], ["--seq_len", "positive integer", "'0'"]),
+        (["train.py", "--lr", "-1"], ["--lr", "positive number"]),
+        (["train.py", "--fasta", tmp / "missing.fa"], ["--fasta", "missing.fa: file not found"]),
+        (["train.py", "--preset", "huge"], ["--preset", "huge"]),
+        (["train.py", "--resume", "--overwrite"], ["--resume and --overwrite"]),
+        # data.py
+        (["data.py", "prepare", tmp / "missing.fa"], ["missing.fa: file not found"]),
+        (["data.py", "prepare", tmp / "a.fa", "--out", tmp / "user_folder"], ["user_folder"]),
+        (["data.py", "unpack"], ["invalid choice: 'unpack'"]),
+        (["data.py", "hg38", "--dir", tmp / "user_folder"], ["user_folder"]),
+        # export.py
+        (["export.py", "--checkpoint", fix, "--max_len", "0"], ["--max_len", "positive integer"]),
+        (["export.py", "--checkpoint", fix, "--out", "/nonexistent/dir/x.onnx"], ["--out", "/nonexistent/dir/x.onnx", "does not exist"]),
+        (["export.py", "--checkpoint", fix, "--max_len", "5000", "--out", tmp / "x.onnx"], ["--max_len 5000", "l_max"]),
+        (["export.py", "--checkpoint", fix, "--target", "tpu"], ["--target", "'tpu'"]),
+        (["export.py", "--checkpoint", tmp / "nowhere"], ["--checkpoint", "nowhere: not found"]),
+        # bench.py
+        (["bench.py", "--batch", "0"], ["--batch", "positive integer"]),
+        (["bench.py", "--lengths", "1024,x"], ["--lengths", "1024,x"]),
+        (["bench.py", "--published", tmp / "missing.py"], ["--published", "missing.py: file not found"]),
+        (["bench.py", "--timeout", "-5"], ["--timeout", "positive number"]),
+        # finetune.py
+        (["finetune.py", "fit", "--preset", "tiny", "--seq_len", "10", "--data", tmp / "t.csv", "--val_fraction", "1.5"],
+         ["--val_fraction", "between 0 and 1"]),
+        (["finetune.py", "fit", "--checkpoint", fix, "--data", tmp / "missing.csv"], ["--data", "missing.csv: not found"]),
+        (["finetune.py", "fit", "--checkpoint", fix, "--data", tmp / "t.csv", "--device", "cuda:99",
+          "--out", tmp / "ft"], ["--device cuda:99"]),
+        (["finetune.py", "fit", "--checkpoint", fix, "--data", tmp / "t.csv", "--out", tmp / "plain.txt" / "ft"],
+         ["--out", "plain.txt/ft"]),
+        (["finetune.py", "predict", "--checkpoint", fix, "--input", tmp / "a.fa"], ["not a fine-tuned classifier"]),
+        (["finetune.py", "embed", "--checkpoint", fix, "--input", tmp / "a.fa", "--out", tmp / "e.npy",
+          "--batch_size", "0"], ["--batch_size", "positive integer"]),
+        (["finetune.py", "embed", "--checkpoint", fix, "--input", tmp / "a.fa", "--out", tmp / "no" / "e.npy"],
+         ["--out", "no/e.npy", "does not exist"]),
+        # score.py
+        (["score.py", "sequences", "--checkpoint", fix, "--input", tmp / "missing.fa"], ["--input", "missing.fa"]),
+        (["score.py", "variants", "--checkpoint", fix, "--fasta", tmp / "a.fa", "--vcf", tmp / "a.fa", "--window", "0"],
+         ["--window", "positive integer"]),
+        (["score.py", "sequences", "--checkpoint", fix, "--input", tmp / "a.fa", "--device", "cuda:99"],
+         ["--device cuda:99"]),
+        (["score.py", "sequences", "--checkpoint", fix, "--input", tmp / "a.fa", "--out", tmp / "no" / "s.tsv"],
+         ["--out", "no/s.tsv", "does not exist"]),
+    ]
+    if sys.platform.startswith("linux"):
+        cases.append((["train.py", "--fasta", tmp / "a.fa", "--out", "/proc/x"], ["--out /proc/x"]))
+    return cases
+
+
+def test_every_script_reports_a_bad_command_line_in_one_line(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+    cases = bad_invocations(tmp_path)
+    with ThreadPoolExecutor(4) as pool:  # each run is mostly importing torch
+        results = list(pool.map(lambda case: run_script(ROOT / case[0][0], *case[0][1:], cwd=tmp_path), cases))
+    for (args, needles), result in zip(cases, results):
+        lines = result.stderr.strip().splitlines()
+        shown = " ".join(map(str, args))
+        assert result.returncode == 1, (shown, result.returncode, result.stderr[-2000:])
+        assert "Traceback" not in result.stderr and len(lines) == 1, (shown, result.stderr[-2000:])
+        assert lines[0].startswith("error: ") and all(n in lines[0] for n in needles), (shown, lines[0])
+    assert (tmp_path / "user_folder" / "thesis.txt").read_text() == "precious"
+    assert not (tmp_path / "ft").exists() and not list(tmp_path.glob("**/*.tmp*"))
+
+
+def test_bugs_keep_their_traceback():
+    """Only UserError becomes one line: anything else is a bug, and the user should see where it is."""
+    def buggy(argv):
+        raise KeyError("a bug")
+
+    def wrong_flag(argv):
+        raise th.UserError("--x 3: bad")
+    with pytest.raises(KeyError):
+        th.run_command(buggy)
+    assert th.run_command(wrong_flag) == 1

@@ -37,10 +37,12 @@ The rest is a standard pre-norm residual network: token embedding -> blocks of (
 residual, LayerNorm -> MLP -> residual) -> LayerNorm -> logits from the tied embedding matrix.
 
 Reading order: tokenizer, config, FFT convolution, implicit filter, Hyena operator, block, model, using a
-trained model (likelihoods, embeddings), loading published checkpoints, and finally the NumPy twin (the same
-forward pass written again, used by the tests).
+trained model (likelihoods, embeddings), loading and saving checkpoints (published, Hugging Face hub, own),
+the scripts' command-line conventions, and finally the NumPy twin (the same forward pass written again, used
+by the tests).
 """
 
+import argparse
 import dataclasses
 import json
 import math
@@ -63,6 +65,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 __version__ = "0.1.0"
+
+
+class UserError(ValueError):
+    """Bad input the user can fix (a flag, a file, a value, a tensor), with a message that names it. Scripts
+    print it as one line, `error: <message>`, and exit 1 (see run_command); any other exception is a bug and
+    keeps its traceback."""
+
+
+class MissingFileError(UserError, FileNotFoundError):
+    """A file or folder the user named is not there."""
 
 # ---------------------------------------------------------------------------------------------------------
 # Tokenizer: one id per nucleotide, the ids of the published HyenaDNA tokenizer.
@@ -94,7 +106,7 @@ def detokenize(ids):
     """ids -> string; bases come back uppercase, special tokens as their names ("[PAD]")."""
     ids = np.asarray(ids).ravel()
     if ids.size and (ids.min() < 0 or ids.max() >= VOCAB_SIZE):
-        raise ValueError(f"token ids must be in [0, {VOCAB_SIZE}), got values in [{ids.min()}, {ids.max()}]")
+        raise UserError(f"token ids must be in [0, {VOCAB_SIZE}), got values in [{ids.min()}, {ids.max()}]")
     return "".join(_ID_TO_TEXT[i] for i in ids.tolist())
 
 
@@ -163,13 +175,13 @@ class HyenaConfig:
         for name in positive:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"config field {name} must be a positive integer, got {value!r}")
+                raise UserError(f"config field {name} must be a positive integer, got {value!r}")
         if not isinstance(self.order, int) or self.order < 2:
-            raise ValueError(f"config field order must be an integer >= 2, got {self.order!r}")
+            raise UserError(f"config field order must be an integer >= 2, got {self.order!r}")
         if self.emb_dim < 3 or self.emb_dim % 2 == 0:
-            raise ValueError(f"config field emb_dim must be odd and >= 3 (t plus cos/sin pairs), got {self.emb_dim}")
+            raise UserError(f"config field emb_dim must be odd and >= 3 (t plus cos/sin pairs), got {self.emb_dim}")
         if self.l_max < 2:
-            raise ValueError(f"config field l_max must be >= 2, got {self.l_max}")
+            raise UserError(f"config field l_max must be >= 2, got {self.l_max}")
 
 
 # The published checkpoints (LongSafari/hyenadna-*); l_max is the trained length + 2.
@@ -189,7 +201,7 @@ def preset_config(name, **overrides):
     and large-1m. Overrides (l_max=..., say) replace fields."""
     name = {"tiny": "tiny-1k", "large": "large-1m"}.get(name, name)
     if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; choose one of: tiny, large, {', '.join(PRESETS)}")
+        raise UserError(f"unknown preset {name!r}; choose one of: tiny, large, {', '.join(PRESETS)}")
     fields = dict(PRESETS[name])
     fields["d_inner"] = 4 * fields["d_model"]
     fields.update(overrides)
@@ -468,22 +480,22 @@ class HyenaDNA(nn.Module):
         """ValueError naming the problem unless input_ids is an integer (B, L) tensor of token ids with
         1 <= L <= l_max."""
         if not isinstance(input_ids, torch.Tensor):
-            raise ValueError(f"input_ids must be a torch.Tensor, got {type(input_ids).__name__}")
+            raise UserError(f"input_ids must be a torch.Tensor, got {type(input_ids).__name__}")
         if input_ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
-            raise ValueError(f"input_ids must be an integer tensor (int64), got dtype {input_ids.dtype}")
+            raise UserError(f"input_ids must be an integer tensor (int64), got dtype {input_ids.dtype}")
         if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must have shape (batch, length), got {input_ids.dim()} dims "
+            raise UserError(f"input_ids must have shape (batch, length), got {input_ids.dim()} dims "
                              f"{tuple(input_ids.shape)}")
         if torch.compiler.is_exporting():  # a traced graph has no concrete values to check
             return
         B, L = input_ids.shape
         if not 1 <= L <= self.cfg.l_max:
-            raise ValueError(f"sequence length {L} is outside the allowed range [1, {self.cfg.l_max}] (l_max)")
+            raise UserError(f"sequence length {L} is outside the allowed range [1, {self.cfg.l_max}] (l_max)")
         if B < 1:
-            raise ValueError("input_ids has an empty batch")
+            raise UserError("input_ids has an empty batch")
         lo, hi = int(input_ids.min()), int(input_ids.max())
         if lo < 0 or hi >= self.cfg.vocab_size:
-            raise ValueError(f"token ids must be in [0, {self.cfg.vocab_size}), got values in [{lo}, {hi}]")
+            raise UserError(f"token ids must be in [0, {self.cfg.vocab_size}), got values in [{lo}, {hi}]")
 
     def hidden_states(self, input_ids):
         """(B, L) token ids -> (B, L, d_model), after the final LayerNorm."""
@@ -494,7 +506,7 @@ class HyenaDNA(nn.Module):
         """(B, L, d_model) input embeddings -> (B, L, d_model) hidden states. Soft prompting enters here, with
         learned vectors in place of some token embeddings."""
         if x.shape[1] > self.cfg.l_max:
-            raise ValueError(f"sequence length {x.shape[1]} is outside the allowed range [1, {self.cfg.l_max}] (l_max)")
+            raise UserError(f"sequence length {x.shape[1]} is outside the allowed range [1, {self.cfg.l_max}] (l_max)")
         x = self.dropout(x)
         for block in self.blocks:
             x = checkpointed(self.gradient_checkpointing, block, x, self.gradient_checkpointing)
@@ -541,7 +553,7 @@ def scoring_windows(length, window, context):
     if length <= window:
         return [(0, 1)] if length > 1 else []
     if not 0 <= context < window:
-        raise ValueError(f"context {context} must be in [0, window {window})")
+        raise UserError(f"context {context} must be in [0, window {window})")
     plan, first = [], 1
     while first < length:
         # base `first` is predicted from the ones before it, so its window starts at least one base earlier;
@@ -560,7 +572,7 @@ def record_log_probs(model, ids, window=None, context=None, batch_size=8):
     window = window or model.cfg.l_max
     context = window // 2 if context is None else context
     if not 1 <= window <= model.cfg.l_max:
-        raise ValueError(f"window {window} is outside [1, {model.cfg.l_max}] (l_max)")
+        raise UserError(f"window {window} is outside [1, {model.cfg.l_max}] (l_max)")
     ids = torch.as_tensor(np.asarray(ids, dtype=np.int64))
     device = next(model.parameters()).device
     out = torch.zeros(max(0, len(ids) - 1))
@@ -580,11 +592,11 @@ def embed(model, sequences, pool="mean", batch_size=32):
     arrays. pool "mean" averages the hidden states over the sequence; "last" takes its last position, where
     the causal model has read all of it. Sequences are batched by similar length to waste little on padding."""
     if pool not in ("mean", "last"):
-        raise ValueError(f"pool must be 'mean' or 'last', got {pool!r}")
+        raise UserError(f"pool must be 'mean' or 'last', got {pool!r}")
     seqs = [tokenize(s) if isinstance(s, (str, bytes)) else np.asarray(s) for s in sequences]
     for i, s in enumerate(seqs):
         if not 1 <= len(s) <= model.cfg.l_max:
-            raise ValueError(f"sequence {i} has length {len(s)}, outside [1, {model.cfg.l_max}] (l_max)")
+            raise UserError(f"sequence {i} has length {len(s)}, outside [1, {model.cfg.l_max}] (l_max)")
     device = next(model.parameters()).device
     out = np.zeros((len(seqs), model.cfg.d_model), dtype=np.float32)
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
@@ -666,9 +678,9 @@ def load_torch_file(path):
     try:
         return torch.load(path, map_location="cpu", pickle_module=_RestrictedPickleModule, weights_only=False)
     except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: file not found") from None
+        raise MissingFileError(f"{path}: file not found") from None
     except Exception as e:
-        raise ValueError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {e})") from None
+        raise UserError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {e})") from None
 
 
 # safetensors, the hub's weight format, is simple enough to read and write with torch alone: an 8-byte
@@ -687,7 +699,7 @@ def read_safetensors(path):
     try:
         size = int.from_bytes(blob[:8], "little")
         if len(blob) < 8 or size > len(blob) - 8:
-            raise ValueError(f"header size {size} exceeds the file's {len(blob)} bytes")
+            raise UserError(f"header size {size} exceeds the file's {len(blob)} bytes")
         header = json.loads(blob[8:8 + size])
         data = memoryview(blob)[8 + size:]
         tensors = {}
@@ -696,16 +708,16 @@ def read_safetensors(path):
                 continue
             dtype = _SAFETENSORS_DTYPES.get(info["dtype"])
             if dtype is None:
-                raise ValueError(f"tensor {name!r} has unsupported dtype {info['dtype']!r}")
+                raise UserError(f"tensor {name!r} has unsupported dtype {info['dtype']!r}")
             begin, end = info["data_offsets"]
             shape = [int(n) for n in info["shape"]]
             if not 0 <= begin <= end <= len(data) or end - begin != math.prod(shape) * dtype.itemsize:
-                raise ValueError(f"tensor {name!r}: byte range {begin}..{end} does not fit shape {shape}")
+                raise UserError(f"tensor {name!r}: byte range {begin}..{end} does not fit shape {shape}")
             flat = torch.frombuffer(data[begin:end], dtype=dtype) if end > begin else torch.empty(0, dtype=dtype)
             tensors[name] = flat.reshape(shape)
         return tensors
     except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
+        raise UserError(f"{path}: not a readable safetensors file ({e})") from None
 
 
 def write_safetensors(path, tensors, metadata=None):
@@ -784,7 +796,7 @@ def convert_published_state_dict(state_dict, source="checkpoint"):
         else:
             rest[key] = value
     if head is not None and "embedding.weight" in out and not torch.equal(head, out["embedding.weight"]):
-        raise ValueError(f"{source}: lm_head.weight differs from the token embedding; tinyhyena ties them")
+        raise UserError(f"{source}: lm_head.weight differs from the token embedding; tinyhyena ties them")
     return out, rest
 
 
@@ -795,18 +807,18 @@ def _load_state_dict(model, state_dict, source):
     missing = sorted(set(own) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(own))
     if missing or unexpected:
-        raise ValueError(f"{source}: keys do not match the model: missing {missing[:4]}{'...' if len(missing) > 4 else ''}"
+        raise UserError(f"{source}: keys do not match the model: missing {missing[:4]}{'...' if len(missing) > 4 else ''}"
                          f", unexpected {unexpected[:4]}{'...' if len(unexpected) > 4 else ''}")
     fixed = {}
     for key, value in state_dict.items():
         if value.numel() != own[key].numel():
-            raise ValueError(f"{source}: {key} has shape {tuple(value.shape)}, the config implies "
+            raise UserError(f"{source}: {key} has shape {tuple(value.shape)}, the config implies "
                              f"{tuple(own[key].shape)}")
         fixed[key] = value.reshape(own[key].shape).to(own[key].dtype)
     for i in range(len(model.blocks)):
         freqs = [fixed[f"blocks.{i}.mixer.filter.mlp.{j}.freq"] for j in (1, 3, 5)]
         if not all(torch.equal(freqs[0], f) for f in freqs[1:]):
-            raise ValueError(f"{source}: block {i}'s three sine frequencies differ; the published model shares one")
+            raise UserError(f"{source}: block {i}'s three sine frequencies differ; the published model shares one")
     model.load_state_dict(fixed)
 
 
@@ -838,12 +850,12 @@ def config_from_hf(d):
     for name, (value, why) in _HF_REQUIRED.items():
         if name in d and d[name] != value and not (isinstance(value, float) and isinstance(d[name], (int, float))
                                                    and math.isclose(d[name], value)):
-            raise ValueError(f"config field {name} is {d[name]!r}; tinyhyena reads only {value!r} ({why})")
+            raise UserError(f"config field {name} is {d[name]!r}; tinyhyena reads only {value!r} ({why})")
     fields = {ours: d[theirs] for theirs, ours in _HF_FIELDS.items() if d.get(theirs) is not None}
     fields.setdefault("d_inner", 4 * fields.get("d_model", HyenaConfig.d_model))
     fields["resid_dropout"] = 0.0  # the port's blocks have no residual dropout
     if not isinstance(fields.get("w", 1), (int, float)):
-        raise ValueError(f"config field activation_freq must be a number, got {fields['w']!r}")
+        raise UserError(f"config field activation_freq must be a number, got {fields['w']!r}")
     extra = {k: v for k, v in d.items() if k not in _HF_FIELDS}
     cfg = HyenaConfig(**fields, extra={"hf": extra})
     cfg.validate()
@@ -894,25 +906,25 @@ def read_checkpoint(path):
     """Read a checkpoint folder in any of the three layouts (see above). Errors name the file."""
     path = os.fspath(path)
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"{path}: checkpoint folder not found")
+        raise MissingFileError(f"{path}: checkpoint folder not found")
     config_path = os.path.join(path, "config.json")
     try:
         with open(config_path) as f:
             config = json.load(f)
         cfg = config_from_hf(config) if is_hf_config(config) else HyenaConfig.from_dict(config)
     except FileNotFoundError:
-        raise FileNotFoundError(f"{config_path}: file not found (a checkpoint folder holds config.json)") from None
+        raise MissingFileError(f"{config_path}: file not found (a checkpoint folder holds config.json)") from None
     except (json.JSONDecodeError, UnicodeDecodeError, TypeError, ValueError, AttributeError) as e:
-        raise ValueError(f"{config_path}: malformed config ({e})") from None
+        raise UserError(f"{config_path}: malformed config ({e})") from None
     name = next((n for n in WEIGHT_FILES if os.path.isfile(os.path.join(path, n))), None)
     if name is None:
-        raise FileNotFoundError(f"{path}: no weights file ({', '.join(WEIGHT_FILES)})")
+        raise MissingFileError(f"{path}: no weights file ({', '.join(WEIGHT_FILES)})")
     weights_path = os.path.join(path, name)
     blob = read_safetensors(weights_path) if name.endswith(".safetensors") else load_torch_file(weights_path)
     if isinstance(blob, dict) and isinstance(blob.get("state_dict"), dict):
         blob = blob["state_dict"]  # a Lightning file: the rest is optimizer state and hyper-parameters
     if not isinstance(blob, dict) or not blob:
-        raise ValueError(f"{weights_path}: holds no state dict")
+        raise UserError(f"{weights_path}: holds no state dict")
     if name == "model.pt":
         return Checkpoint(cfg, blob, {}, config, weights_path)
     state, rest = convert_published_state_dict(blob, source=weights_path)
@@ -932,24 +944,36 @@ def from_pretrained(path, device="cpu"):
 
 
 def pick_device(name="auto"):
-    """torch.device from a command-line name: "auto" is the GPU when there is one, else the CPU."""
+    """torch.device from a command-line name: "auto" is the GPU when there is one, else the CPU. UserError
+    naming --device for one that torch cannot use here."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise ValueError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} asked for, but torch sees no CUDA device here")
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise UserError(f"--device {name}: unknown device; use auto, cpu, cuda or cuda:N")
+    if device.type == "cuda":
+        if not torch.backends.cuda.is_built():
+            raise UserError(f"--device {name}: CUDA requested but this torch build has no CUDA")
+        visible = torch.cuda.device_count()
+        if visible == 0:
+            raise UserError(f"--device {name}: CUDA requested but no GPU is visible")
+        if device.index is not None and device.index >= visible:
+            raise UserError(f"--device {name}: {name} requested, {visible} GPU{'s' if visible > 1 else ''} visible")
     return device
 
 
 def atomic_write(path, write):
-    """write(tmp) then rename tmp to path: readers see the old file or the new one, never half of one."""
+    """write(tmp) then rename tmp to path: readers see the old file or the new one, never half of one. A
+    path that cannot be written is a UserError naming it (not the temporary file)."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         write(tmp)
         os.replace(tmp, path)
+    except OSError as e:
+        raise UserError(f"{path}: cannot write ({e.strerror or e})") from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -984,7 +1008,7 @@ def save_pretrained(model, path, layout="tinyhyena"):
     model.safetensors for the Hugging Face hub, which transformers loads with the published port's code
     (AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)); from_pretrained reads it too."""
     if layout not in ("tinyhyena", "hf"):
-        raise ValueError(f"layout must be 'tinyhyena' or 'hf', got {layout!r}")
+        raise UserError(f"layout must be 'tinyhyena' or 'hf', got {layout!r}")
     os.makedirs(path, exist_ok=True)
     if layout == "hf":
         write_safetensors(os.path.join(path, "model.safetensors"), hf_state_dict(model), {"format": "pt"})
@@ -994,6 +1018,76 @@ def save_pretrained(model, path, layout="tinyhyena"):
         atomic_write(os.path.join(path, "model.pt"), lambda tmp: torch.save(state, tmp))
         config = model.cfg.to_dict()
     write_text(os.path.join(path, "config.json"), [json.dumps(config, indent=2)])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Command lines. Every script parses with ArgumentParser, checks values with the types below and runs its main
+# through run_command: what the user got wrong is one line, `error: <what, naming the flag or path>`, exit 1.
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose usage errors are UserErrors (one line, exit 1) rather than usage text and exit 2."""
+
+    def error(self, message):
+        raise UserError(message)
+
+
+def _checked(convert, test, wanted):
+    def parse(text):
+        try:
+            value = convert(text)
+        except ValueError:
+            value = None
+        if value is None or not test(value):
+            raise argparse.ArgumentTypeError(f"must be {wanted}, got {text!r}")
+        return value
+    parse.__name__ = wanted  # argparse names the type in some messages
+    return parse
+
+
+positive_int = _checked(int, lambda v: v > 0, "a positive integer")
+nonnegative_int = _checked(int, lambda v: v >= 0, "an integer >= 0")
+positive_float = _checked(float, lambda v: v > 0 and math.isfinite(v), "a positive number")
+nonnegative_float = _checked(float, lambda v: v >= 0 and math.isfinite(v), "a number >= 0")
+open_fraction = _checked(float, lambda v: 0 < v < 1, "a number between 0 and 1 (exclusive)")
+
+
+def existing_file(text):
+    if not os.path.isfile(text):
+        raise argparse.ArgumentTypeError(f"{text}: file not found" if not os.path.exists(text) else f"{text}: not a file")
+    return text
+
+
+def output_file(text):
+    """A file to write: its folder must exist, and it must not be a folder itself (checked before any work)."""
+    folder = os.path.dirname(os.path.abspath(text))
+    if os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"{text} is a folder; name the file to write")
+    if not os.path.isdir(folder):
+        raise argparse.ArgumentTypeError(f"{text}: folder {os.path.dirname(text) or folder} does not exist")
+    return text
+
+
+def existing_path(text):
+    if not os.path.exists(text):
+        raise argparse.ArgumentTypeError(f"{text}: not found")
+    return text
+
+
+def make_out_dir(path, flag="--out"):
+    """Create an output folder up front; UserError naming the flag and folder if it cannot be."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"{flag} {path}: cannot create the folder ({e.strerror or e})") from None
+
+
+def run_command(main, argv=None):
+    """A script's entry point: main(argv) -> exit status, with a UserError printed as one line, status 1."""
+    try:
+        return main(argv)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -9,7 +9,6 @@ One straight loop: sequence-length warm-up stages, AdamW with a cosine schedule,
 CUDA, activation checkpointing when memory needs it, atomic checkpoints, exact resume.
 """
 
-import argparse
 import json
 import math
 import os
@@ -27,29 +26,31 @@ from data import DataError, Genome, Windows, prepare, prepared_hg38, read_bed
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Pretrain HyenaDNA by next-nucleotide prediction.")
-    p.add_argument("--fasta", help="FASTA file (plain or gzipped); prepared on first use")
-    p.add_argument("--bed", help="intervals (3 columns, or Basenji's 4 with a train/valid/test split)")
-    p.add_argument("--data", help="folder prepared by data.py (default: data/hg38 when prepared)")
-    p.add_argument("--preset", default="tiny", help="model size: tiny, large or a published name")
-    p.add_argument("--seq_len", type=int, default=1024)
-    p.add_argument("--min_seq_len", type=int, default=1024,
+    p = th.ArgumentParser(description="Pretrain HyenaDNA by next-nucleotide prediction.")
+    p.add_argument("--fasta", type=th.existing_file, help="FASTA file (plain or gzipped); prepared on first use")
+    p.add_argument("--bed", type=th.existing_file,
+                   help="intervals (3 columns, or Basenji's 4 with a train/valid/test split)")
+    p.add_argument("--data", type=th.existing_path, help="folder prepared by data.py (default: data/hg38 when prepared)")
+    p.add_argument("--preset", default="tiny", choices=["tiny", "large", *th.PRESETS],
+                   help="model size: tiny, large or a published name")
+    p.add_argument("--seq_len", type=th.positive_int, default=1024)
+    p.add_argument("--min_seq_len", type=th.positive_int, default=1024,
                    help="first length of the warm-up stages, which double up to --seq_len")
-    p.add_argument("--batch_size", type=int, default=8, help="sequences per micro-batch at --seq_len")
-    p.add_argument("--grad_accum", type=int, default=1)
-    p.add_argument("--max_steps", type=int, default=10000)
-    p.add_argument("--lr", type=float, default=6e-4)
-    p.add_argument("--weight_decay", type=float, default=0.1)
-    p.add_argument("--warmup_steps", type=int, default=100)
-    p.add_argument("--eval_interval", type=int, default=500)
-    p.add_argument("--eval_batches", type=int, default=20)
-    p.add_argument("--ckpt_interval", type=int, default=1000)
+    p.add_argument("--batch_size", type=th.positive_int, default=8, help="sequences per micro-batch at --seq_len")
+    p.add_argument("--grad_accum", type=th.positive_int, default=1)
+    p.add_argument("--max_steps", type=th.positive_int, default=10000)
+    p.add_argument("--lr", type=th.positive_float, default=6e-4)
+    p.add_argument("--weight_decay", type=th.nonnegative_float, default=0.1)
+    p.add_argument("--warmup_steps", type=th.nonnegative_int, default=100)
+    p.add_argument("--eval_interval", type=th.positive_int, default=500)
+    p.add_argument("--eval_batches", type=th.positive_int, default=20)
+    p.add_argument("--ckpt_interval", type=th.positive_int, default=1000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto (cuda, then cpu), cpu, cuda, cuda:1, ...")
     p.add_argument("--checkpointing", default="auto", choices=["auto", "on", "off"],
                    help="activation checkpointing; auto switches it on where activations would not fit")
     p.add_argument("--rc_aug", action="store_true", help="reverse-complement augmentation")
-    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    p.add_argument("--workers", type=th.nonnegative_int, default=0, help="DataLoader worker processes")
     p.add_argument("--out", default="out")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
     p.add_argument("--overwrite", action="store_true",
@@ -57,12 +58,6 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.resume and args.overwrite:
         p.error("--resume and --overwrite exclude each other: continue the run in --out, or start over")
-    for name in ("seq_len", "min_seq_len", "batch_size", "grad_accum", "max_steps", "eval_interval",
-                 "eval_batches", "ckpt_interval"):
-        if getattr(args, name) <= 0:
-            p.error(f"--{name} must be positive, got {getattr(args, name)}")
-    if args.lr <= 0 or args.warmup_steps < 0 or args.weight_decay < 0:
-        p.error("--lr must be positive, --warmup_steps and --weight_decay non-negative")
     return args
 
 
@@ -239,6 +234,7 @@ def main(argv=None):
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     main_rank = rank == 0
     claim_out_dir(args.out, args.resume, args.overwrite, delete=main_rank)  # before anything is written
+    th.make_out_dir(args.out)  # up front: a folder that cannot be made fails now, not after loading the data
 
     genome, bed = load_data(args)
     stages = length_stages(args)
@@ -341,8 +337,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except (DataError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    sys.exit(th.run_command(main))
