@@ -447,7 +447,8 @@ class Block(nn.Module):
         # The MLP acts on each position alone and fc1 is 4x wider than the stream (2 GB at L = 2^20, d = 128),
         # so at long L it runs on slices of positions: without a gradient, updating the stream in place one
         # slice at a time; under checkpointing, recomputing one slice at a time in backward.
-        if x.shape[1] <= self.mlp_chunk:
+        if x.shape[1] <= self.mlp_chunk or (torch.is_grad_enabled() and not checkpoint):
+            # (with a gradient but no checkpointing, slices would store the same activations, then copy them)
             return x + self.dropout(self.mlp(self.norm2(x)))
         if not torch.is_grad_enabled():
             for part in x.split(self.mlp_chunk, dim=1):
