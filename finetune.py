@@ -61,10 +61,12 @@ SELECTION_METRIC = {"classify": "mcc", "regression": "pearson", "multilabel": "a
 
 class SequenceClassifier(nn.Module):
     """ids (B, L), padded on the left with [PAD] -> (B, n_outputs): class logits (task classify), values
-    (regression) or one logit per binary target (multilabel)."""
+    (regression) or one logit per binary target (multilabel). With `end_token`, that token id is appended to
+    every sequence first (the Hugging Face port's tokenizer ends each sequence with [SEP], and its
+    classifiers read the hidden state there)."""
 
     def __init__(self, backbone, n_outputs, pool="mean", soft_prompt=0, class_tokens=None, freeze=False,
-                 task="classify"):
+                 task="classify", end_token=None):
         super().__init__()
         if pool not in ("mean", "last"):
             raise th.UserError(f"pool must be mean or last, got {pool!r}")
@@ -73,6 +75,7 @@ class SequenceClassifier(nn.Module):
         if soft_prompt and task != "classify":
             raise th.UserError("soft prompting reads classes as next tokens; it does not do regression or multilabel")
         self.backbone, self.pool, self.n_outputs, self.task = backbone, pool, n_outputs, task
+        self.end_token = end_token
         self.frozen = freeze or soft_prompt > 0
         if task == "regression":  # the head predicts standardized targets; forward undoes it (set by fit)
             self.register_buffer("target_mean", torch.zeros(n_outputs))
@@ -95,7 +98,8 @@ class SequenceClassifier(nn.Module):
     @property
     def max_len(self):
         """The longest sequence the classifier takes (the prompt needs room within l_max)."""
-        return self.backbone.cfg.l_max - (len(self.prompt) if self.prompt is not None else 0)
+        room = len(self.prompt) if self.prompt is not None else int(self.end_token is not None)
+        return self.backbone.cfg.l_max - room
 
     def train(self, mode=True):
         super().train(mode)
@@ -104,6 +108,8 @@ class SequenceClassifier(nn.Module):
         return self
 
     def forward(self, input_ids):
+        if self.end_token is not None:  # left padding: every row ends in the last column
+            input_ids = torch.cat([input_ids, input_ids.new_full((input_ids.shape[0], 1), self.end_token)], 1)
         real = input_ids != th.PAD_ID  # (B, L); left padding: the real bases are the last ones of a row
         if self.prompt is None:
             hidden = self.backbone.hidden_states(input_ids)  # (B, L, d)
@@ -193,7 +199,8 @@ HF_PROBLEM_TYPES = {"single_label_classification": "classify", "multi_label_clas
 
 def hf_classifier(ckpt, path):
     """A HyenaDNAForSequenceClassification folder (config.json + weights with score.weight) as a
-    SequenceClassifier: the port's head is a linear map without bias on the hidden state of the last base."""
+    SequenceClassifier: the port's head is a linear map without bias on the hidden state of the last token,
+    which is the [SEP] its tokenizer appends to every sequence (so we append it too)."""
     score = ckpt.rest.get("score.weight")
     if score is None:
         raise th.UserError(f"{path}: not a fine-tuned classifier (no {CLASSIFIER_FILE}, and its weights hold no "
@@ -205,7 +212,8 @@ def hf_classifier(ckpt, path):
                          f"{', '.join(HF_PROBLEM_TYPES)}")
     backbone = th.HyenaDNA(ckpt.cfg)
     th._load_state_dict(backbone, ckpt.state, ckpt.weights_path)
-    model = SequenceClassifier(backbone, n, pool="last", task=HF_PROBLEM_TYPES[problem])
+    model = SequenceClassifier(backbone, n, pool="last", task=HF_PROBLEM_TYPES[problem],
+                               end_token=th.SPECIAL_TOKENS["[SEP]"])
     with torch.no_grad():
         model.head.weight.copy_(score)
         model.head.bias.zero_()

@@ -1185,15 +1185,28 @@ def test_hf_sequence_classifier_loads_with_its_score_head(tmp_path, problem_type
     folder, score = hf_classifier_folder(tmp_path, problem_type=problem_type)
     clf = finetune.load_classifier(folder)
     assert clf.task == task and clf.class_names == ["label0", "label1"] and clf.pool == "last"
+    assert clf.max_len == th.from_pretrained(FIXTURE).cfg.l_max - 1  # room for the [SEP]
     ids = torch.from_numpy(np.random.default_rng(0).integers(7, 12, (3, 50)))
     lm = th.from_pretrained(FIXTURE)
-    with torch.no_grad():  # the port: score (no bias) of the last position's hidden state
-        torch.testing.assert_close(clf(ids), lm.hidden_states(ids)[:, -1] @ score.T, rtol=1e-5, atol=1e-5)
+    with_sep = torch.cat([ids, torch.full((3, 1), th.SPECIAL_TOKENS["[SEP]"])], 1)  # what the port's tokenizer gives
+    with torch.no_grad():  # the port: score (no bias) of the last token's hidden state, the [SEP]'s
+        torch.testing.assert_close(clf(ids), lm.hidden_states(with_sep)[:, -1] @ score.T, rtol=1e-5, atol=1e-5)
     if task == "classify":
         (tmp_path / "in.txt").write_text("ACGTACGTAC\nGGGGCCCCAA\n")
         result = run_script("finetune.py", "predict", "--checkpoint", folder, "--input", tmp_path / "in.txt")
         assert result.returncode == 0, result.stderr[-2000:]
-        assert result.stdout.splitlines()[0].split("\t") == ["id", "predicted", "p_label0", "p_label1"]
+        lines = [line.split("\t") for line in result.stdout.splitlines()]
+        assert lines[0] == ["id", "predicted", "p_label0", "p_label1"]
+        with torch.no_grad():
+            expect = finetune.readout("classify", clf(torch.from_numpy(th.tokenize("GGGGCCCCAA"))[None]))[0]
+        assert np.allclose([float(x) for x in lines[2][2:]], expect.numpy(), atol=1e-5)
+        # the exported graph appends the [SEP] itself: an app sends the bases, as to any classifier's graph
+        result = run_script("export.py", "--checkpoint", folder, "--target", "cpu", "--out", tmp_path / "c.onnx")
+        assert result.returncode == 0, result.stderr[-2000:]
+        session = ort.InferenceSession(str(tmp_path / "c.onnx"), providers=["CPUExecutionProvider"])
+        got = session.run(None, {"input_ids": ids.numpy()})[0]
+        with torch.no_grad():
+            assert rel_err(got, finetune.readout("classify", clf(ids)).numpy()) <= 1e-4
 
 
 def test_hf_folder_without_a_score_head_is_no_classifier(tmp_path):
