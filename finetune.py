@@ -97,7 +97,7 @@ class SequenceClassifier(nn.Module):
 
     @property
     def max_len(self):
-        """The longest sequence the classifier takes (the prompt needs room within l_max)."""
+        """The longest sequence the classifier takes: the prompt, or the end token, needs room within l_max."""
         room = len(self.prompt) if self.prompt is not None else int(self.end_token is not None)
         return self.backbone.cfg.l_max - room
 

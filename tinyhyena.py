@@ -244,7 +244,8 @@ class CausalFFTConv(torch.autograd.Function):
     def forward(ctx, u, k):
         L = u.shape[-1]
         n = fft_size(2 * L - 1)
-        y = torch.fft.irfft(torch.fft.rfft(u, n=n).mul_(torch.fft.rfft(k, n=n)), n=n)[..., :L]  # in place: no 3rd spectrum
+        spectrum = torch.fft.rfft(u, n=n).mul_(torch.fft.rfft(k, n=n))  # in place: no third spectrum-sized buffer
+        y = torch.fft.irfft(spectrum, n=n)[..., :L]
         ctx.save_for_backward(u, k)
         return y
 
