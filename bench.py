@@ -213,7 +213,7 @@ def main(argv=None):
     p.add_argument("--train", action="store_true", help="also time a training step")
     p.add_argument("--timeout", type=th.positive_float, default=600, help="seconds allowed to one measurement")
     p.add_argument("--onnx_max_len", type=th.nonnegative_int, default=1 << 20,
-                   help="longest length run through ONNX Runtime (its CPU DFT is slow at long lengths)")
+                   help="longest length run through ONNX Runtime")
     p.add_argument("--published", metavar="PATH", type=th.existing_file,
                    help="the published standalone_hyenadna.py: measure it side by side")
     p.add_argument("--rounds", type=th.positive_int, default=3,

@@ -710,8 +710,9 @@ def test_export_holds_parameters_and_serves_any_length_up_to_max_len(tmp_path):
     graph = onnx.load(str(tmp_path / "m.onnx")).graph
     stored = sum(int(np.prod(t.dims)) for t in graph.initializer)
     assert stored <= 1.1 * model.num_params() + 200, (stored, model.num_params())  # no l_max-long tables
-    assert any(n.op_type == "DFT" for n in graph.node)
-    assert export.check_against_torch(model, str(tmp_path / "m.onnx"), "logits", [1, 37, 1000, 9000],
+    assert not any(n.op_type == "DFT" for n in graph.node)  # ONNX Runtime's CPU DFT is the slow kernel
+    # lengths on both sides of where the matrix FFT's split changes (n2 doubles at L = 2·4^i)
+    assert export.check_against_torch(model, str(tmp_path / "m.onnx"), "logits", [1, 2, 7, 8, 37, 1000, 2047, 9000],
                                       batches=(1, 2)) <= 1e-4
 
 
