@@ -252,6 +252,7 @@ def main(argv=None):
             row = {"length": L, "mode": mode, "hyena_s": hyena and hyena["seconds"], "hyena_gb": hyena and hyena["peak_gb"],
                    "floor_s": floor and floor["seconds"], "attention_s": attn and attn["seconds"],
                    "attention_gb": attn and attn["peak_gb"], "onnx_s": onnx and onnx["seconds"],
+                   "onnx_gb": onnx and onnx["peak_gb"],
                    "note": "; ".join(n for n in notes if n)}
             rows.append(row)
             print(json.dumps(row), flush=True)
@@ -261,13 +262,14 @@ def main(argv=None):
              f"torch {torch.__version__}, Python {platform.python_version()}, float32, batch {args.batch}. "
              "Peak memory is the measuring process's peak RSS on CPU, torch's peak allocation on CUDA.\n",
              "| length | mode | tinyhyena s | peak GB | floor s | ratio to floor | attention s | attention GB | "
-             "onnxruntime s | note |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "onnxruntime s | onnxruntime GB | note |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ratio = r["hyena_s"] / r["floor_s"] if r["hyena_s"] and r["floor_s"] else None
         lines.append(f"| {r['length']:,} | {r['mode']} | {fmt(r['hyena_s'], '.3f')} | {fmt(r['hyena_gb'], '.2f')} | "
                      f"{fmt(r['floor_s'], '.3f')} | {fmt(ratio, '.2f')} | {fmt(r['attention_s'], '.3f')} | "
-                     f"{fmt(r['attention_gb'], '.2f')} | {fmt(r['onnx_s'], '.3f')} | {r['note']} |")
+                     f"{fmt(r['attention_gb'], '.2f')} | {fmt(r['onnx_s'], '.3f')} | {fmt(r['onnx_gb'], '.2f')} | "
+                     f"{r['note']} |")
     emit(lines, args.no_append)
     return 0
 

@@ -79,13 +79,16 @@ def smallest_size_at_least(op, sizes, need):
     return op.ReduceMin(op.Where(fits, table, op.Constant(value_ints=[sizes[-1]])), keepdims=1)  # [1]
 
 
-def complex_product(op, a, b, axis=-1, out_axis=None):
-    """a·b as complex numbers, each holding its real and imaginary parts as the two halves of `axis`; the
-    product's parts are stacked along out_axis (default: axis), which saves the stages below a transpose."""
+def complex_product(op, a, b, axis=-1, out_axis=None, part_shape=None):
+    """a·b as complex numbers, each holding its real and imaginary parts as the two halves of `axis`. The
+    product's parts are stacked along out_axis (default: axis), after a reshape to part_shape if given: the FFT
+    stages below use this to put the parts where the next MatMul reads them, instead of a Transpose."""
     ar, ai = op.Split(a, num_outputs=2, axis=axis)
     br, bi = op.Split(b, num_outputs=2, axis=axis)
-    return op.Concat(op.Sub(op.Mul(ar, br), op.Mul(ai, bi)), op.Add(op.Mul(ar, bi), op.Mul(ai, br)),
-                     axis=axis if out_axis is None else out_axis)
+    re, im = op.Sub(op.Mul(ar, br), op.Mul(ai, bi)), op.Add(op.Mul(ar, bi), op.Mul(ai, br))
+    if part_shape is not None:
+        re, im = op.Reshape(re, part_shape), op.Reshape(im, part_shape)
+    return op.Concat(re, im, axis=axis if out_axis is None else out_axis)
 
 
 def cuda_translation(l_max):
@@ -123,25 +126,27 @@ def cpu_translation(l_max):
 
     ONNX Runtime's CPU DFT kernel was the gap (measured: 54% of the graph's time at batch 16 x 1,000, 77% at
     1 x 32,768, 10x slower than torch's rfft at 65,536 points), while its MatMul runs near the machine's peak.
-    So the FFT of size n = n1·n2 is the Cooley-Tukey split into two dense DFTs, each a MatMul:
+    So the FFT of size n = n1·n2 is the Cooley-Tukey split into smaller dense DFTs, each a MatMul:
 
-        X[k1 + n1·k2] = sum_j2 w_n2^(j2·k2) · w_n^(j2·k1) · sum_j1 w_n1^(j1·k1) · x[n2·j1 + j2],   w_m = e^(-2πi/m)
+        X[k1 + n1·k2] = sum_j2 w_n2^(j2·k2) · w_n^(j2·k1) · sum_j1 w_n1^(j1·k1) · x[n2·j1 + j2]
 
-    1. a DFT of size n1 over j1 (x viewed as (n1, n2·M) rows, a plain MatMul), 2. the twiddle factors
-    w_n^(j2·k1), 3. a DFT of size n2 over j2 (complex, as one real MatMul on stacked real/imaginary parts).
+    with w_m = e^(-2πi/m), that is: a DFT of size n1 over j1 (x viewed as (n1, n2·M) rows: a plain MatMul),
+    the twiddle factors w_n^(j2·k1), and a DFT of size n2 over j2, itself split the same way into two DFTs of
+    size p = sqrt(n2). Complex DFTs run as one real MatMul on stacked real and imaginary parts.
     Three facts make it cheap:
-    - the spectrum is left in the order (k1, k2) the stages produce it. The product with the filter's spectrum
-      is elementwise and the inverse runs the stages backwards, so no reordering is ever needed;
+    - the spectrum is left in the order the stages produce it. The product with the filter's spectrum is
+      elementwise and the inverse runs the stages backwards, so no reordering is ever needed;
     - the signal is real: bins k1 > n1/2 mirror those below (conjugate symmetry), so only n1/2 + 1 rows of k1
       are computed, and the inverse's last stage reads the mirrored half as a weight of 2 and takes the real
       part in the same MatMul;
     - the causal convolution pads to n >= 2L, and x[j] = 0 for j >= n/2: with n1 = 2h the first stage reads
       only h rows of j1, and the last computes only the L outputs' h rows.
-    Any even n1 works, so n = 2h·n2 with h = ceil(L / n2) exceeds 2L by less than 2·n2: no rounding up to a
-    power of two. Per signal the multiply-adds are about n·(n1 + 4·n2), least at n1 ≈ 4·n2: n2 is the largest
-    power of two with 2·n2² <= L. The DFT matrices are computed in the graph for the input's L (cos and sin of
-    exact integer phases, reduced mod n before rounding), so they cost O(n1² + n2² + n) and the graph holds
-    no length-sized constant."""
+    Any even n1 works, so n = 2h·p² with h = ceil(L / p²) exceeds 2L by less than 2·p²: no rounding up to a
+    power of two. Per signal the multiply-adds are about n·(n1 + 8·p)/2, least near n1 = 4·p: p is the largest
+    power of two with 2·p³ <= L. (With n2 as one dense DFT the cost is about n·(n1 + 4·n2)/2: the tiny model
+    took 105 s at 2^20 against 59 s with the n2 stage split.) The DFT matrices are computed in the graph for
+    the input's L (cos and sin of exact integer phases, reduced mod n before rounding): they cost
+    O(h² + p² + n), and the graph holds no length-sized constant."""
     from onnxscript import opset18 as op
     ints = lambda *values: op.Constant(value_ints=list(values))
     exponents = range(max(1, l_max).bit_length())
@@ -158,45 +163,56 @@ def cpu_translation(l_max):
 
     def translate(u, k):  # u (B, C, L), k (C, L)
         L = op.Shape(u, start=2, end=3)
-        min_length = ints(*[2 << (2 * i) for i in exponents])  # n2 = 2^i once L >= 2·4^i
-        n2 = op.ReduceMax(op.Where(op.GreaterOrEqual(L, min_length), ints(*[1 << i for i in exponents]), ints(1)),
-                          keepdims=1)
+        min_length = ints(*[2 << (3 * i) for i in exponents])  # p = 2^i once L >= 2·8^i
+        p = op.ReduceMax(op.Where(op.GreaterOrEqual(L, min_length), ints(*[1 << i for i in exponents]), ints(1)),
+                         keepdims=1)
+        n2 = op.Mul(p, p)
         h = op.Div(op.Sub(op.Add(L, n2), ints(1)), n2)  # ceil(L / n2): rows j1 < h hold the signal
         n1, K1 = op.Add(h, h), op.Add(h, ints(1))  # K1 bins of k1: 0 .. n1/2
-        n, two_n2, two_K1 = op.Mul(n1, n2), op.Add(n2, n2), op.Add(K1, K1)
+        n, two_p, two_K1, K1_p = op.Mul(n1, n2), op.Add(p, p), op.Add(K1, K1), op.Mul(K1, p)
         a = phases(K1, h, n1)
         first = op.Concat(op.Cos(a), op.Neg(op.Sin(a)), axis=0)  # (2K1, h): real rows, imaginary rows
-        a = phases(K1, n2, n)
-        twiddle = op.Concat(op.Cos(a), op.Neg(op.Sin(a)), axis=0)  # (2K1, n2)
-        twiddle_conj = op.Concat(op.Cos(a), op.Sin(a), axis=1)  # (K1, 2n2)
-        a = phases(n2, n2, n2)
-        c, s = op.Cos(a), op.Sin(a)
-        second = op.Concat(op.Concat(c, s, axis=1), op.Concat(op.Neg(s), c, axis=1), axis=0)  # (2n2, 2n2)
-        second_inverse = op.Concat(op.Concat(c, op.Neg(s), axis=1), op.Concat(s, c, axis=1), axis=0)
         a = phases(h, K1, n1)
         k1 = count(K1)
         mirrored = op.Where(op.Or(op.Equal(k1, ints(0)), op.Equal(k1, op.Squeeze(h))),
                             op.Constant(value_float=1.0), op.Constant(value_float=2.0))  # (K1,)
         weight = op.Div(mirrored, op.Cast(n, to=1))  # with the inverse's 1/n
         last = op.Concat(op.Mul(op.Cos(a), weight), op.Neg(op.Mul(op.Sin(a), weight)), axis=1)  # (h, 2K1)
+        a = phases(K1, n2, n)
+        twiddle = op.Concat(op.Cos(a), op.Neg(op.Sin(a)), axis=0)  # (2K1, n2)
+        twiddle_conj = op.Concat(op.Cos(a), op.Sin(a), axis=1)  # (K1, 2n2)
+        a = phases(p, p, p)
+        c, s = op.Cos(a), op.Sin(a)
+        middle = op.Concat(op.Concat(c, s, axis=1), op.Concat(op.Neg(s), c, axis=1), axis=0)  # (2p, 2p)
+        middle_inverse = op.Concat(op.Concat(c, op.Neg(s), axis=1), op.Concat(s, c, axis=1), axis=0)
+        a = phases(p, p, n2)
+        twiddle2 = op.Concat(op.Cos(a), op.Neg(op.Sin(a)), axis=0)  # (2p, p)
+        twiddle2_conj = op.Concat(op.Cos(a), op.Sin(a), axis=1)  # (p, 2p)
 
         def shape(*dims):
             return op.Concat(*[ints(d) if isinstance(d, int) else d for d in dims], axis=0)
 
-        def spectrum(x):  # x (h·n2, M) -> (K1, 2n2, M): rows (real, k2), then (imaginary, k2)
+        def spectrum(x):  # x (h·n2, M) -> (K1·p, 2p, M): bin k1 + n1·(c + p·d) at row k1·p + c, column d
             A = op.MatMul(first, op.Reshape(x, shape(h, -1)))  # (2K1, n2·M)
             A = complex_product(op, op.Reshape(A, shape(2, K1, 1, n2, -1)), op.Reshape(twiddle, shape(2, K1, 1, n2, 1)),
-                                axis=0, out_axis=2)  # (1, K1, 2, n2, M)
-            return op.MatMul(second, op.Reshape(A, shape(K1, two_n2, -1)))
+                                axis=0, out_axis=2)  # (1, K1, 2, n2, M), j2 = p·a + b
+            A = op.MatMul(middle, op.Reshape(A, shape(K1, two_p, -1)))  # (K1, 2p, p·M): the DFT over a, to c
+            A = complex_product(op, op.Reshape(A, shape(K1, 2, p, p, -1)), op.Reshape(twiddle2, shape(1, 2, p, p, 1)),
+                                axis=1, out_axis=2, part_shape=shape(K1, p, 1, p, -1))  # (K1, p, 2, p, M)
+            return op.MatMul(middle, op.Reshape(A, shape(K1_p, two_p, -1)))  # the DFT over b, to d
 
         signal_length = op.Mul(h, n2)  # the zero-padded signal, n/2 long
         x = op.Pad(op.Transpose(u, perm=[2, 0, 1]), shape(0, 0, 0, op.Sub(signal_length, L), 0, 0))  # (h·n2, B, C)
-        U = op.Reshape(spectrum(op.Reshape(x, shape(signal_length, -1))), shape(K1, 2, n2, op.Shape(u, end=2)))
+        U = op.Reshape(spectrum(op.Reshape(x, shape(signal_length, -1))), shape(K1_p, 2, p, op.Shape(u, end=2)))
         x = op.Pad(op.Transpose(k, perm=[1, 0]), shape(0, 0, op.Sub(signal_length, L), 0))  # (h·n2, C)
-        K = op.Reshape(spectrum(x), shape(K1, 2, n2, 1, -1))  # (K1, 2, n2, 1, C): the same for every batch row
-        Y = op.Reshape(complex_product(op, U, K, axis=1), shape(K1, two_n2, -1))  # (K1, 2n2, M)
-        # the inverse, stages backwards: the DFT over k2, conjugate twiddles, the DFT over k1 taking the real part
-        Y = op.Reshape(op.MatMul(second_inverse, Y), shape(K1, 2, n2, -1))
+        K = op.Reshape(spectrum(x), shape(K1_p, 2, p, 1, -1))  # (K1·p, 2, p, 1, C): the same for every batch row
+        Y = op.Reshape(complex_product(op, U, K, axis=1), shape(K1_p, two_p, -1))  # (K1·p, 2p, M)
+        # the inverse, stages backwards: the DFT over d, conjugate twiddles, the DFT over c, conjugate
+        # twiddles, the DFT over k1 taking the real part
+        Y = op.Reshape(op.MatMul(middle_inverse, Y), shape(K1, p, 2, p, -1))
+        Y = complex_product(op, Y, op.Reshape(twiddle2_conj, shape(1, p, 2, p, 1)), axis=2, out_axis=1,
+                            part_shape=shape(K1, 1, p, p, -1))  # (K1, 2, p, p, M)
+        Y = op.Reshape(op.MatMul(middle_inverse, op.Reshape(Y, shape(K1, two_p, -1))), shape(K1, 2, n2, -1))
         Y = complex_product(op, Y, op.Reshape(twiddle_conj, shape(K1, 2, n2, 1)), axis=1, out_axis=0)  # (2K1, 1, n2, M)
         y = op.MatMul(last, op.Reshape(Y, shape(two_K1, -1)))  # (h, n2·M)
         y = op.Reshape(y, shape(signal_length, op.Shape(u, end=2)))  # (h·n2, B, C)

@@ -711,9 +711,36 @@ def test_export_holds_parameters_and_serves_any_length_up_to_max_len(tmp_path):
     stored = sum(int(np.prod(t.dims)) for t in graph.initializer)
     assert stored <= 1.1 * model.num_params() + 200, (stored, model.num_params())  # no l_max-long tables
     assert not any(n.op_type == "DFT" for n in graph.node)  # ONNX Runtime's CPU DFT is the slow kernel
-    # lengths on both sides of where the matrix FFT's split changes (n2 doubles at L = 2·4^i)
-    assert export.check_against_torch(model, str(tmp_path / "m.onnx"), "logits", [1, 2, 7, 8, 37, 1000, 2047, 9000],
+    # lengths on both sides of where the matrix FFT's split changes (p doubles at L = 2·8^i)
+    assert export.check_against_torch(model, str(tmp_path / "m.onnx"), "logits", [1, 2, 15, 16, 37, 1000, 1024, 9000],
                                       batches=(1, 2)) <= 1e-4
+
+
+
+@pytest.fixture(scope="module")
+def cpu_conv_session(tmp_path_factory):
+    """The cpu target's long convolution (the FFT as matrix products) alone, as ONNX Runtime runs it."""
+    class Conv(torch.nn.Module):
+        def forward(self, u, k):
+            return torch.ops.tinyhyena.causal_conv(u, k)
+    dims = {name: torch.export.Dim(name, max=5000) for name in ("B", "C", "L")}
+    program = torch.onnx.export(Conv(), (torch.randn(2, 3, 40), torch.randn(3, 40)), dynamo=True,
+                                dynamic_shapes=({0: dims["B"], 1: dims["C"], 2: dims["L"]}, {0: dims["C"], 1: dims["L"]}),
+                                custom_translation_table={torch.ops.tinyhyena.causal_conv.default:
+                                                          export.cpu_translation(5000)}, verbose=False)
+    path = tmp_path_factory.mktemp("conv") / "conv.onnx"
+    onnx.save(program.model_proto, str(path))
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+@property_settings
+@given(st.integers(1, 3), st.integers(1, 4), st.one_of(st.integers(1, 300), st.integers(1000, 5000)),
+       st.integers(0, 2**31 - 1))
+def test_exported_cpu_conv_equals_direct_conv(cpu_conv_session, B, C, L, seed):
+    g = torch.Generator().manual_seed(seed)
+    u, k = torch.randn(B, C, L, generator=g, dtype=torch.float64), torch.randn(C, L, generator=g, dtype=torch.float64)
+    (y,) = cpu_conv_session.run(None, {"u": u.float().numpy(), "k": k.float().numpy()})
+    assert rel_err(y, direct_causal_conv(u, k).numpy()) <= 1e-5
 
 
 from onnx.reference import ReferenceEvaluator
