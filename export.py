@@ -132,7 +132,8 @@ def cpu_translation(l_max):
 
     with w_m = e^(-2πi/m), that is: a DFT of size n1 over j1 (x viewed as (n1, n2·M) rows: a plain MatMul),
     the twiddle factors w_n^(j2·k1), and a DFT of size n2 over j2, itself split the same way into two DFTs of
-    size p = sqrt(n2). Complex DFTs run as one real MatMul on stacked real and imaginary parts.
+    size p = sqrt(n2), whose inner twiddles fold into the second one's matrices (one per output bin of the
+    first, p matrices of 2p x 2p). Complex DFTs run as one real MatMul on stacked real and imaginary parts.
     Three facts make it cheap:
     - the spectrum is left in the order the stages produce it. The product with the filter's spectrum is
       elementwise and the inverse runs the stages backwards, so no reordering is ever needed;
@@ -156,8 +157,9 @@ def cpu_translation(l_max):
 
     def phases(rows, cols, n):
         """(rows, cols) float: 2π·(r·c mod n)/n."""
-        r = op.Unsqueeze(count(rows), ints(1))
-        c = op.Unsqueeze(count(cols), ints(0))
+        return phase(op.Unsqueeze(count(rows), ints(1)), op.Unsqueeze(count(cols), ints(0)), n)
+
+    def phase(r, c, n):  # int64 tensors r and c, broadcast: 2π·(r·c mod n)/n
         turns = op.Cast(op.Mod(op.Mul(r, c), n), to=1)
         return op.Mul(turns, op.Div(op.Constant(value_float=2 * np.pi), op.Cast(n, to=1)))
 
@@ -181,13 +183,19 @@ def cpu_translation(l_max):
         a = phases(K1, n2, n)
         twiddle = op.Concat(op.Cos(a), op.Neg(op.Sin(a)), axis=0)  # (2K1, n2)
         twiddle_conj = op.Concat(op.Cos(a), op.Sin(a), axis=1)  # (K1, 2n2)
+        # the DFT over a (to c), rows (c, real|imaginary), columns (real|imaginary, a)
         a = phases(p, p, p)
         c, s = op.Cos(a), op.Sin(a)
-        middle = op.Concat(op.Concat(c, s, axis=1), op.Concat(op.Neg(s), c, axis=1), axis=0)  # (2p, 2p)
-        middle_inverse = op.Concat(op.Concat(c, op.Neg(s), axis=1), op.Concat(s, c, axis=1), axis=0)
-        a = phases(p, p, n2)
-        twiddle2 = op.Concat(op.Cos(a), op.Neg(op.Sin(a)), axis=0)  # (2p, p)
-        twiddle2_conj = op.Concat(op.Cos(a), op.Sin(a), axis=1)  # (p, 2p)
+        middle = op.Concat(op.Unsqueeze(op.Concat(c, s, axis=1), ints(1)),
+                           op.Unsqueeze(op.Concat(op.Neg(s), c, axis=1), ints(1)), axis=1)
+        middle = op.Reshape(middle, op.Concat(two_p, two_p, axis=0))  # (2p, 2p)
+        # per c, the twiddles w_n2^(c·b) and the DFT over b (to d) in one matrix: w_n2^(b·(p·d + c))
+        a = phase(op.Unsqueeze(op.Add(op.Unsqueeze(op.Mul(count(p), p), ints(0)), op.Unsqueeze(count(p), ints(1))),
+                               ints(2)), op.Unsqueeze(count(p), ints(0)), n2)  # (c, d, b)
+        c, s = op.Cos(a), op.Sin(a)
+        twisted = op.Concat(op.Concat(c, s, axis=2), op.Concat(op.Neg(s), c, axis=2), axis=1)  # (p, 2p, 2p)
+        # their inverses are the transposes (the real forms of conjugate transposes)
+        middle_inverse, twisted_inverse = op.Transpose(middle, perm=[1, 0]), op.Transpose(twisted, perm=[0, 2, 1])
 
         def shape(*dims):
             return op.Concat(*[ints(d) if isinstance(d, int) else d for d in dims], axis=0)
@@ -196,10 +204,9 @@ def cpu_translation(l_max):
             A = op.MatMul(first, op.Reshape(x, shape(h, -1)))  # (2K1, n2·M)
             A = complex_product(op, op.Reshape(A, shape(2, K1, 1, n2, -1)), op.Reshape(twiddle, shape(2, K1, 1, n2, 1)),
                                 axis=0, out_axis=2)  # (1, K1, 2, n2, M), j2 = p·a + b
-            A = op.MatMul(middle, op.Reshape(A, shape(K1, two_p, -1)))  # (K1, 2p, p·M): the DFT over a, to c
-            A = complex_product(op, op.Reshape(A, shape(K1, 2, p, p, -1)), op.Reshape(twiddle2, shape(1, 2, p, p, 1)),
-                                axis=1, out_axis=2, part_shape=shape(K1, p, 1, p, -1))  # (K1, p, 2, p, M)
-            return op.MatMul(middle, op.Reshape(A, shape(K1_p, two_p, -1)))  # the DFT over b, to d
+            A = op.MatMul(middle, op.Reshape(A, shape(K1, two_p, -1)))  # (K1, 2p, p·M): rows (c, real|imaginary)
+            A = op.MatMul(twisted, op.Reshape(A, shape(K1, p, two_p, -1)))  # (K1, p, 2p, M): columns (b, M) to d
+            return op.Reshape(A, shape(K1_p, two_p, -1))
 
         signal_length = op.Mul(h, n2)  # the zero-padded signal, n/2 long
         x = op.Pad(op.Transpose(u, perm=[2, 0, 1]), shape(0, 0, 0, op.Sub(signal_length, L), 0, 0))  # (h·n2, B, C)
@@ -207,12 +214,10 @@ def cpu_translation(l_max):
         x = op.Pad(op.Transpose(k, perm=[1, 0]), shape(0, 0, op.Sub(signal_length, L), 0))  # (h·n2, C)
         K = op.Reshape(spectrum(x), shape(K1_p, 2, p, 1, -1))  # (K1·p, 2, p, 1, C): the same for every batch row
         Y = op.Reshape(complex_product(op, U, K, axis=1), shape(K1_p, two_p, -1))  # (K1·p, 2p, M)
-        # the inverse, stages backwards: the DFT over d, conjugate twiddles, the DFT over c, conjugate
-        # twiddles, the DFT over k1 taking the real part
-        Y = op.Reshape(op.MatMul(middle_inverse, Y), shape(K1, p, 2, p, -1))
-        Y = complex_product(op, Y, op.Reshape(twiddle2_conj, shape(1, p, 2, p, 1)), axis=2, out_axis=1,
-                            part_shape=shape(K1, 1, p, p, -1))  # (K1, 2, p, p, M)
-        Y = op.Reshape(op.MatMul(middle_inverse, op.Reshape(Y, shape(K1, two_p, -1))), shape(K1, 2, n2, -1))
+        # the inverse, stages backwards: d to b (with the conjugate twiddles), c to a, the conjugate twiddles
+        # w_n^(-j2·k1), and k1 to j1 taking the real part
+        Y = op.MatMul(twisted_inverse, op.Reshape(Y, shape(K1, p, two_p, -1)))  # (K1, p, 2p, M): d to b
+        Y = op.Reshape(op.MatMul(middle_inverse, op.Reshape(Y, shape(K1, two_p, -1))), shape(K1, 2, n2, -1))  # c to a
         Y = complex_product(op, Y, op.Reshape(twiddle_conj, shape(K1, 2, n2, 1)), axis=1, out_axis=0)  # (2K1, 1, n2, M)
         y = op.MatMul(last, op.Reshape(Y, shape(two_K1, -1)))  # (h, n2·M)
         y = op.Reshape(y, shape(signal_length, op.Shape(u, end=2)))  # (h·n2, B, C)
