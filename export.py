@@ -226,15 +226,12 @@ def cpu_translation(l_max):
 
 
 def padded_short_conv(z, weight, bias):
-    """tinyhyena.causal_short_conv with a left pad instead of in-place updates of slices: the exporter writes
-    those as ScatterND between full transposes, which took 60-110 ms each on ORT's CPU provider at batch
-    16 x 1,000 (the whole torch forward: 170 ms)."""
-    K, L = weight.shape[-1], z.shape[-1]
-    padded = F.pad(z, (K - 1, 0))  # (B, C, K-1+L): z[t - j] is padded[t + K-1 - j]
-    out = bias[:, None]
-    for j in range(K):
-        out = out + padded[..., j:j + L] * weight[:, j, None]
-    return out
+    """tinyhyena.causal_short_conv as a left Pad and a depthwise Conv, which ONNX Runtime fuses into one Conv
+    with pads. Measured on its CPU provider at 1 x 32,768: 7 ms a layer, where a pad and three shifted
+    multiply-adds took about 50 ms (Pad and Slice copy), and the in-place updates of slices that torch runs
+    best became ScatterND between full transposes (60-110 ms each at batch 16 x 1,000)."""
+    K = weight.shape[-1]
+    return F.conv1d(F.pad(z, (K - 1, 0)), weight[:, None, :], bias, groups=z.shape[1])  # (B, C, L)
 
 
 class ExportedModel(nn.Module):
