@@ -21,7 +21,7 @@ measured on version 1.31):
 - `--target cuda`: ONNX's DFT op has no CUDA kernel in ONNX Runtime (nodes would fall back to the CPU), so the
   FFT is written with the contrib ops com.microsoft.Rfft / Irfft, which run on cuFFT. Their Irfft infers an
   output length of 2m-1 from m frequency bins, so the sizes are odd (3^a 5^b 7^c);
-- `--target cpu`: the FFT written as matrix products (a two-stage Cooley-Tukey split, see cpu_translation):
+- `--target cpu`: the FFT written as matrix products (a Cooley-Tukey split into small DFTs, see cpu_translation):
   ONNX Runtime's CPU DFT kernel ran 10x slower than torch's FFT, its MatMul runs near the machine's peak.
 """
 
@@ -152,6 +152,9 @@ def cpu_translation(l_max):
     ints = lambda *values: op.Constant(value_ints=list(values))
     exponents = range(max(1, l_max).bit_length())
 
+    def shape(*dims):  # a shape from ints and [1] tensors
+        return op.Concat(*[ints(d) if isinstance(d, int) else d for d in dims], axis=0)
+
     def count(n):  # 0 .. n-1 for a [1] tensor n
         return op.Range(op.Constant(value_int=0), op.Squeeze(n), op.Constant(value_int=1))
 
@@ -188,7 +191,7 @@ def cpu_translation(l_max):
         c, s = op.Cos(a), op.Sin(a)
         middle = op.Concat(op.Unsqueeze(op.Concat(c, s, axis=1), ints(1)),
                            op.Unsqueeze(op.Concat(op.Neg(s), c, axis=1), ints(1)), axis=1)
-        middle = op.Reshape(middle, op.Concat(two_p, two_p, axis=0))  # (2p, 2p)
+        middle = op.Reshape(middle, shape(two_p, two_p))  # (2p, 2p)
         # per c, the twiddles w_n2^(c·b) and the DFT over b (to d) in one matrix: w_n2^(b·(p·d + c))
         a = phase(op.Unsqueeze(op.Add(op.Unsqueeze(op.Mul(count(p), p), ints(0)), op.Unsqueeze(count(p), ints(1))),
                                ints(2)), op.Unsqueeze(count(p), ints(0)), n2)  # (c, d, b)
@@ -196,9 +199,6 @@ def cpu_translation(l_max):
         twisted = op.Concat(op.Concat(c, s, axis=2), op.Concat(op.Neg(s), c, axis=2), axis=1)  # (p, 2p, 2p)
         # their inverses are the transposes (the real forms of conjugate transposes)
         middle_inverse, twisted_inverse = op.Transpose(middle, perm=[1, 0]), op.Transpose(twisted, perm=[0, 2, 1])
-
-        def shape(*dims):
-            return op.Concat(*[ints(d) if isinstance(d, int) else d for d in dims], axis=0)
 
         def spectrum(x):  # x (h·n2, M) -> (K1·p, 2p, M): bin k1 + n1·(c + p·d) at row k1·p + c, column d
             A = op.MatMul(first, op.Reshape(x, shape(h, -1)))  # (2K1, n2·M)

@@ -716,7 +716,6 @@ def test_export_holds_parameters_and_serves_any_length_up_to_max_len(tmp_path):
                                       batches=(1, 2)) <= 1e-4
 
 
-
 @pytest.fixture(scope="module")
 def cpu_conv_session(tmp_path_factory):
     """The cpu target's long convolution (the FFT as matrix products) alone, as ONNX Runtime runs it."""
