@@ -45,8 +45,17 @@ import tinyhyena as th
 
 @torch.library.custom_op("tinyhyena::causal_conv", mutates_args=())
 def causal_conv(u: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """Causal convolution of u (B, C, L) with k (C, L)."""
-    return th.causal_fft_conv(u, k)
+    """Causal convolution of u (B, C, L) with k (C, L), by FFT (see tinyhyena.GatedCausalConv)."""
+    L = u.shape[-1]
+    n = th.fft_size(2 * L - 1)
+    return torch.fft.irfft(torch.fft.rfft(u, n=n) * torch.fft.rfft(k, n=n), n=n)[..., :L]
+
+
+def gated_conv(v, x, k, bias):
+    """The model's gate, long convolution and skip term (tinyhyena.GatedCausalConv), with the convolution
+    as one causal_conv node."""
+    a = v * x
+    return torch.addcmul(torch.ops.tinyhyena.causal_conv(a, k), a, bias[:, None])
 
 
 @causal_conv.register_fake
@@ -250,7 +259,7 @@ class ExportedModel(nn.Module):
             block.mlp_chunk = lm.cfg.l_max  # one MLP call: the graph has no Python loop over slices
             mixer = block.mixer
             mixer.channel_group = d  # one group: ONNX Runtime plans memory itself
-            mixer.long_conv = torch.ops.tinyhyena.causal_conv  # translated per target, see export()
+            mixer.gated_conv = gated_conv  # its convolution translated per target, see export()
             mixer.short_conv_fn = padded_short_conv
             # the filter from positional features computed for the input's length: the graph holds the
             # filter MLP's weights, not l_max-long tables (8 GB of frozen filters for large-1m)

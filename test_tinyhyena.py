@@ -123,15 +123,38 @@ def direct_causal_conv(u, k):
 @given(st.integers(1, 3), st.integers(1, 5), st.integers(1, 200), st.integers(0, 2**31 - 1))
 def test_fft_conv_equals_direct_conv(B, C, L, seed):
     g = torch.Generator().manual_seed(seed)
-    u, k = torch.randn(B, C, L, generator=g, dtype=torch.float64), torch.randn(C, L, generator=g, dtype=torch.float64)
-    torch.testing.assert_close(th.CausalFFTConv.apply(u, k), direct_causal_conv(u, k), rtol=1e-9, atol=1e-9)
+    v, x = torch.randn(2, B, C, L, generator=g, dtype=torch.float64)
+    k, bias = torch.randn(C, L, generator=g, dtype=torch.float64), torch.randn(C, generator=g, dtype=torch.float64)
+    a = v * x
+    torch.testing.assert_close(th.GatedCausalConv.apply(v, x, k, bias), direct_causal_conv(a, k) + bias[:, None] * a,
+                               rtol=1e-9, atol=1e-9)
 
 
 @pytest.mark.parametrize("L", [1, 2, 5, 16, 33])
 def test_fft_conv_gradcheck(L):
-    u = torch.randn(2, 3, L, dtype=torch.float64, requires_grad=True)
+    v, x = (torch.randn(2, 3, L, dtype=torch.float64, requires_grad=True) for _ in range(2))
     k = torch.randn(3, L, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(th.CausalFFTConv.apply, (u, k))
+    bias = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(th.GatedCausalConv.apply, (v, x, k, bias))
+    k.requires_grad_(False)  # the branches for a subset of the inputs
+    assert torch.autograd.gradcheck(th.GatedCausalConv.apply, (v, x, k, bias))
+
+
+@property_settings
+@given(st.integers(1, 3), st.integers(1, 4), st.integers(1, 60), st.integers(1, 5), st.integers(0, 2**31 - 1))
+def test_short_conv_equals_conv1d_with_gradients(B, C, L, K, seed):
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(B, C, L, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(C, K, generator=g, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(C, generator=g, dtype=torch.float64, requires_grad=True)
+    ours = th.causal_short_conv(z, weight, bias)
+    grads = torch.autograd.grad(ours, (z, weight, bias), torch.ones_like(ours))
+    left_padded = torch.nn.functional.pad(z, (K - 1, 0))  # causal: out[t] sees z[t-K+1 .. t]
+    reference = torch.nn.functional.conv1d(left_padded, weight[:, None, :], bias, groups=C)
+    reference_grads = torch.autograd.grad(reference, (z, weight, bias), torch.ones_like(reference))
+    torch.testing.assert_close(ours, reference, rtol=1e-9, atol=1e-9)
+    for mine, theirs in zip(grads, reference_grads):
+        torch.testing.assert_close(mine, theirs, rtol=1e-9, atol=1e-9)
 
 
 @settings(max_examples=200, deadline=None)
