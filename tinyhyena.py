@@ -418,11 +418,12 @@ class HyenaOperator(nn.Module):
         self.short_conv = nn.Conv1d((N + 1) * d, (N + 1) * d, cfg.short_filter_order, groups=(N + 1) * d)
         self.filter = ImplicitFilter(cfg)
         self.out_proj = nn.Linear(d, d)
-        # Floats per channel group's FFT spectrum: 32 MB, glibc's largest mmap threshold. Bigger buffers are
-        # mmap'ed fresh on every call and pay a page fault per 4 KB page; smaller ones are reused from the heap.
-        # Measured at batch 32 x 1,024 (training step, 2-core CPU): 1.2-1.5 s here against 1.7-2.2 s at 128 MB.
-        self.fft_budget = 1 << 23
-        self.channel_group = None  # channels per group; None: chosen from fft_budget
+        # Floats in a channel group's largest buffer (its projections, or its FFT spectrum): 32 MB, glibc's
+        # largest mmap threshold. Bigger buffers are mmap'ed fresh on every call and pay a page fault per 4 KB
+        # page; smaller ones are reused from the heap. Measured at batch 32 x 1,024 (training step, 2-core CPU):
+        # 1.2-1.5 s here against 1.7-2.2 s at 128 MB; at 2^17, 6.5 s against 6.9 s with only the spectrum bounded.
+        self.group_budget = 1 << 23
+        self.channel_group = None  # channels per group; None: chosen from group_budget
         self.gated_conv = gated_causal_conv  # export.py swaps in the formulation its target runs best
         self.short_conv_fn = causal_short_conv  # likewise
 
@@ -436,28 +437,40 @@ class HyenaOperator(nn.Module):
         # would need several GB, a group of 16 channels a few hundred MB, and runs faster (cache-sized FFTs).
         # Under checkpointing each group is recomputed alone in backward, so training memory is bounded too.
         group = self.channel_group
-        if group is None:  # equal groups, each FFT spectrum (B, G, n/2+1) within fft_budget floats, but at
-            # least 16 channels: in_proj's slice of a group is a matmul, and thinner ones run far below peak
-            # (measured at L = 2^20: groups of 3 channels took inference from 22 s to 30 s)
-            n_groups = math.ceil(d / max(16, self.fft_budget // (B * (fft_size(2 * L - 1) + 2))))
+        if group is None:  # equal groups, each buffer within group_budget floats: the projections (B, (N+1)G, L)
+            # and the FFT spectrum (B, G, n/2+1) complex; but at least 16 channels: in_proj's slice of a group is
+            # a matmul, and thinner ones run far below peak (at L = 2^20, groups of 3 took inference from 22 to 30 s)
+            per_channel = B * max((N + 1) * L, fft_size(2 * L - 1) + 2)
+            n_groups = math.ceil(d / max(16, self.group_budget // per_channel))
             group = math.ceil(d / n_groups)
-        # (h is split once, not indexed per group: an index's gradient is a full-size tensor of zeros per group)
-        y = torch.cat([checkpointed(checkpoint, self.mix_channels, u, h_group, c, c + h_group.shape[1])
-                       for c, h_group in zip(range(0, d, group), h.split(group, dim=1))], dim=1)  # (B, d, L)
-        return self.out_proj(y.transpose(1, 2))  # (B, L, d)
+        groups = [slice(c, min(c + group, d)) for c in range(0, d, group)]
+        h_groups = h.split(group, dim=1)  # (not h[:, g]: an index's gradient is full-size zeros, per group)
+        if torch.is_grad_enabled() and not checkpoint:
+            # backward keeps every group's projection anyway, so project them all in one matmul, whose backward
+            # is one matmul too (per group, each backward would add a full-size gradient into u's)
+            y = [self.mix_channels(z, h_g, g) for z, h_g, g in zip(self.project(u, groups), h_groups, groups)]
+        else:
+            mix = lambda u, h_g, g: self.mix_channels(self.project(u, [g])[0], h_g, g)
+            y = [checkpointed(checkpoint, mix, u, h_g, g) for h_g, g in zip(h_groups, groups)]
+        return self.out_proj(torch.cat(y, dim=1).transpose(1, 2))  # (B, d, L) -> (B, L, d)
 
-    def mix_channels(self, u, h, start, stop):
-        """Channels start:stop of the operator, before out_proj. u: (B, L, d), h: their filters (N-1, G, L)
-        -> (B, G, L)."""
-        N, d, g = self.cfg.order, self.cfg.d_model, slice(start, stop)
+    def project(self, u, groups):
+        """in_proj for the channels of each group (slices of 0..d), all N+1 streams: per group a (B, (N+1)*G, L)
+        tensor, computed straight into the layout the FFT wants: a matmul against u transposed needs no copy,
+        transposing its output would. u: (B, L, d)."""
+        N, d = self.cfg.order, self.cfg.d_model
         W, b = self.in_proj.weight.view(N + 1, d, d), self.in_proj.bias.view(N + 1, d)
-        # in_proj for these channels of all N+1 streams, computed straight into (B, C, L), the layout the FFT
-        # wants: a matmul against u transposed needs no copy, transposing its output would.
-        z = torch.baddbmm(b[:, g].reshape(-1, 1), W[:, g].flatten(0, 1).expand(u.shape[0], -1, -1),
-                          u.transpose(1, 2))  # (B, (N+1)*G, L)
+        W, b = torch.cat([W[:, g].flatten(0, 1) for g in groups]), torch.cat([b[:, g].flatten() for g in groups])
+        z = torch.baddbmm(b[:, None], W.expand(u.shape[0], -1, -1), u.transpose(1, 2))  # (B, (N+1)*d', L)
+        return z.split([(N + 1) * (g.stop - g.start) for g in groups], dim=1)
+
+    def mix_channels(self, z, h, g):
+        """Channels g (a slice) of the operator, from their projections to before out_proj. z: (B, (N+1)*G, L),
+        h: their filters (N-1, G, L) -> (B, G, L)."""
+        N, d = self.cfg.order, self.cfg.d_model
         Wc, bc = self.short_conv.weight.view(N + 1, d, -1), self.short_conv.bias.view(N + 1, d)
         z = self.short_conv_fn(z, Wc[:, g].flatten(0, 1), bc[:, g].flatten())
-        *x, v = z.split(stop - start, dim=1)  # x_0 .. x_{N-1}, v: each (B, G, L)
+        *x, v = z.split(g.stop - g.start, dim=1)  # x_0 .. x_{N-1}, v: each (B, G, L)
         bias = self.filter.bias.view(N - 1, d)
         for o, x_i in enumerate(reversed(x[1:])):  # x_{N-1} first, as published
             v = self.gated_conv(v, x_i, h[o], bias[o, g])  # h_o (*) (v * x_i) + bias_o * (v * x_i)
@@ -474,7 +487,16 @@ class MLP(nn.Module):
         self.fc2 = nn.Linear(cfg.d_inner, cfg.d_model)
 
     def forward(self, x):  # x: (B, L, d)
-        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+        # On the CPU, a chunk of positions at a time: the hidden activations, 4x wider than the stream, are the
+        # largest tensors of a step, and in chunks of 16 MB (and their gradients, in backward) they are memory
+        # that glibc's heap hands back out, where whole ones are fresh mmap'ed memory every time, paid in page
+        # faults. A training step at L = 2^17 (2-core CPU, medians of 4 steps, 3 runs): 7.4-9.1 s -> 6.3-6.6 s.
+        rows = x.reshape(-1, x.shape[-1])  # (B*L, d)
+        chunk = max(1, (1 << 22) // self.fc1.out_features)  # rows per 16 MB of hidden activations
+        if x.device.type != "cpu" or rows.shape[0] <= chunk or torch.compiler.is_exporting():
+            return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+        out = torch.cat([self.fc2(F.gelu(self.fc1(part), approximate="tanh")) for part in rows.split(chunk)])
+        return out.view(*x.shape[:-1], -1)
 
 
 class Block(nn.Module):
