@@ -157,6 +157,21 @@ def test_short_conv_equals_conv1d_with_gradients(B, C, L, K, seed):
         torch.testing.assert_close(mine, theirs, rtol=1e-9, atol=1e-9)
 
 
+def test_mlp_in_pieces_equals_whole(monkeypatch):
+    """The CPU's MLP over pieces of positions (see HEAP_BUFFER_FLOATS) is the same function, same gradients."""
+    mlp = th.MLP(th.preset_config("tiny")).double()
+    x = torch.randn(2, 300, 128, dtype=torch.float64, requires_grad=True)
+    whole = mlp(x, in_pieces=False)
+    monkeypatch.setattr(th, "HEAP_BUFFER_FLOATS", 512 * 70)  # pieces of 70 rows: 9 pieces, the last short
+    assert len(th.cpu_pieces(x, 600, 512)) == 9
+    pieces = mlp(x)
+    torch.testing.assert_close(pieces, whole, rtol=1e-12, atol=1e-12)
+    g = torch.randn_like(whole)
+    for a, b in zip(torch.autograd.grad(pieces, [x, *mlp.parameters()], g),
+                    torch.autograd.grad(whole, [x, *mlp.parameters()], g)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
 @settings(max_examples=200, deadline=None)
 @given(st.text(alphabet="ACGTN", max_size=300))
 def test_tokenizer_round_trip(seq):

@@ -211,6 +211,25 @@ def preset_config(name, **overrides):
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Memory on the CPU. torch's CPU tensors come from glibc's malloc, which serves a buffer under 32 MB from its
+# heap and hands a freed one back out to the next request, but mmaps a bigger one fresh every time, and each
+# fresh page costs a page fault when first written. On the 2-core CPU machine (a VM) that is 0.5-1 s per GB,
+# and it was most of a training step's time. So the model works through its biggest tensors in pieces that
+# stay under this size: the channel groups of the Hyena operator (which also bound memory, on any device),
+# and the MLP's rows (on the CPU only: CUDA's caching allocator reuses memory itself). Splitting the FFTs'
+# channels further did not pay: at L = 2^20, pieces of 3 channels cost more CPU time than the faults saved.
+
+HEAP_BUFFER_FLOATS = (31 << 20) // 4  # 31 MB of float32
+
+
+def cpu_pieces(tensor, total, per_item):
+    """Slices of range(total) whose items, per_item floats each, fit in HEAP_BUFFER_FLOATS together (the
+    whole range at once off the CPU)."""
+    step = total if tensor.device.type != "cpu" else max(1, HEAP_BUFFER_FLOATS // per_item)
+    return [slice(i, min(i + step, total)) for i in range(0, total, step)]
+
+
+# ---------------------------------------------------------------------------------------------------------
 # The long convolution.
 
 def fft_size(n, radices=(2, 3, 5)):
@@ -418,11 +437,10 @@ class HyenaOperator(nn.Module):
         self.short_conv = nn.Conv1d((N + 1) * d, (N + 1) * d, cfg.short_filter_order, groups=(N + 1) * d)
         self.filter = ImplicitFilter(cfg)
         self.out_proj = nn.Linear(d, d)
-        # Floats in a channel group's largest buffer (its projections, or its FFT spectrum): 32 MB, glibc's
-        # largest mmap threshold. Bigger buffers are mmap'ed fresh on every call and pay a page fault per 4 KB
-        # page; smaller ones are reused from the heap. Measured at batch 32 x 1,024 (training step, 2-core CPU):
-        # 1.2-1.5 s here against 1.7-2.2 s at 128 MB; at 2^17, 6.5 s against 6.9 s with only the spectrum bounded.
-        self.group_budget = 1 << 23
+        # Floats in a channel group's largest buffer (its projections, or its FFT spectrum), to stay on the
+        # heap (see HEAP_BUFFER_FLOATS). Measured at batch 32 x 1,024 (training step, 2-core CPU): 1.2-1.5 s
+        # here against 1.7-2.2 s at 128 MB; at 2^17, 6.5 s against 6.9 s with only the spectrum bounded.
+        self.group_budget = HEAP_BUFFER_FLOATS
         self.channel_group = None  # channels per group; None: chosen from group_budget
         self.gated_conv = gated_causal_conv  # export.py swaps in the formulation its target runs best
         self.short_conv_fn = causal_short_conv  # likewise
@@ -486,16 +504,17 @@ class MLP(nn.Module):
         self.fc1 = nn.Linear(cfg.d_model, cfg.d_inner)
         self.fc2 = nn.Linear(cfg.d_inner, cfg.d_model)
 
-    def forward(self, x):  # x: (B, L, d)
-        # On the CPU, a chunk of positions at a time: the hidden activations, 4x wider than the stream, are the
-        # largest tensors of a step, and in chunks of 16 MB (and their gradients, in backward) they are memory
-        # that glibc's heap hands back out, where whole ones are fresh mmap'ed memory every time, paid in page
-        # faults. A training step at L = 2^17 (2-core CPU, medians of 4 steps, 3 runs): 7.4-9.1 s -> 6.3-6.6 s.
+    def forward(self, x, in_pieces=True):  # x: (B, L, d)
+        # The hidden activations, 4x wider than the stream, are the largest tensors of a step: on the CPU they
+        # are made (and, in backward, their gradients) for a piece of the positions at a time, which the heap
+        # serves (HEAP_BUFFER_FLOATS). A training step at L = 2^17 (2-core CPU, medians of 4 steps, 3 runs):
+        # 7.4-9.1 s -> 6.3-6.6 s. The heap keeps what it has served, though: where memory comes first (Block's
+        # slices at long L), in_pieces=False (at 2^19 under checkpointing, pieces took 0.56 GB more).
         rows = x.reshape(-1, x.shape[-1])  # (B*L, d)
-        chunk = max(1, (1 << 22) // self.fc1.out_features)  # rows per 16 MB of hidden activations
-        if x.device.type != "cpu" or rows.shape[0] <= chunk or torch.compiler.is_exporting():
+        pieces = cpu_pieces(x, rows.shape[0], self.fc1.out_features) if in_pieces else [slice(None)]
+        if len(pieces) == 1 or torch.compiler.is_exporting():
             return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
-        out = torch.cat([self.fc2(F.gelu(self.fc1(part), approximate="tanh")) for part in rows.split(chunk)])
+        out = torch.cat([self.fc2(F.gelu(self.fc1(rows[p]), approximate="tanh")) for p in pieces])
         return out.view(*x.shape[:-1], -1)
 
 
@@ -522,9 +541,9 @@ class Block(nn.Module):
             return x + self.dropout(self.mlp(self.norm2(x)))
         if not torch.is_grad_enabled():
             for part in x.split(self.mlp_chunk, dim=1):
-                part += self.dropout(self.mlp(self.norm2(part)))
+                part += self.dropout(self.mlp(self.norm2(part), in_pieces=False))
             return x
-        branch = lambda part: self.dropout(self.mlp(self.norm2(part)))
+        branch = lambda part: self.dropout(self.mlp(self.norm2(part), in_pieces=False))
         return x + torch.cat([checkpointed(checkpoint, branch, part) for part in x.split(self.mlp_chunk, dim=1)], 1)
 
 
