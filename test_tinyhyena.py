@@ -172,6 +172,36 @@ def test_mlp_in_pieces_equals_whole(monkeypatch):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
+def test_filter_spectra_kept_without_gradient_follow_the_weights():
+    """Without a gradient the filters' spectra are kept between calls (ImplicitFilter.cached_spectrum); every
+    call must still compute the model's current function: after an in-place update, a load_state_dict, at
+    another length, and with the cache switched off."""
+    torch.manual_seed(0)
+    model = th.HyenaDNA(th.HyenaConfig(d_model=16, n_layer=2, d_inner=32, filter_order=8, l_max=300)).eval()
+    ids = torch.randint(7, 12, (2, 200))
+
+    def check(ids):  # the no-gradient path (twice: the second call reads the kept spectra) against the other
+        with torch.enable_grad():
+            reference = model.hidden_states(ids).detach()
+        with torch.no_grad():
+            for _ in range(2):
+                torch.testing.assert_close(model.hidden_states(ids), reference, rtol=1e-5, atol=1e-6)
+
+    check(ids)
+    filters = [block.mixer.filter for block in model.blocks]
+    assert all(f.spectrum_cache is not None for f in filters)
+    with torch.no_grad():
+        filters[1].mlp[0].weight.mul_(1.5)  # as an optimizer step would: in place
+    check(ids)
+    model.load_state_dict(th.HyenaDNA(model.cfg).state_dict())
+    check(ids)
+    check(ids[:, :37])
+    for f in filters:
+        f.spectrum_cache, f.spectrum_cache_bytes = None, 0
+    check(ids)
+    assert all(f.spectrum_cache is None for f in filters)
+
+
 @settings(max_examples=200, deadline=None)
 @given(st.text(alphabet="ACGTN", max_size=300))
 def test_tokenizer_round_trip(seq):

@@ -259,7 +259,8 @@ def fft_size(n, radices=(2, 3, 5)):
 class GatedCausalConv(torch.autograd.Function):
     """One gate and long convolution of the Hyena recurrence, with its skip term, by FFT:
         a = v * x;   y[..., t] = sum_{s<=t} k[..., t-s] a[..., s]  +  bias * a[..., t]
-    v, x: (B, C, L), k: (C, L), bias: (C,) -> y: (B, C, L).
+    v, x: (B, C, L), k: (C, L), bias: (C,) -> y: (B, C, L). Without a gradient k may be given as its spectrum
+    instead, rfft(k, n) (C, n/2+1) complex, n = fft_size(2L-1): see ImplicitFilter.cached_spectrum.
 
     Written as one autograd Function for speed and memory. The gate's product is written straight into the
     zero-padded buffer the FFT reads: torch.fft.rfft(u, n) would copy u into a fresh padded tensor, a pass
@@ -274,7 +275,8 @@ class GatedCausalConv(torch.autograd.Function):
         L = v.shape[-1]
         n = fft_size(2 * L - 1)
         a = GatedCausalConv.padded_product(v, x, n)  # (B, C, n): v * x, then zeros
-        spectrum = torch.fft.rfft(a).mul_(torch.fft.rfft(k, n=n))  # in place: no third spectrum-sized buffer
+        k_spectrum = k if k.is_complex() else torch.fft.rfft(k, n=n)  # k may come as its spectrum (C, n/2+1)
+        spectrum = torch.fft.rfft(a).mul_(k_spectrum)  # in place: no third spectrum-sized buffer
         ctx.save_for_backward(v, x, k, bias)
         return torch.addcmul(torch.fft.irfft(spectrum, n=n)[..., :L], a[..., :L], bias[:, None])
 
@@ -314,8 +316,9 @@ def gated_causal_conv(v, x, k, bias):
     """GatedCausalConv in float32 even under bf16 autocast: a sum of up to a million products needs float32's
     mantissa (bf16 FFTs are also unsupported on most backends)."""
     dtype = torch.promote_types(v.dtype, torch.float32)  # bf16/fp16 -> float32; float64 stays
+    k = k if k.is_complex() else k.to(dtype)  # a spectrum is float32's (or float64's) already
     with torch.autocast(v.device.type, enabled=False):
-        return GatedCausalConv.apply(v.to(dtype), x.to(dtype), k.to(dtype), bias.to(dtype)).to(v.dtype)
+        return GatedCausalConv.apply(v.to(dtype), x.to(dtype), k, bias.to(dtype)).to(v.dtype)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -371,6 +374,11 @@ class ImplicitFilter(nn.Module):
         # reads them. An exported graph computes them for the input's length instead (export.py), so that
         # it holds no l_max-long constants: the two agree to float rounding (positional_features).
         self.features_from_positions = False
+        # Room for the spectra of the filters to be kept between calls without a gradient (cached_spectrum):
+        # 4 GiB per model, shared among its layers. That holds the tiny model's at L = 2^20 (1 GiB a layer),
+        # and none that the large model's 8 layers need past 2^17; 0 switches the cache off.
+        self.spectrum_cache_bytes = (4 << 30) // cfg.n_layer
+        self.spectrum_cache = None  # (key, spectra), see cached_spectrum
 
     def forward(self, L):
         if self.features_from_positions:
@@ -385,6 +393,30 @@ class ImplicitFilter(nn.Module):
         h = torch.mm(self.mlp[-1].weight, features.t())  # (n_filters, L)
         window = torch.outer(-self.deltas.abs(), t[:, 0]).exp_().add_(0.05)  # (n_filters, L)
         return h.mul_(window)
+
+    def cached_spectrum(self, L):
+        """The filters' spectra rfft(h, n) (n_filters, n/2+1), n = fft_size(2L-1), for use without a gradient;
+        None where they would not fit in `spectrum_cache_bytes`. Without a gradient the filters depend only on
+        the weights and L, so a model that reads many inputs of one length (scoring, embedding, evaluation)
+        computes them once: the filter MLP, its window and the filters' FFTs were about a quarter of an
+        inference at L = 2^20. They are recomputed when L, the device, autocast or any weight changes (every
+        in-place update of a tensor, an optimizer step or load_state_dict, bumps its version counter)."""
+        n = fft_size(2 * L - 1)
+        tensors = list(self.parameters()) + list(self.buffers())
+        dtype = torch.promote_types(tensors[0].dtype, torch.float32)
+        n_bytes = self.deltas.numel() * (n // 2 + 1) * 2 * dtype.itemsize
+        if n_bytes > self.spectrum_cache_bytes:
+            return None
+        device = tensors[0].device.type
+        key = (L, torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None,
+               self.features_from_positions, *[(p.data_ptr(), p._version) for p in tensors])
+        if self.spectrum_cache is None or self.spectrum_cache[0] != key:
+            self.spectrum_cache = None  # free the old spectra before making new ones
+            h = self(L)
+            with torch.autocast(device, enabled=False):  # (in float32, as gated_causal_conv runs the FFTs)
+                spectrum = torch.cat([torch.fft.rfft(piece.to(dtype), n=n) for piece in cpu_pieces(h, n)])
+            self.spectrum_cache = (key, spectrum)
+        return self.spectrum_cache[1]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -452,7 +484,9 @@ class HyenaOperator(nn.Module):
     def forward(self, u, checkpoint=False):
         B, L, d = u.shape  # u: (B, L, d)
         N = self.cfg.order
-        h = checkpointed(checkpoint, self.filter, L).view(N - 1, d, L)  # long filters, (N-1, d, L)
+        # the long filters h (N-1, d, L), or without a gradient their spectra (N-1, d, n/2+1), kept between calls
+        h = None if torch.is_grad_enabled() or torch.compiler.is_exporting() else self.filter.cached_spectrum(L)
+        h = (checkpointed(checkpoint, self.filter, L) if h is None else h).view(N - 1, d, -1)
         # Everything between in_proj and out_proj acts on each channel separately: channel c of y needs only
         # channel c of x_0..x_{N-1} and v. Processing channels in groups bounds the big temporaries (the
         # projected streams and the FFT buffers) to one group's worth: at L = 2^20 the whole width at once
