@@ -501,14 +501,21 @@ class HyenaOperator(nn.Module):
             group = math.ceil(d / n_groups)
         groups = [slice(c, min(c + group, d)) for c in range(0, d, group)]
         h_groups = h.split(group, dim=1)  # (not h[:, g]: an index's gradient is full-size zeros, per group)
+        mix = lambda u, h_g, g: self.mix_channels(self.project(u, [g])[0], h_g, g)
         if torch.is_grad_enabled() and not checkpoint:
             # backward keeps every group's projection anyway, so project them all in one matmul, whose backward
             # is one matmul too (per group, each backward would add a full-size gradient into u's)
-            y = [self.mix_channels(z, h_g, g) for z, h_g, g in zip(self.project(u, groups), h_groups, groups)]
-        else:
-            mix = lambda u, h_g, g: self.mix_channels(self.project(u, [g])[0], h_g, g)
-            y = [checkpointed(checkpoint, mix, u, h_g, g) for h_g, g in zip(h_groups, groups)]
-        return self.out_proj(torch.cat(y, dim=1).transpose(1, 2))  # (B, d, L) -> (B, L, d)
+            y = torch.cat([self.mix_channels(z, h_g, g) for z, h_g, g in zip(self.project(u, groups), h_groups, groups)], 1)
+        elif torch.is_grad_enabled():
+            y = torch.cat([checkpointed(checkpoint, mix, u, h_g, g) for h_g, g in zip(h_groups, groups)], 1)
+        else:  # each group written into y as it is done: no list of groups to concatenate
+            y = u.new_empty(B, d, L)
+            for h_g, g in zip(h_groups, groups):
+                y[:, g] = mix(u, h_g, g)
+        # out_proj on y transposed, (B, d, L) -> (B, L, d), bias and all in one batched matmul (F.linear on a
+        # transposed input adds the bias in a second pass over the output)
+        W, b = self.out_proj.weight, self.out_proj.bias
+        return torch.baddbmm(b, y.transpose(1, 2), W.t().expand(B, -1, -1))
 
     def project(self, u, groups):
         """in_proj for the channels of each group (slices of 0..d), all N+1 streams: per group a (B, (N+1)*G, L)
@@ -570,7 +577,10 @@ class Block(nn.Module):
         self.mlp_chunk = 1 << 16  # positions per MLP call at long L, see forward
 
     def forward(self, x, checkpoint=False):  # x: (B, L, d)
-        x = x + self.dropout(self.mixer(self.norm1(x), checkpoint))
+        branch = self.dropout(self.mixer(self.norm1(x), checkpoint))
+        # without a gradient, the residual is added into the branch's own fresh tensor (one big tensor fewer);
+        # but not into a bf16 branch under autocast, which would round the float32 stream
+        x = branch.add_(x) if not torch.is_grad_enabled() and branch.dtype == x.dtype else x + branch
         # The MLP acts on each position alone and fc1 is 4x wider than the stream (2 GB at L = 2^20, d = 128),
         # so at long L it runs on slices of positions: without a gradient, updating the stream in place one
         # slice at a time; under checkpointing, recomputing one slice at a time in backward.
