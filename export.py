@@ -252,7 +252,9 @@ class ExportedModel(nn.Module):
 
     def __init__(self, model, outputs):
         super().__init__()
-        self.model, self.outputs = copy.deepcopy(model).eval(), outputs
+        # (not copying the filters' spectra kept from earlier calls, ImplicitFilter.cached_spectrum: up to 4 GiB)
+        kept = {id(m.spectrum_cache): None for m in model.modules() if isinstance(m, th.ImplicitFilter)}
+        self.model, self.outputs = copy.deepcopy(model, kept).eval(), outputs
         self.task = getattr(model, "task", None)
         lm = self.model.backbone if self.task else self.model
         d = lm.cfg.d_model

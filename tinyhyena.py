@@ -505,9 +505,10 @@ class HyenaOperator(nn.Module):
         if torch.is_grad_enabled() and not checkpoint:
             # backward keeps every group's projection anyway, so project them all in one matmul, whose backward
             # is one matmul too (per group, each backward would add a full-size gradient into u's)
-            y = torch.cat([self.mix_channels(z, h_g, g) for z, h_g, g in zip(self.project(u, groups), h_groups, groups)], 1)
+            y = torch.cat([self.mix_channels(z, h_g, g)
+                           for z, h_g, g in zip(self.project(u, groups), h_groups, groups)], dim=1)
         elif torch.is_grad_enabled():
-            y = torch.cat([checkpointed(checkpoint, mix, u, h_g, g) for h_g, g in zip(h_groups, groups)], 1)
+            y = torch.cat([checkpointed(checkpoint, mix, u, h_g, g) for h_g, g in zip(h_groups, groups)], dim=1)
         else:  # each group written into y as it is done: no list of groups to concatenate
             y = u.new_empty(B, d, L)
             for h_g, g in zip(h_groups, groups):
