@@ -157,6 +157,22 @@ def test_short_conv_equals_conv1d_with_gradients(B, C, L, K, seed):
         torch.testing.assert_close(mine, theirs, rtol=1e-9, atol=1e-9)
 
 
+def test_freed_heap_memory_kept_only_when_the_user_set_no_malloc_variable(monkeypatch):
+    """keep_freed_memory_on_the_heap calls mallopt on glibc, and never over a variable the user set."""
+    calls = []
+    fake_libc = types.SimpleNamespace(mallopt=lambda param, value: calls.append((param, value)) or 1)
+    monkeypatch.setattr(th.ctypes, "CDLL", lambda name: fake_libc)
+    monkeypatch.setattr(th.sys, "platform", "linux")
+    for name in [k for k in os.environ if k.startswith("MALLOC_") or k == "GLIBC_TUNABLES"]:
+        monkeypatch.delenv(name)
+    th.keep_freed_memory_on_the_heap()
+    assert calls == [(-3, 32 << 20), (-1, (1 << 31) - 1)]  # M_MMAP_THRESHOLD, M_TRIM_THRESHOLD
+    calls.clear()
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "2")
+    th.keep_freed_memory_on_the_heap()
+    assert calls == []
+
+
 def test_mlp_in_pieces_equals_whole(monkeypatch):
     """The CPU's MLP over pieces of positions (see HEAP_BUFFER_FLOATS) is the same function, same gradients."""
     mlp = th.MLP(th.preset_config("tiny")).double()
