@@ -157,6 +157,27 @@ def test_short_conv_equals_conv1d_with_gradients(B, C, L, K, seed):
         torch.testing.assert_close(mine, theirs, rtol=1e-9, atol=1e-9)
 
 
+@property_settings
+@given(st.integers(1, 3), st.integers(1, 6), st.lists(st.integers(1, 5), min_size=1, max_size=4), st.integers(1, 40),
+       st.integers(0, 2**31 - 1))
+def test_grouped_projection_equals_one_linear_layer_with_gradients(B, d, sizes, L, seed):
+    """GroupedProjection's groups are the rows of one linear layer, transposed to (B, rows, L), and its own
+    backward gives autograd's gradients, whatever the gradients of the groups."""
+    g = torch.Generator().manual_seed(seed)
+    u = torch.randn(B, L, d, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(sum(sizes), d, generator=g, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(sum(sizes), generator=g, dtype=torch.float64, requires_grad=True)
+    ours = th.GroupedProjection.apply(u, weight, bias, sizes)
+    reference = torch.nn.functional.linear(u, weight, bias).transpose(1, 2).split(sizes, dim=1)
+    grads_out = [torch.randn(r.shape, generator=g, dtype=torch.float64) for r in reference]
+    for mine, theirs in zip(ours, reference):
+        torch.testing.assert_close(mine, theirs, rtol=1e-12, atol=1e-12)
+    for mine, theirs in zip(torch.autograd.grad(ours, (u, weight, bias), grads_out),
+                            torch.autograd.grad(reference, (u, weight, bias), grads_out)):
+        torch.testing.assert_close(mine, theirs, rtol=1e-10, atol=1e-10)
+    assert torch.autograd.gradcheck(lambda *a: th.GroupedProjection.apply(*a, sizes), (u, weight, bias))
+
+
 def test_freed_heap_memory_kept_only_when_the_user_set_no_malloc_variable(monkeypatch):
     """keep_freed_memory_on_the_heap calls mallopt on glibc, and never over a variable the user set."""
     calls = []
