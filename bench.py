@@ -195,8 +195,11 @@ def measure(kind, preset, L, device, train, timeout, batch, published=None):
     cmd = [sys.executable, os.path.abspath(__file__), "--_measure", kind, "--preset", preset, "--lengths", str(L),
            "--device", device, "--batch", str(batch)] + (["--train"] if train else []) + \
           (["--published", published] if published else [])
+    # the published code runs under glibc's own settings, as it would alone (importing tinyhyena, as this file
+    # does, would otherwise give it tinyhyena's, see keep_freed_memory_on_the_heap)
+    env = dict(os.environ, TINYHYENA_KEEP_FREED_MEMORY="0") if kind == "published" else None
     try:
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
         return None, f"over {timeout:.0f} s"
     if r.returncode != 0:

@@ -179,7 +179,8 @@ def test_grouped_projection_equals_one_linear_layer_with_gradients(B, d, sizes, 
 
 
 def test_freed_heap_memory_kept_only_when_the_user_set_no_malloc_variable(monkeypatch):
-    """keep_freed_memory_on_the_heap calls mallopt on glibc, and never over a variable the user set."""
+    """keep_freed_memory_on_the_heap calls mallopt on glibc, never over a variable the user set, and not when
+    switched off."""
     calls = []
     fake_libc = types.SimpleNamespace(mallopt=lambda param, value: calls.append((param, value)) or 1)
     monkeypatch.setattr(th.ctypes, "CDLL", lambda name: fake_libc)
@@ -189,6 +190,10 @@ def test_freed_heap_memory_kept_only_when_the_user_set_no_malloc_variable(monkey
     th.keep_freed_memory_on_the_heap()
     assert calls == [(-3, 32 << 20), (-1, (1 << 31) - 1)]  # M_MMAP_THRESHOLD, M_TRIM_THRESHOLD
     calls.clear()
+    monkeypatch.setenv("TINYHYENA_KEEP_FREED_MEMORY", "0")
+    th.keep_freed_memory_on_the_heap()
+    assert calls == []
+    monkeypatch.delenv("TINYHYENA_KEEP_FREED_MEMORY")
     monkeypatch.setenv("MALLOC_ARENA_MAX", "2")
     th.keep_freed_memory_on_the_heap()
     assert calls == []

@@ -72,8 +72,9 @@ def keep_freed_memory_on_the_heap():
     largest value). Buffers of 32 MB and more are still mapped and unmapped one by one, so a big tensor's
     memory still goes back when it is freed. The cost is that the heap stays at its high-water mark, as a
     caching allocator does (malloc_trim(0) gives it back). Linux with glibc only; a MALLOC_* or GLIBC_TUNABLES
-    variable the user set wins."""
-    if not sys.platform.startswith("linux") or any(k.startswith("MALLOC_") or k == "GLIBC_TUNABLES" for k in os.environ):
+    variable the user set wins, and TINYHYENA_KEEP_FREED_MEMORY=0 leaves glibc as it is."""
+    user_set = any(k.startswith("MALLOC_") or k == "GLIBC_TUNABLES" for k in os.environ)
+    if not sys.platform.startswith("linux") or user_set or os.environ.get("TINYHYENA_KEEP_FREED_MEMORY") == "0":
         return
     try:
         mallopt = ctypes.CDLL(None).mallopt
