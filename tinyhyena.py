@@ -240,12 +240,13 @@ def preset_config(name, **overrides):
 
 # ---------------------------------------------------------------------------------------------------------
 # Memory on the CPU. torch's CPU tensors come from glibc's malloc, which serves a buffer under 32 MB from its
-# heap and hands a freed one back out to the next request, but mmaps a bigger one fresh every time, and each
-# fresh page costs a page fault when first written. On the 2-core CPU machine (a VM) that is 0.5-1 s per GB,
-# and it was most of a training step's time. So the model works through its biggest tensors in pieces that
-# stay under this size: the channel groups of the Hyena operator (which also bound memory, on any device),
-# and the MLP's rows (on the CPU only: CUDA's caching allocator reuses memory itself). Splitting the FFTs'
-# channels further did not pay: at L = 2^20, pieces of 3 channels cost more CPU time than the faults saved.
+# heap and hands a freed one back out to the next request (kept there: keep_freed_memory_on_the_heap, at the
+# top of this file), but mmaps a bigger one fresh every time, and each fresh page costs a page fault when
+# first written. On the 2-core CPU machine (a VM) that is 0.5-1 s per GB, and it was most of a training step's
+# time. So the model works through its biggest tensors in pieces that stay under this size: the channel
+# groups of the Hyena operator (which also bound memory, on any device), and the MLP's rows (on the CPU only:
+# CUDA's caching allocator reuses memory itself). Splitting the FFTs' channels further did not pay: at
+# L = 2^20, pieces of 3 channels cost more CPU time than the faults saved.
 # The pieces stay well under 32 MB: with huge pages on (top of this file) torch asks for 2 MB-aligned buffers,
 # and glibc still mmapped 31 MB pieces fresh on every call (a training step at L = 2^17 spent 0.5-0.7 s
 # first-touching the MLP's 31 MB pieces, 0.05-0.2 s with 15 MB ones; torch.profiler, 2-core CPU).
