@@ -62,19 +62,18 @@ os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 
 def keep_freed_memory_on_the_heap():
-    """Have glibc's malloc, which serves torch's CPU tensors, keep the memory that tensors under 32 MB free
-    for the next ones, instead of handing it back to the kernel. By default glibc serves such a buffer from
-    its heap but trims the heap's free top whenever it passes 64 MB (and buffers of 128 KB and more are
-    mmapped afresh until frees raise that bar), so a training step's buffers, freed in backward, are faulted
-    in afresh (and zeroed by the kernel) in the next step. That was a third of a training step at batch
-    32 x 1,024 on the 2-core CPU machine. Two settings of mallopt fix it: buffers up to 32 MB always on the
-    heap (where glibc's own bar ends up at most), and a free top of up to 2 GB kept, not trimmed (glibc's
-    largest value). Measured there: training steps at 32 x 1,024 past the tenth 0.86 s against 0.94-1.02 s,
-    at L = 2^17 5.7 s against 6.2 s. The cost is memory: the heap keeps what it has grown to, and as it
-    fragments it grows slowly: at 32 x 1,024 peak RSS 1.48 GB after 15 steps
-    and 2.05 GB after 150, against 1.40 GB; at 2^17, 5.23 against 5.12 GB after 12 steps. malloc_trim(0) gives
-    the free part back. Linux with glibc only; a MALLOC_* or GLIBC_TUNABLES variable the user set wins, and
-    TINYHYENA_KEEP_FREED_MEMORY=0 leaves glibc as it is."""
+    """Have glibc's malloc, which serves torch's CPU tensors, keep the memory that tensors under 32 MB free for
+    the next ones, instead of handing it back to the kernel. By default glibc serves such a buffer from its heap
+    but trims the heap's free top whenever it passes 64 MB (and buffers of 128 KB and more are mmapped afresh
+    until frees raise that bar), so a training step's buffers, freed in backward, are faulted in afresh (and
+    zeroed by the kernel) in the next step: 0.5-1.0 s of system time in a 1.2-1.6 s step at batch 32 x 1,024 on
+    the 2-core CPU machine. Two settings of mallopt fix it: buffers up to 32 MB always on the heap (where
+    glibc's own bar ends up at most), and a free top of up to 2 GB kept, not trimmed (glibc's largest value).
+    Measured there, steps past the tenth: 0.86 s against 0.94-1.02 s at 32 x 1,024, 5.7 s against 6.2 s at
+    L = 2^17. The cost is memory: the heap keeps what it has grown to, and as it fragments it grows slowly: at
+    32 x 1,024 peak RSS 1.48 GB after 15 steps and 2.05 GB after 150, against 1.40 GB; at 2^17, 5.23 against
+    5.12 GB after 12 steps (malloc_trim(0) gives the free part back). Linux with glibc only; a MALLOC_* or
+    GLIBC_TUNABLES variable the user set wins, and TINYHYENA_KEEP_FREED_MEMORY=0 leaves glibc as it is."""
     user_set = any(k.startswith("MALLOC_") or k == "GLIBC_TUNABLES" for k in os.environ)
     if not sys.platform.startswith("linux") or user_set or os.environ.get("TINYHYENA_KEEP_FREED_MEMORY") == "0":
         return
