@@ -72,8 +72,10 @@ def keep_freed_memory_on_the_heap():
     Measured there, steps past the tenth: 0.86 s against 0.94-1.02 s at 32 x 1,024, 5.7 s against 6.2 s at
     L = 2^17. The cost is memory: the heap keeps what it has grown to, and as it fragments it grows slowly: at
     32 x 1,024 peak RSS 1.48 GB after 15 steps and 2.05 GB after 150, against 1.40 GB; at 2^17, 5.23 against
-    5.12 GB after 12 steps (malloc_trim(0) gives the free part back). Linux with glibc only; a MALLOC_* or
-    GLIBC_TUNABLES variable the user set wins, and TINYHYENA_KEEP_FREED_MEMORY=0 leaves glibc as it is."""
+    5.12 GB after 12 steps (malloc_trim(0) gives the free part back). The growth comes from the 2 MB alignment
+    of huge pages, above: without them the heap stays flat, and short sequences train as fast. Linux with glibc
+    only; a MALLOC_* or GLIBC_TUNABLES variable the user set wins, and TINYHYENA_KEEP_FREED_MEMORY=0 leaves
+    glibc as it is."""
     user_set = any(k.startswith("MALLOC_") or k == "GLIBC_TUNABLES" for k in os.environ)
     if not sys.platform.startswith("linux") or user_set or os.environ.get("TINYHYENA_KEEP_FREED_MEMORY") == "0":
         return
