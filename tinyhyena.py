@@ -494,8 +494,8 @@ class GroupedProjection(torch.autograd.Function):
     u (B, L, d), weight (R, d), bias (R,), sizes (rows per group, summing to R) -> per group a (B, rows, L)
     tensor. Each group is one matmul against u transposed (no copy), written straight into its own tensor.
     Its own backward, because autograd's would first concatenate the groups' gradients into one (B, R, L)
-    tensor. One such tensor (and the projection of all groups, as it was before) is 48 MB at batch 32 x 1,024:
-    past the heap's 32 MB (see cpu_pieces), so fresh memory in every step. Here the gradient of u is one
+    tensor. One such tensor (as would be one projection holding every group) is 48 MB at batch 32 x 1,024:
+    past the heap's 32 MB (see HEAP_BUFFER_FLOATS), so fresh memory in every step. Here the gradient of u is one
     (B, L, d) tensor that each group's matmul adds into in place, and each group's output is a buffer the heap
     serves: training steps at batch 32 x 1,024 past the first few, 0.95 -> 0.85 s (medians, 2-core CPU)."""
 
