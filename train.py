@@ -41,6 +41,8 @@ def parse_args(argv=None):
     p.add_argument("--max_steps", type=th.positive_int, default=10000)
     p.add_argument("--lr", type=th.positive_float, default=6e-4)
     p.add_argument("--weight_decay", type=th.nonnegative_float, default=0.1)
+    p.add_argument("--dropout", type=th.nonnegative_float, default=0.1,
+                   help="dropout on the token embeddings (0.1 as published; 0 makes steps deterministic)")
     p.add_argument("--warmup_steps", type=th.nonnegative_int, default=100)
     p.add_argument("--eval_interval", type=th.positive_int, default=500)
     p.add_argument("--eval_batches", type=th.positive_int, default=20)
@@ -241,7 +243,9 @@ def main(argv=None):
     train_sets = {L: Windows(genome, L, "train", bed, args.rc_aug) for L, _, _ in stages}
     val_set = Windows(genome, args.seq_len, "valid", bed)
 
-    cfg = th.preset_config(args.preset, l_max=args.seq_len + 2)
+    if args.dropout >= 1:
+        raise th.UserError(f"--dropout must be below 1, got {args.dropout}")
+    cfg = th.preset_config(args.preset, l_max=args.seq_len + 2, embed_dropout=args.dropout)
     torch.manual_seed(args.seed)
     model = th.HyenaDNA(cfg).to(device)
     model.gradient_checkpointing = want_checkpointing(args, cfg, args.batch_size, device)
