@@ -305,10 +305,47 @@ def test_bad_config():
 
 # --- checkpoints -----------------------------------------------------------------------------------------
 
-def test_presets_build():
-    cfg = th.preset_config("large-1m")
-    assert (cfg.d_model, cfg.n_layer, cfg.d_inner, cfg.l_max) == (256, 8, 1024, 1_000_002)
-    assert 6.4e6 < th.HyenaDNA(cfg).num_params() < 6.8e6  # "about 6.6M parameters"
+@pytest.mark.parametrize("name, d_model, n_layer, trained", [
+    ("tiny-1k", 128, 2, 1024), ("tiny-1k-d256", 256, 2, 1024), ("tiny-16k-d128", 128, 2, 16384),
+    ("small-32k", 256, 4, 32768), ("medium-160k", 256, 8, 160000), ("medium-450k", 256, 8, 450000),
+    ("large-1m", 256, 8, 1_000_000)])
+def test_presets_are_the_published_models(name, d_model, n_layer, trained):
+    cfg = th.preset_config(name)
+    assert (cfg.d_model, cfg.n_layer, cfg.d_inner, cfg.l_max) == (d_model, n_layer, 4 * d_model, trained + 2)
+    assert (cfg.order, cfg.filter_order, cfg.emb_dim, cfg.short_filter_order, cfg.padded_vocab_size) == (2, 64, 5, 3, 16)
+    d = d_model
+    per_layer = (d * 3 * d + 3 * d) + (3 * d * 3 + 3 * d) + (d * d + d)  # in_proj, short conv, out_proj
+    per_layer += (5 * 64 + 64) + 2 * (64 * 64 + 64) + 64 + 64 * d + d  # filter MLP, one shared freq, last layer, bias
+    per_layer += 2 * 2 * d + (d * 4 * d + 4 * d) + (4 * d * d + d)  # two norms, the MLP
+    model = th.HyenaDNA(cfg)
+    assert model.num_params() == 16 * d + n_layer * per_layer + 2 * d  # + embedding, final norm
+    if name == "large-1m":
+        assert 6.4e6 < model.num_params() < 6.8e6  # "about 6.6M parameters"
+
+
+def test_fresh_model_is_initialised_as_published():
+    """N(0, 0.02) linear and embedding weights (out_proj and fc2 scaled by 1/sqrt(2 n_layer)), zero biases,
+    sine frequencies w, window decay rates from ln(0.01)/1.5 to ln(0.01)/0.3, a N(0, 1) skip bias, and
+    PyTorch's default for the short convolution."""
+    cfg = th.HyenaConfig(d_model=256, n_layer=4, d_inner=1024, l_max=4098)
+    torch.manual_seed(0)
+    model = th.HyenaDNA(cfg)
+    std = lambda name: model.get_parameter(name).std().item()
+    assert std("embedding.weight") == pytest.approx(0.02, rel=0.05)
+    for i in range(4):
+        for name in ("mixer.in_proj.weight", "mlp.fc1.weight", "mixer.filter.mlp.0.weight", "mixer.filter.mlp.6.weight"):
+            assert std(f"blocks.{i}.{name}") == pytest.approx(0.02, rel=0.1), name
+        for name in ("mixer.out_proj.weight", "mlp.fc2.weight"):
+            assert std(f"blocks.{i}.{name}") == pytest.approx(0.02 / np.sqrt(8), rel=0.05), name
+        for name in ("mixer.in_proj.bias", "mixer.out_proj.bias", "mlp.fc1.bias", "mixer.filter.mlp.2.bias"):
+            assert not model.get_parameter(f"blocks.{i}.{name}").any(), name
+        block = model.blocks[i]
+        assert torch.equal(block.mixer.filter.mlp[1].freq, torch.full((1, 64), 10.0))
+        deltas = block.mixer.filter.deltas.reshape(-1)
+        torch.testing.assert_close(deltas, torch.linspace(np.log(1e-2) / 1.5, np.log(1e-2) / 0.3, 256))
+        assert std(f"blocks.{i}.mixer.filter.bias") == pytest.approx(1.0, rel=0.2)
+        short = block.mixer.short_conv.weight
+        assert short.abs().max() <= 1 / np.sqrt(3) and short.std().item() == pytest.approx(1 / 3, rel=0.1)
 
 
 def test_load_published_variants(tmp_path):
@@ -489,6 +526,7 @@ import subprocess
 import threading
 
 import data
+import train
 
 
 def run_script(*args, cwd=ROOT, env=None, timeout=600):
@@ -791,13 +829,87 @@ def test_train_stops_on_non_finite_loss(markov, tmp_path):
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
-def test_train_ddp_two_processes_on_cpu(markov, tmp_path):
-    fasta, _ = markov
-    result = run_script("-m", "torch.distributed.run", "--nproc_per_node", 2, "--master_port", 29533, "train.py",
-                        "--fasta", fasta, "--seq_len", 64, "--min_seq_len", 64, "--batch_size", 2, "--max_steps", 4,
-                        "--eval_batches", 2, "--device", "cpu", "--out", tmp_path / "ddp")
+def deterministic_run(markov, out, *extra, launcher=()):
+    """A short train.py run without dropout (so that its steps depend only on its batches): (train losses,
+    final weights)."""
+    result = run_script(*launcher, "train.py", "--fasta", markov[0], "--seq_len", 64, "--min_seq_len", 64,
+                        "--max_steps", 3, "--eval_batches", 2, "--dropout", 0, "--lr", 3e-3, "--warmup_steps", 1,
+                        "--device", "cpu", "--out", out, *extra)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert read_metrics(tmp_path / "ddp")[-2]["step"] == 4
+    losses = [m["loss"] for m in read_metrics(out) if m["split"] == "train"]
+    return losses, torch.load(Path(out) / "model.pt", weights_only=True)
+
+
+def assert_same_run(a, b, rtol=1e-5):
+    (losses_a, weights_a), (losses_b, weights_b) = a, b
+    assert len(losses_a) == len(losses_b) == 3
+    np.testing.assert_allclose(losses_a, losses_b, rtol=rtol)
+    for k in weights_a:
+        torch.testing.assert_close(weights_a[k], weights_b[k], rtol=1e-4, atol=2e-5)  # Adam: rounding of tiny gradients
+
+
+def test_train_ddp_two_processes_equal_one_process_with_their_global_batch(markov, tmp_path):
+    """Two DDP ranks of 2 sequences each take the steps one process takes on the same 4 sequences."""
+    ddp = deterministic_run(markov, tmp_path / "ddp", "--batch_size", 2,
+                            launcher=("-m", "torch.distributed.run", "--nproc_per_node", 2, "--master_port", 29533))
+    assert_same_run(ddp, deterministic_run(markov, tmp_path / "one", "--batch_size", 4))
+
+
+def test_grad_accum_equals_the_bigger_batch(markov, tmp_path):
+    """Accumulating 2 micro-batches of 2 takes the steps of one batch of 4 (same sequences, same mean loss)."""
+    accumulated = deterministic_run(markov, tmp_path / "accum", "--batch_size", 2, "--grad_accum", 2)
+    assert_same_run(accumulated, deterministic_run(markov, tmp_path / "whole", "--batch_size", 4))
+    different = deterministic_run(markov, tmp_path / "half", "--batch_size", 2)  # the check can tell batches apart
+    assert not np.allclose(different[0][1:], accumulated[0][1:], rtol=1e-5)
+
+
+def test_learning_rate_schedule():
+    """Linear warm-up to the peak, then a cosine that falls monotonically to 10% of it at max_steps."""
+    args = types.SimpleNamespace(lr=1e-3, warmup_steps=10, max_steps=110)
+    lrs = [train.lr_at(step, args) for step in range(120)]
+    np.testing.assert_allclose(lrs[:10], [1e-3 * (s + 1) / 10 for s in range(10)])
+    assert lrs[10] == pytest.approx(1e-3)
+    assert lrs[60] == pytest.approx(1e-3 * (0.1 + 0.9 * 0.5))  # half way through the decay
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+    assert lrs[110] == pytest.approx(1e-4) and lrs[119] == pytest.approx(1e-4)  # held at the floor after
+
+
+def test_weight_decay_only_on_matrices_outside_the_filter():
+    """AdamW decays the embedding and the projections' and MLP's matrices; never biases, norms, or the implicit
+    filter (a function of position); frozen parameters are not handed to the optimizer at all."""
+    model = th.HyenaDNA(th.HyenaConfig(d_model=8, n_layer=2, d_inner=16, filter_order=8, l_max=20))
+    decayed, plain = train.adamw(model, types.SimpleNamespace(lr=1e-3, weight_decay=0.1)).param_groups
+    assert decayed["weight_decay"] == 0.1 and plain["weight_decay"] == 0.0
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed_names = {names[id(p)] for p in decayed["params"]}
+    expected = {"embedding.weight"} | {f"blocks.{i}.{m}.weight" for i in range(2)
+                                       for m in ("mixer.in_proj", "mixer.short_conv", "mixer.out_proj", "mlp.fc1", "mlp.fc2")}
+    assert decayed_names == expected
+    assert {names[id(p)] for p in plain["params"]} == set(names.values()) - expected
+    model.blocks[0].requires_grad_(False)
+    groups = train.adamw(model, types.SimpleNamespace(lr=1e-3, weight_decay=0.1)).param_groups
+    assert not {names[id(p)] for g in groups for p in g["params"]} & {n for n in names.values() if n.startswith("blocks.0.")}
+
+
+def test_reverse_complement_augmentation_flips_about_half_the_windows(genome):
+    """--rc_aug (train.py's Windows, finetune.py's Examples): each item is its sequence or, about half the time,
+    the reverse complement of it, with targets still the next base of what the model reads."""
+    plain, augmented = data.Windows(genome, 20, "valid"), data.Windows(genome, 20, "valid", rc_aug=True)
+    torch.manual_seed(0)
+    flipped = 0
+    for draw in range(400):
+        i = draw % len(plain)
+        (x, y), (xa, ya) = plain[i], augmented[i]
+        assert torch.equal(xa[1:], ya[:-1])  # still next-token pairs
+        whole, seen = torch.cat([x, y[-1:]]).numpy(), torch.cat([xa, ya[-1:]]).numpy()
+        is_flipped = np.array_equal(seen, data.reverse_complement(whole.astype(np.uint8)).astype(np.int64))
+        assert is_flipped or np.array_equal(seen, whole)
+        flipped += is_flipped
+    assert 160 <= flipped <= 240, flipped  # binomial(400, 0.5): 200 +- 40 is over 4 sigma
+    seqs = [th.tokenize("AACGTTTGCA").astype(np.uint8)]
+    examples = finetune.Examples(seqs, [1], rc_aug=True)
+    outcomes = [th.detokenize(examples[0][0]) for _ in range(400)]
+    assert set(outcomes) == {"AACGTTTGCA", "TGCAAACGTT"} and 160 <= outcomes.count("TGCAAACGTT") <= 240
 
 
 # --- export.py -------------------------------------------------------------------------------------------
@@ -1119,6 +1231,27 @@ def test_vcf_parsing_and_variant_windows(tmp_path):
             assert abs(llr - (forward + reverse) / 2) < 1e-9
 
 
+def test_long_alleles_keep_both_windows_within_l_max_or_say_why(tmp_path):
+    rng = np.random.default_rng(2)
+    ref = "".join(rng.choice(list("ACGT"), 400))
+    (tmp_path / "ref.fa").write_text(">chr1\n" + ref + "\n")
+    genome = score.load_genome(str(tmp_path / "ref.fa"))
+    insertion = "".join(rng.choice(list("ACGT"), 20))
+    v = score.Variant("chr1", 200, ".", ref[199], ref[199] + insertion, 0)
+    r, a = score.variant_windows(genome, v, 64, 70)  # the ALT window would be 84 bases: 14 over l_max
+    assert len(r) == 64 - 14 and len(a) == 70  # both gave up the same 14 bases on the left
+    offset = 199 - (199 - 32) - 14  # the variant's place in the trimmed windows
+    assert th.detokenize(r) == ref[199 - 32 + 14:199 + 32]
+    assert th.detokenize(a) == ref[199 - 32 + 14:200] + insertion + ref[200:199 + 32]
+    assert np.array_equal(r[:offset], a[:offset])  # they differ only from the variant on
+    too_long = score.Variant("chr1", 200, ".", ref[199], ref[199] + "A" * 60, 0)
+    assert score.variant_windows(genome, too_long, 64, 70).startswith("ALT too long")
+    long_ref = score.Variant("chr1", 100, ".", ref[99:99 + 64], "A", 0)
+    assert score.variant_windows(genome, long_ref, 64, 70).startswith("REF too long: 64 bp")
+    assert not isinstance(score.variant_windows(genome, score.Variant("chr1", 100, ".", ref[99:99 + 63], "A", 0),
+                                                64, 70), str)
+
+
 def test_variants_cli_and_its_errors(tmp_path):
     (tmp_path / "ref.fa").write_text(">chr1\n" + "ACGT" * 40 + "\n")
     (tmp_path / "v.vcf").write_text("#CHROM\tPOS\tID\tREF\tALT\nchr1\t3\tx\tG\tT\nchr1\t4\ty\tA\tC\n")
@@ -1129,6 +1262,15 @@ def test_variants_cli_and_its_errors(tmp_path):
     assert rows[0][:6] == ["chrom", "pos", "id", "ref", "alt", "llr"] and len(rows) == 3
     assert rows[1][:5] == ["chr1", "3", "x", "G", "T"] and rows[2][-1] == "REF mismatch: the FASTA has T"
     assert "1 x REF mismatch" in result.stderr
+    both = run_script(*args, "--vcf", tmp_path / "v.vcf", "--out", tmp_path / "both.tsv", "--both_strands")
+    assert both.returncode == 0, both.stderr[-2000:]
+    rows = [line.split("\t") for line in (tmp_path / "both.tsv").read_text().splitlines()]
+    assert rows[0] == ["chrom", "pos", "id", "ref", "alt", "llr", "llr_forward", "llr_reverse", "note"]
+    llr, forward, reverse = map(float, rows[1][5:8])
+    single = float((tmp_path / "o.tsv").read_text().splitlines()[1].split("\t")[5])
+    assert forward == pytest.approx(single, abs=2e-6) and llr == pytest.approx((forward + reverse) / 2, abs=2e-6)
+    assert abs(forward - reverse) > 1e-4  # the other strand is scored, not the same one twice
+    assert rows[2][5:8] == ["NA", "NA", "NA"] and rows[2][-1].startswith("REF mismatch")
     (tmp_path / "nohead.vcf").write_text("chr1\t3\tx\tG\tT\n")
     assert_one_line_error(run_script(*args, "--vcf", tmp_path / "nohead.vcf"), "nohead.vcf:1", "#CHROM header")
     (tmp_path / "bad.vcf").write_text("##x\n#CHROM\tPOS\tID\tREF\tALT\nchr1\tthree\tx\tG\tT\n")
@@ -1441,6 +1583,25 @@ def test_soft_prompt_sits_between_padding_and_sequence():
             assert torch.allclose(clf(torch.from_numpy(seq)[None])[0], alone[[th.BASE_IDS["A"], th.BASE_IDS["C"]]],
                                   atol=1e-5)
         assert not torch.allclose(batched[0], alone[[th.BASE_IDS["A"], th.BASE_IDS["C"]]], atol=1e-3)
+
+
+def test_finetune_overwrite_deletes_only_the_runs_own_files(tmp_path):
+    write_table(tmp_path / "train.csv", labelled(40, 0))
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    (out / "embeddings.npy").write_bytes(b"not the run's")
+    args = [*FIT, "--preset", "tiny", "--seq_len", 100, "--data", tmp_path / "train.csv", "--max_steps", 2,
+            "--out", out]
+    assert run_script(*args).returncode == 0
+    first = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert_one_line_error(run_script(*args), "--overwrite")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == first  # a refused run touches nothing
+    over = run_script(*args, "--max_steps", 1, "--overwrite", "--seed", 1)
+    assert over.returncode == 0, over.stderr[-2000:]
+    assert [m["step"] for m in read_metrics(out) if m["split"] == "train"] == [1]  # started over
+    assert (out / "notes.txt").read_text() == "mine" and (out / "embeddings.npy").read_bytes() == b"not the run's"
+    assert set(first) <= {p.name for p in out.iterdir()}
 
 
 def test_finetune_resume_reproduces_an_uninterrupted_run(tmp_path):
