@@ -29,6 +29,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import cli
+import fast
 import tinyhyena as th
 from train import checkpointing_needed
 
@@ -65,7 +67,7 @@ def floor_step(cfg, L, device, batch):
     """The unavoidable work of one forward pass, done the plain way: per layer, (order-1) FFT convolutions
     over d_model channels (rfft of input and filter, product, irfft, all at size 2L) and the four linear
     layers (in_proj, out_proj, fc1, fc2)."""
-    d, n = cfg.d_model, th.fft_size(2 * L - 1)
+    d, n = cfg.d_model, fast.fft_size(2 * L - 1)
     u, k = torch.randn(batch, d, L, device=device), torch.randn(d, L, device=device)
     x = torch.randn(batch, L, d, device=device)
     lin = [nn.Linear(d, (cfg.order + 1) * d), nn.Linear(d, d), nn.Linear(d, cfg.d_inner), nn.Linear(cfg.d_inner, d)]
@@ -195,11 +197,8 @@ def measure(kind, preset, L, device, train, timeout, batch, published=None):
     cmd = [sys.executable, os.path.abspath(__file__), "--_measure", kind, "--preset", preset, "--lengths", str(L),
            "--device", device, "--batch", str(batch)] + (["--train"] if train else []) + \
           (["--published", published] if published else [])
-    # the published code runs under glibc's own settings, as it would alone (importing tinyhyena, as this file
-    # does, would otherwise give it tinyhyena's, see keep_freed_memory_on_the_heap)
-    env = dict(os.environ, TINYHYENA_KEEP_FREED_MEMORY="0") if kind == "published" else None
     try:
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         return None, f"over {timeout:.0f} s"
     if r.returncode != 0:
@@ -208,18 +207,20 @@ def measure(kind, preset, L, device, train, timeout, batch, published=None):
 
 
 def main(argv=None):
-    p = th.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    fast.tune_cpu_memory()  # process-wide CPU memory settings, before any tensor (fast.py), the same for every
+    # implementation measured: each measurement's process runs this main too
+    p = cli.ArgumentParser(description=__doc__.strip().splitlines()[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
     p.add_argument("--preset", default="tiny", choices=["tiny", "large", *th.PRESETS])
     p.add_argument("--lengths", default="1024,32768,131072,1048576")
-    p.add_argument("--batch", type=th.positive_int, default=1, help="sequences per call")
+    p.add_argument("--batch", type=cli.positive_int, default=1, help="sequences per call")
     p.add_argument("--train", action="store_true", help="also time a training step")
-    p.add_argument("--timeout", type=th.positive_float, default=600, help="seconds allowed to one measurement")
-    p.add_argument("--onnx_max_len", type=th.nonnegative_int, default=1 << 20,
+    p.add_argument("--timeout", type=cli.positive_float, default=600, help="seconds allowed to one measurement")
+    p.add_argument("--onnx_max_len", type=cli.nonnegative_int, default=1 << 20,
                    help="longest length run through ONNX Runtime")
-    p.add_argument("--published", metavar="PATH", type=th.existing_file,
+    p.add_argument("--published", metavar="PATH", type=cli.existing_file,
                    help="the published standalone_hyenadna.py: measure it side by side")
-    p.add_argument("--rounds", type=th.positive_int, default=3,
+    p.add_argument("--rounds", type=cli.positive_int, default=3,
                    help="with --published: alternating rounds (medians reported)")
     p.add_argument("--no_append", action="store_true", help="print the table without appending to BENCHMARKS.md")
     p.add_argument("--_measure", help=argparse.SUPPRESS)
@@ -230,7 +231,7 @@ def main(argv=None):
         lengths = []
     if not lengths or min(lengths) < 1:
         p.error(f"--lengths {args.lengths!r}: expected positive integers, comma-separated")
-    th.pick_device(args.device)
+    cli.pick_device(args.device)
     if args._measure:
         measure_one(args._measure, args.preset, lengths[0], args.device, args.train, args.batch, args.published)
         return 0
@@ -323,4 +324,4 @@ def side_by_side(args, lengths):
 
 
 if __name__ == "__main__":
-    sys.exit(th.run_command(main))
+    sys.exit(cli.run_command(main))

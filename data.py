@@ -20,7 +20,8 @@ import zlib
 import numpy as np
 import torch
 
-from tinyhyena import N_ID, PAD_ID, BYTE_TO_ID, ArgumentParser, UserError, existing_file, run_command
+from cli import ArgumentParser, existing_file, run_command
+from tinyhyena import BYTE_TO_ID, N_ID, PAD_ID, UserError
 
 HG38_FASTA_URL = "https://storage.googleapis.com/basenji_barnyard2/hg38.ml.fa.gz"
 HG38_BED_URL = "https://storage.googleapis.com/basenji_barnyard2/sequences_human.bed"

@@ -7,7 +7,7 @@ Export a tinyhyena or published HyenaDNA checkpoint to ONNX, for ONNX Runtime wi
 The graph takes `input_ids` int64 [batch, length] (both dynamic, length <= max_len) and gives `logits` float32
 [batch, length, padded vocab] and/or `hidden` [batch, length, d_model].
 
-A fine-tuned model's folder (finetune.py, or a Hugging Face sequence classifier) gives a graph whose output
+A fine-tuned model's folder (finetune.py fit, or a Hugging Face sequence classifier) gives a graph whose output
 is `probabilities` [batch, n_classes] (task classify, softmax; multilabel, one sigmoid per target) or `values`
 [batch, n_targets] (regression), with the class or target names in metadata_props.
 
@@ -25,7 +25,6 @@ measured on version 1.31):
   ONNX Runtime's CPU DFT kernel ran 10x slower than torch's FFT, its MatMul runs near the machine's peak.
 """
 
-import copy
 import json
 import math
 import os
@@ -36,9 +35,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import finetune
+import classifier
+import cli
+import fast
 import tinyhyena as th
-
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -46,17 +46,8 @@ import tinyhyena as th
 
 @torch.library.custom_op("tinyhyena::causal_conv", mutates_args=())
 def causal_conv(u: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """Causal convolution of u (B, C, L) with k (C, L), by FFT (see tinyhyena.GatedCausalConv)."""
-    L = u.shape[-1]
-    n = th.fft_size(2 * L - 1)
-    return torch.fft.irfft(torch.fft.rfft(u, n=n) * torch.fft.rfft(k, n=n), n=n)[..., :L]
-
-
-def gated_conv(v, x, k, bias):
-    """The model's gate, long convolution and skip term (tinyhyena.GatedCausalConv), with the convolution
-    as one causal_conv node."""
-    a = v * x
-    return torch.addcmul(torch.ops.tinyhyena.causal_conv(a, k), a, bias[:, None])
+    """tinyhyena.fft_conv as one node: causal convolution of u (B, C, L) with k (C, L)."""
+    return th.fft_conv(u, k)
 
 
 @causal_conv.register_fake
@@ -235,43 +226,24 @@ def cpu_translation(l_max):
     return translate
 
 
-def padded_short_conv(z, weight, bias):
-    """tinyhyena.causal_short_conv as a left Pad and a depthwise Conv, which ONNX Runtime fuses into one Conv
-    with pads. Measured on its CPU provider at 1 x 32,768: 7 ms a layer, where a pad and three shifted
-    multiply-adds took about 50 ms (Pad and Slice copy), and the in-place updates of slices that torch runs
-    best became ScatterND between full transposes (60-110 ms each at batch 16 x 1,000)."""
-    K = weight.shape[-1]
-    return F.conv1d(F.pad(z, (K - 1, 0)), weight[:, None, :], bias, groups=z.shape[1])  # (B, C, L)
-
-
 class ExportedModel(nn.Module):
-    """The model with the long convolution of one target and filters computed for the input's length. Inputs
-    are not checked here: the graph's metadata tells an app the token map and max_len. `model` is a HyenaDNA
-    language model, or a fine-tuned model (finetune.SequenceClassifier) whose graph outputs what its task reads
-    out (finetune.readout)."""
+    """The model on tinyhyena's plain path, with one target's long convolution (a causal_conv node) and filters
+    computed for the input's length. Inputs are not checked here: the graph's metadata tells an app the token
+    map and max_len. `model` is a HyenaDNA language model, or a fine-tuned model (classifier.SequenceClassifier)
+    whose graph outputs what its task reads out (classifier.readout)."""
 
     def __init__(self, model, outputs):
         super().__init__()
-        # (not copying the filters' spectra kept from earlier calls, ImplicitFilter.cached_spectrum: up to 4 GiB)
-        kept = {id(m.spectrum_cache): None for m in model.modules() if isinstance(m, th.ImplicitFilter)}
-        self.model, self.outputs = copy.deepcopy(model, kept).eval(), outputs
         self.task = getattr(model, "task", None)
-        lm = self.model.backbone if self.task else self.model
-        d = lm.cfg.d_model
-        for block in lm.blocks:
-            block.mlp_chunk = lm.cfg.l_max  # one MLP call: the graph has no Python loop over slices
-            mixer = block.mixer
-            mixer.channel_group = d  # one group: ONNX Runtime plans memory itself
-            mixer.gated_conv = gated_conv  # its convolution translated per target, see export()
-            mixer.short_conv_fn = padded_short_conv
-            # the filter from positional features computed for the input's length: the graph holds the
-            # filter MLP's weights, not l_max-long tables (8 GB of frozen filters for large-1m)
-            mixer.filter.features_from_positions = True
-            mixer.filter.z = mixer.filter.t = None
+        lm = model.backbone if self.task else model
+        plain = th.HyenaDNA(lm.cfg, fast=False, conv=torch.ops.tinyhyena.causal_conv)  # no Python loops, one
+        plain.load_state_dict(lm.state_dict())  # call per layer: ONNX Runtime plans the memory itself
+        self.model = classifier.with_backbone(model, plain) if self.task else plain.eval()
+        self.outputs = outputs
 
     def forward(self, input_ids):  # (B, L) int64
         if self.task:
-            return finetune.readout(self.task, self.model(input_ids))  # (B, n_outputs)
+            return classifier.readout(self.task, self.model(input_ids))  # (B, n_outputs)
         hidden = self.model.hidden_states(input_ids)  # (B, L, d)
         logits = F.linear(hidden, self.model.embedding.weight)  # (B, L, V)
         return {"logits": logits, "hidden": hidden, "both": (logits, hidden)}[self.outputs]
@@ -297,12 +269,12 @@ def find_checkpoint(root="out"):
 
 def export(model, path, target="cuda", max_len=None, outputs="logits"):
     """Write the ONNX file (atomically) and return the onnx.ModelProto. A fine-tuned model's graph outputs
-    "probabilities" or "values" (finetune.OUTPUT_NAME) whatever `outputs` says."""
-    classifier = isinstance(model, finetune.SequenceClassifier)
-    outputs = finetune.OUTPUT_NAME[model.task] if classifier else outputs
-    cfg = model.backbone.cfg if classifier else model.cfg
-    max_len = max_len or (model.max_len if classifier else cfg.l_max)
-    lm = model.backbone if classifier else model
+    "probabilities" or "values" (classifier.OUTPUT_NAME) whatever `outputs` says."""
+    is_classifier = isinstance(model, classifier.SequenceClassifier)
+    outputs = classifier.OUTPUT_NAME[model.task] if is_classifier else outputs
+    cfg = model.backbone.cfg if is_classifier else model.cfg
+    max_len = max_len or (model.max_len if is_classifier else cfg.l_max)
+    lm = model.backbone if is_classifier else model
     z, t = th.positional_features(cfg.l_max, cfg.emb_dim)
     for i, block in enumerate(lm.blocks):  # the graph computes what the checkpoint stores: they must agree
         if not (torch.allclose(block.mixer.filter.z, z, atol=1e-5) and torch.allclose(block.mixer.filter.t, t, atol=1e-5)):
@@ -325,7 +297,7 @@ def export(model, path, target="cuda", max_len=None, outputs="logits"):
             "unknown_base_id": str(th.N_ID), "l_max": str(cfg.l_max), "max_len": str(max_len),
             "config": json.dumps(cfg.to_dict()), "target": target, "outputs": outputs,
             "tinyhyena_version": th.__version__}
-    if classifier:
+    if is_classifier:
         meta.update(class_names=json.dumps(model.class_names), task=model.task, pool=model.pool,
                     soft_prompt=str(0 if model.prompt is None else len(model.prompt)),
                     padding="left: [PAD] ids before the sequence, as in fine-tuning")
@@ -333,7 +305,7 @@ def export(model, path, target="cuda", max_len=None, outputs="logits"):
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
     import onnx
-    th.atomic_write(path, lambda tmp: onnx.save(proto, tmp))
+    cli.atomic_write(path, lambda tmp: onnx.save(proto, tmp))
     return proto
 
 
@@ -346,18 +318,18 @@ def check_against_torch(model, path, outputs, lengths, batches=(1, 2, 3), provid
     if provider not in session.get_providers():
         raise RuntimeError(f"ONNX Runtime did not enable {provider}")
     diff, size = {}, {}  # squared norms, per output
-    classifier = isinstance(model, finetune.SequenceClassifier)
+    is_classifier = isinstance(model, classifier.SequenceClassifier)
     rng = np.random.default_rng(0)
     for B in batches:
         for L in lengths:
             ids = rng.integers(7, 12, size=(B, L), dtype=np.int64)
-            if classifier and B > 1:  # left padding, as fine-tuning batches are padded
+            if is_classifier and B > 1:  # left padding, as fine-tuning batches are padded
                 ids[1:, :L // 2] = th.PAD_ID
             got = session.run(None, {"input_ids": ids})
             with torch.no_grad():
                 t = torch.from_numpy(ids)
-                if classifier:
-                    ref = [finetune.readout(model.task, model(t))]
+                if is_classifier:
+                    ref = [classifier.readout(model.task, model(t))]
                 else:
                     ref = {"logits": [model(t)], "hidden": [model.hidden_states(t)],
                            "both": [model(t), model.hidden_states(t)]}[outputs]
@@ -387,11 +359,12 @@ def is_onnx_model(path):
 
 
 def main(argv=None):
-    p = th.ArgumentParser(description="Export a checkpoint to ONNX for ONNX Runtime.")
-    p.add_argument("--checkpoint", type=th.existing_path, help="checkpoint folder (default: the newest in out/)")
-    p.add_argument("--out", type=th.output_file, help=f"ONNX file to write (default: {DEFAULT_OUT}, replaced only if it is an ONNX model)")
+    fast.tune_cpu_memory()  # process-wide CPU memory settings, before any tensor (fast.py)
+    p = cli.ArgumentParser(description="Export a checkpoint to ONNX for ONNX Runtime.")
+    p.add_argument("--checkpoint", type=cli.existing_path, help="checkpoint folder (default: the newest in out/)")
+    p.add_argument("--out", type=cli.output_file, help=f"ONNX file to write (default: {DEFAULT_OUT}, replaced only if it is an ONNX model)")
     p.add_argument("--target", default="cuda", choices=["cuda", "cpu"], help="cuda (ONNX Runtime's CUDA provider) or cpu")
-    p.add_argument("--max_len", type=th.positive_int, help="longest input the graph accepts (default: l_max)")
+    p.add_argument("--max_len", type=cli.positive_int, help="longest input the graph accepts (default: l_max)")
     p.add_argument("--outputs", choices=["logits", "hidden", "both"],
                    help="language models: logits (default), hidden or both; a fine-tuned model's graph "
                         "always outputs what its task predicts (probabilities or values)")
@@ -405,12 +378,12 @@ def main(argv=None):
     if checkpoint is None:
         raise th.UserError("no checkpoint in out/: train one with `python train.py ...`, "
                          "or pass --checkpoint DIR (a published HyenaDNA folder works too)")
-    if finetune.is_classifier_folder(checkpoint):
+    if classifier.is_classifier_folder(checkpoint):
         if args.outputs is not None:
             raise th.UserError(f"{checkpoint} is a fine-tuned model: its graph outputs what its task predicts, "
                              "drop --outputs")
-        model = finetune.load_classifier(checkpoint)
-        args.outputs = finetune.OUTPUT_NAME[model.task]
+        model = classifier.load_classifier(checkpoint)
+        args.outputs = classifier.OUTPUT_NAME[model.task]
         limit = model.max_len
     else:
         model, args.outputs = th.from_pretrained(checkpoint), args.outputs or "logits"
@@ -441,4 +414,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(th.run_command(main))
+    sys.exit(cli.run_command(main))

@@ -45,217 +45,17 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import checkpoints
+import cli
+import fast
 import tinyhyena as th
+from classifier import (CLASSIFIER_FILE, HEAD_FILE, OUTPUT_NAME, TASKS, SequenceClassifier, is_classifier_folder,
+                        load_classifier, pad_left, readout, save_classifier)
 from data import DataError, Genome, open_maybe_gzipped, prepare, read_fasta, reverse_complement
 from train import (adamw, batches, claim_out_dir, drop_metrics_after, log_metrics, lr_at, restore_rng_state,
                    rng_state)
 
-CLASSIFIER_FILE = "classifier.json"  # marks a fine-tuned folder: the head and what it needs
-HEAD_FILE = "head.pt"
-TASKS = ("classify", "regression", "multilabel")
 SELECTION_METRIC = {"classify": "mcc", "regression": "pearson", "multilabel": "auroc"}  # picks the best model
-
-
-# ---------------------------------------------------------------------------------------------------------
-# The classifier.
-
-class SequenceClassifier(nn.Module):
-    """ids (B, L), padded on the left with [PAD] -> (B, n_outputs): class logits (task classify), values
-    (regression) or one logit per binary target (multilabel). With `end_token`, that token id is appended to
-    every sequence first (the Hugging Face port's tokenizer ends each sequence with [SEP], and its
-    classifiers read the hidden state there)."""
-
-    def __init__(self, backbone, n_outputs, pool="mean", soft_prompt=0, class_tokens=None, freeze=False,
-                 task="classify", end_token=None):
-        super().__init__()
-        if pool not in ("mean", "last"):
-            raise th.UserError(f"pool must be mean or last, got {pool!r}")
-        if task not in TASKS:
-            raise th.UserError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
-        if soft_prompt and task != "classify":
-            raise th.UserError("soft prompting reads classes as next tokens; it does not do regression or multilabel")
-        self.backbone, self.pool, self.n_outputs, self.task = backbone, pool, n_outputs, task
-        self.end_token = end_token
-        self.frozen = freeze or soft_prompt > 0
-        if task == "regression":  # the head predicts standardized targets; forward undoes it (set by fit)
-            self.register_buffer("target_mean", torch.zeros(n_outputs))
-            self.register_buffer("target_std", torch.ones(n_outputs))
-        if soft_prompt:
-            tokens = class_tokens or "ACGTN"[:n_outputs]
-            if len(tokens) != n_outputs or not set(tokens) <= set(th.BASES) or len(set(tokens)) != n_outputs:
-                raise th.UserError(f"soft prompting maps each of the {n_outputs} classes to its own nucleotide token "
-                                 f"(at most 5: ACGTN), got class tokens {tokens!r}")
-            self.class_tokens = tokens
-            self.register_buffer("class_ids", torch.tensor([th.BASE_IDS[t] for t in tokens]))
-            self.prompt = nn.Parameter(torch.randn(soft_prompt, backbone.cfg.d_model) * 0.02)  # (K, d)
-            self.head = None
-        else:
-            self.class_tokens, self.prompt = None, None
-            self.head = nn.Linear(backbone.cfg.d_model, n_outputs)
-        if self.frozen:
-            self.backbone.requires_grad_(False)
-
-    @property
-    def max_len(self):
-        """The longest sequence the classifier takes: the prompt, or the end token, needs room within l_max."""
-        room = len(self.prompt) if self.prompt is not None else int(self.end_token is not None)
-        return self.backbone.cfg.l_max - room
-
-    def train(self, mode=True):
-        super().train(mode)
-        if self.frozen:  # a frozen backbone computes fixed features: no dropout
-            self.backbone.eval()
-        return self
-
-    def forward(self, input_ids):
-        if self.end_token is not None:  # left padding: every row ends in the last column
-            input_ids = torch.cat([input_ids, input_ids.new_full((input_ids.shape[0], 1), self.end_token)], 1)
-        real = input_ids != th.PAD_ID  # (B, L); left padding: the real bases are the last ones of a row
-        if self.prompt is None:
-            hidden = self.backbone.hidden_states(input_ids)  # (B, L, d)
-            if self.pool == "last":
-                pooled = hidden[:, -1]
-            else:
-                weights = real.to(hidden.dtype)
-                pooled = (hidden * weights[..., None]).sum(1) / weights.sum(1, keepdim=True).clamp(min=1)
-            out = self.head(pooled)
-            return out * self.target_std + self.target_mean if self.task == "regression" else out
-        return self.prompted_logits(input_ids, real)
-
-    def loss(self, outputs, targets):
-        """The task's loss of forward's outputs (B, n_outputs) against targets: class indices (B,), or (B, n)
-        floats."""
-        if self.task == "classify":
-            return F.cross_entropy(outputs, targets)
-        if self.task == "regression":  # on the standardized scale, so every target weighs alike
-            return F.mse_loss((outputs - self.target_mean) / self.target_std,
-                              (targets - self.target_mean) / self.target_std)
-        return F.binary_cross_entropy_with_logits(outputs, targets)
-
-    def prompted_logits(self, input_ids, real):
-        """The prompt goes between a row's padding and its bases, so no padding separates them: row i with n_i
-        pads becomes [n_i pads, K prompt vectors, bases]. Then the next-token logits at the last position,
-        restricted to the class tokens."""
-        self.backbone.check_input_ids(input_ids)
-        B, L = input_ids.shape
-        K = len(self.prompt)
-        emb = self.backbone.embedding
-        padded = torch.cat([input_ids.new_full((B, K), th.PAD_ID), input_ids], 1)  # bases shifted right by K
-        x = emb(padded)  # (B, K+L, d)
-        slot = torch.arange(K + L, device=x.device) - (~real).sum(1, keepdim=True)  # (B, K+L): index in prompt
-        in_prompt = (slot >= 0) & (slot < K)
-        x = torch.where(in_prompt[..., None], self.prompt[slot.clamp(0, K - 1)].to(x.dtype), x)
-        hidden = self.backbone.hidden_states_from_embeddings(x)[:, -1]  # (B, d)
-        return F.linear(hidden, emb.weight[self.class_ids])  # (B, C): the LM head's rows of the class tokens
-
-    def trained_state(self):
-        """What fine-tuning changed besides the backbone: the head's or the prompt's weights."""
-        return {k: v for k, v in self.state_dict().items() if not k.startswith("backbone.") and k != "class_ids"}
-
-
-# What users read from forward's outputs, and its name in an exported graph.
-OUTPUT_NAME = {"classify": "probabilities", "multilabel": "probabilities", "regression": "values"}
-
-
-def readout(task, outputs):
-    """forward's outputs (B, n) -> class probabilities (classify), each target's probability (multilabel),
-    or the values themselves (regression)."""
-    if task == "classify":
-        return torch.softmax(outputs, -1)
-    return torch.sigmoid(outputs) if task == "multilabel" else outputs
-
-
-def save_classifier(model, out, class_names, meta):
-    """config.json + model.pt (the backbone: from_pretrained and embed read it), head.pt, classifier.json,
-    each written atomically; classifier.json last, so the folder is a classifier only once complete."""
-    th.save_pretrained(model.backbone, out)
-    th.atomic_write(os.path.join(out, HEAD_FILE), lambda tmp: torch.save(
-        {k: v.detach().cpu() for k, v in model.trained_state().items()}, tmp))
-    info = {"task": model.task, "class_names": class_names, "pool": model.pool, "class_tokens": model.class_tokens,
-            "soft_prompt": 0 if model.prompt is None else len(model.prompt), **meta}
-    th.write_text(os.path.join(out, CLASSIFIER_FILE), [json.dumps(info, indent=2)])
-
-
-def read_classifier_info(path):
-    info_path = os.path.join(path, CLASSIFIER_FILE)
-    if not os.path.isfile(info_path):
-        kind = "a language model" if os.path.isfile(os.path.join(path, "config.json")) else "no checkpoint"
-        raise th.UserError(f"{path}: not a fine-tuned classifier (no {CLASSIFIER_FILE}; it holds {kind}); "
-                         "make one with `python finetune.py fit`")
-    try:
-        with open(info_path) as f:
-            info = json.load(f)
-        info["class_names"] = [str(c) for c in info["class_names"]]
-        info.setdefault("task", "classify")
-        return info
-    except (ValueError, KeyError, TypeError) as e:
-        raise th.UserError(f"{info_path}: malformed ({e})") from None
-
-
-# The Hugging Face port's problem_type -> our task.
-HF_PROBLEM_TYPES = {"single_label_classification": "classify", "multi_label_classification": "multilabel",
-                    "regression": "regression"}
-
-
-def hf_classifier(ckpt, path):
-    """A HyenaDNAForSequenceClassification folder (config.json + weights with score.weight) as a
-    SequenceClassifier: the port's head is a linear map without bias on the hidden state of the last token,
-    which is the [SEP] its tokenizer appends to every sequence (so we append it too)."""
-    score = ckpt.rest.get("score.weight")
-    if score is None:
-        raise th.UserError(f"{path}: not a fine-tuned classifier (no {CLASSIFIER_FILE}, and its weights hold no "
-                         "score.weight of a Hugging Face sequence classifier); make one with `python finetune.py fit`")
-    n = score.shape[0]
-    problem = ckpt.config.get("problem_type") or ("regression" if n == 1 else "single_label_classification")
-    if problem not in HF_PROBLEM_TYPES:
-        raise th.UserError(f"{path}/config.json: config field problem_type is {problem!r}; expected one of "
-                         f"{', '.join(HF_PROBLEM_TYPES)}")
-    backbone = th.HyenaDNA(ckpt.cfg)
-    th._load_state_dict(backbone, ckpt.state, ckpt.weights_path)
-    model = SequenceClassifier(backbone, n, pool="last", task=HF_PROBLEM_TYPES[problem],
-                               end_token=th.SPECIAL_TOKENS["[SEP]"])
-    with torch.no_grad():
-        model.head.weight.copy_(score)
-        model.head.bias.zero_()
-    labels = ckpt.config.get("id2label") or {}
-    model.class_names = [str(labels.get(str(i), labels.get(i, i))) for i in range(n)]
-    model.truncate = "right"  # the port's tokenizer keeps a sequence's start
-    return model
-
-
-def is_classifier_folder(path):
-    """A folder `finetune.py fit` wrote, or a Hugging Face sequence classifier's."""
-    if os.path.isfile(os.path.join(path, CLASSIFIER_FILE)):
-        return True
-    try:
-        with open(os.path.join(path, "config.json")) as f:
-            return "HyenaDNAForSequenceClassification" in json.load(f).get("architectures", [])
-    except (OSError, ValueError, AttributeError, TypeError):
-        return False
-
-
-def load_classifier(path, device="cpu"):
-    """The fine-tuned model in folder `path`, in eval mode: a module that maps ids (B, L), left-padded, to
-    (B, n_outputs) (see SequenceClassifier). Reads folders written by `finetune.py fit` and Hugging Face
-    HyenaDNAForSequenceClassification folders. `class_names` names the outputs, `task` says what they are."""
-    path = os.fspath(path)
-    if not os.path.isfile(os.path.join(path, CLASSIFIER_FILE)) and os.path.isfile(os.path.join(path, "config.json")):
-        ckpt = th.read_checkpoint(path)
-        if th.is_hf_config(ckpt.config):
-            return hf_classifier(ckpt, path).to(device).eval()
-    info = read_classifier_info(path)
-    backbone = th.from_pretrained(path)
-    model = SequenceClassifier(backbone, len(info["class_names"]), info["pool"], info["soft_prompt"],
-                               info["class_tokens"], task=info["task"])
-    head_path = os.path.join(path, HEAD_FILE)
-    state = th.load_torch_file(head_path)
-    try:
-        model.load_state_dict({**model.state_dict(), **state})
-    except RuntimeError as e:
-        raise th.UserError(f"{head_path}: does not fit {CLASSIFIER_FILE} ({str(e).splitlines()[0]})") from None
-    model.class_names = info["class_names"]
-    model.truncate = info.get("truncate", "center")
-    return model.to(device).eval()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -279,15 +79,6 @@ class Examples(torch.utils.data.Dataset):
 
     def subset(self, index):
         return Examples([self.seqs[i] for i in index], [self.labels[i] for i in index], self.rc_aug)
-
-
-def pad_left(seqs):
-    """list of 1-D id arrays -> (B, max length) int64, padded on the left with [PAD], as published."""
-    ids = torch.full((len(seqs), max(len(s) for s in seqs)), th.PAD_ID, dtype=torch.long)
-    for row, s in enumerate(seqs):
-        if len(s):
-            ids[row, -len(s):] = torch.from_numpy(np.asarray(s, dtype=np.int64))
-    return ids
 
 
 def collate(items):
@@ -640,9 +431,9 @@ def build_backbone(args):
 
 def fit(args):
     from tqdm import tqdm
-    device = th.pick_device(args.device)
+    device = cli.pick_device(args.device)
     claim_out_dir(args.out, args.resume, args.overwrite, RUN_FILES)  # before anything is written
-    th.make_out_dir(args.out)  # up front: a folder that cannot be made fails before any work
+    cli.make_out_dir(args.out)  # up front: a folder that cannot be made fails before any work
     backbone = build_backbone(args)  # first: its l_max bounds the sequences
     max_len = backbone.cfg.l_max - args.soft_prompt
     if max_len < 1:
@@ -683,7 +474,7 @@ def fit(args):
     def save_state():
         state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "best": best,
                  "args": {k: v for k, v in vars(args).items() if k != "func"}, **rng_state()}
-        th.atomic_write(state_path, lambda tmp: torch.save(state, tmp))
+        cli.atomic_write(state_path, lambda tmp: torch.save(state, tmp))
 
     stop = {"signal": None}
 
@@ -781,7 +572,7 @@ def read_sequences(path):
 
 
 def predict(args):
-    device = th.pick_device(args.device)
+    device = cli.pick_device(args.device)
     model = load_classifier(args.checkpoint, device)
     records = read_sequences(args.input)
     seqs = [cut(ids, model.max_len, model.truncate) for _, ids in records]
@@ -801,13 +592,13 @@ def predict(args):
         prefix = "" if model.task == "regression" else "p_"
         lines = ["\t".join(["id"] + [prefix + c for c in model.class_names]) + "\n"]
         lines += ["\t".join([name] + [f"{x:.6g}" for x in v]) + "\n" for (name, _), v in zip(records, values)]
-    th.write_text(args.out, lines)
+    cli.write_text(args.out, lines)
     return 0
 
 
 def embed(args):
     from tqdm import tqdm
-    device = th.pick_device(args.device)
+    device = cli.pick_device(args.device)
     model = th.from_pretrained(args.checkpoint, device)
     records = read_sequences(args.input)
     limit = model.cfg.l_max
@@ -826,7 +617,7 @@ def embed(args):
     def save(tmp):
         with open(tmp, "wb") as f:  # a file object: np.save would add ".npy" to a temporary name
             np.save(f, out)
-    th.atomic_write(args.out, save)
+    cli.atomic_write(args.out, save)
     print(f"wrote {args.out}: {out.shape[0]} x {out.shape[1]} float32 ({args.pool} pooling)", file=sys.stderr)
     return 0
 
@@ -835,55 +626,55 @@ def embed(args):
 # Command line
 
 def parse_args(argv=None):
-    p = th.ArgumentParser(description="Fine-tune HyenaDNA to classify sequences; predict; embed.")
+    p = cli.ArgumentParser(description="Fine-tune HyenaDNA to classify sequences; predict; embed.")
     sub = p.add_subparsers(dest="command", required=True)
     f = sub.add_parser("fit", help="fine-tune a classifier")
     source = f.add_mutually_exclusive_group(required=True)
-    source.add_argument("--data", type=th.existing_path, help="genomic-benchmarks folder (train/<class>/*.txt, test/...) or CSV/TSV "
+    source.add_argument("--data", type=cli.existing_path, help="genomic-benchmarks folder (train/<class>/*.txt, test/...) or CSV/TSV "
                                        "with sequence and label columns (optional split column)")
     source.add_argument("--species", nargs="+", metavar="NAME=FASTA", help="species classification: windows of "
                                                                            "--seq_len from each FASTA")
-    f.add_argument("--test", type=th.existing_file, help="CSV/TSV test set for --data FILE")
+    f.add_argument("--test", type=cli.existing_file, help="CSV/TSV test set for --data FILE")
     f.add_argument("--task", default="classify", choices=TASKS, help="classify (default): one class per "
                    "sequence; regression: numbers; multilabel: many 0/1 targets")
     f.add_argument("--label_columns", help="CSV/TSV columns holding the labels: a,b,c, or prefix* for all that "
                                            "start with prefix (default: label)")
     model = f.add_mutually_exclusive_group()
-    model.add_argument("--checkpoint", type=th.existing_path, help="pretrained folder: published HyenaDNA or one of ours")
+    model.add_argument("--checkpoint", type=cli.existing_path, help="pretrained folder: published HyenaDNA or one of ours")
     model.add_argument("--preset", choices=["tiny", "large", *th.PRESETS],
                        help="train from scratch at a published size (with --seq_len)")
-    f.add_argument("--seq_len", type=th.positive_int, help="longest sequence / species window (default: the model's l_max)")
+    f.add_argument("--seq_len", type=cli.positive_int, help="longest sequence / species window (default: the model's l_max)")
     f.add_argument("--pool", default="mean", choices=["mean", "last"])
     f.add_argument("--freeze", action="store_true", help="train the head only")
-    f.add_argument("--soft_prompt", type=th.nonnegative_int, default=0, metavar="K", help="train K prompt vectors only")
+    f.add_argument("--soft_prompt", type=cli.nonnegative_int, default=0, metavar="K", help="train K prompt vectors only")
     f.add_argument("--class_tokens", help="soft prompting: one nucleotide per class (default ACGTN in order)")
     f.add_argument("--truncate", default="center", choices=["left", "right", "center"],
                    help="where to cut sequences longer than the model takes")
-    f.add_argument("--val_fraction", type=th.open_fraction, default=0.1)
-    f.add_argument("--eval_windows", type=th.positive_int, default=256, help="species: validation/test windows per species")
-    f.add_argument("--batch_size", type=th.positive_int, default=32)
-    f.add_argument("--eval_batch_size", type=th.positive_int, default=64)
-    f.add_argument("--grad_accum", type=th.positive_int, default=1)
-    f.add_argument("--epochs", type=th.positive_int, default=10)
-    f.add_argument("--max_steps", type=th.positive_int, help="optimizer steps (default: --epochs over the training set)")
-    f.add_argument("--eval_interval", type=th.positive_int, help="steps between validations (default: one epoch)")
-    f.add_argument("--lr", type=th.positive_float, default=6e-4)
-    f.add_argument("--weight_decay", type=th.nonnegative_float, default=0.1)
-    f.add_argument("--warmup_steps", type=th.nonnegative_int, help="default: 1%% of the steps")
+    f.add_argument("--val_fraction", type=cli.open_fraction, default=0.1)
+    f.add_argument("--eval_windows", type=cli.positive_int, default=256, help="species: validation/test windows per species")
+    f.add_argument("--batch_size", type=cli.positive_int, default=32)
+    f.add_argument("--eval_batch_size", type=cli.positive_int, default=64)
+    f.add_argument("--grad_accum", type=cli.positive_int, default=1)
+    f.add_argument("--epochs", type=cli.positive_int, default=10)
+    f.add_argument("--max_steps", type=cli.positive_int, help="optimizer steps (default: --epochs over the training set)")
+    f.add_argument("--eval_interval", type=cli.positive_int, help="steps between validations (default: one epoch)")
+    f.add_argument("--lr", type=cli.positive_float, default=6e-4)
+    f.add_argument("--weight_decay", type=cli.nonnegative_float, default=0.1)
+    f.add_argument("--warmup_steps", type=cli.nonnegative_int, help="default: 1%% of the steps")
     f.add_argument("--rc_aug", action="store_true", help="reverse-complement augmentation")
     f.add_argument("--seed", type=int, default=0)
-    f.add_argument("--workers", type=th.nonnegative_int, default=0)
+    f.add_argument("--workers", type=cli.nonnegative_int, default=0)
     f.add_argument("--out", default="finetuned")
     f.add_argument("--resume", action="store_true", help="continue the run in --out")
     f.add_argument("--overwrite", action="store_true", help="start over in an --out that holds another run")
     for name, help_text in (("predict", "classify sequences with a fine-tuned folder"),
                             ("embed", "one vector per sequence from any checkpoint")):
         q = sub.add_parser(name, help=help_text)
-        q.add_argument("--checkpoint", required=True, type=th.existing_path)
-        q.add_argument("--input", required=True, type=th.existing_file, help="FASTA, CSV/TSV with a sequence column, or one sequence a line")
-        q.add_argument("--out", required=name == "embed", type=th.output_file, help="output file" + (" (.npy)" if name == "embed" else
+        q.add_argument("--checkpoint", required=True, type=cli.existing_path)
+        q.add_argument("--input", required=True, type=cli.existing_file, help="FASTA, CSV/TSV with a sequence column, or one sequence a line")
+        q.add_argument("--out", required=name == "embed", type=cli.output_file, help="output file" + (" (.npy)" if name == "embed" else
                                                                                 " (TSV; default: standard output)"))
-        q.add_argument("--batch_size", type=th.positive_int, default=32)
+        q.add_argument("--batch_size", type=cli.positive_int, default=32)
         q.add_argument("--device", default="auto")
         if name == "embed":
             q.add_argument("--pool", default="mean", choices=["mean", "last"])
@@ -908,9 +699,10 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
+    fast.tune_cpu_memory()  # process-wide CPU memory settings, before any tensor (fast.py)
     args = parse_args(argv)
     return {"fit": fit, "predict": predict, "embed": embed}[args.command](args)
 
 
 if __name__ == "__main__":
-    sys.exit(th.run_command(main))
+    sys.exit(cli.run_command(main))

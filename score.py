@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+import cli
+import fast
 import tinyhyena as th
 from data import DataError, Genome, is_prepared_genome, open_maybe_gzipped, prepare, read_fasta, reverse_complement
 
@@ -186,7 +188,7 @@ def fmt(x):
 
 
 def load_model(args):
-    device = th.pick_device(args.device)
+    device = cli.pick_device(args.device)
     model = th.from_pretrained(args.checkpoint, device)
     window = args.window or model.cfg.l_max
     if not 2 <= window <= model.cfg.l_max:
@@ -209,8 +211,8 @@ def cmd_sequences(args):
         if args.per_base:  # bedGraph: 0-based start, end exclusive; base 0 has no prediction
             per_base.extend(f"{name}\t{t}\t{t + 1}\t{value:.6f}\n" for t, value in enumerate(logp.tolist(), 1))
     if args.per_base:
-        th.write_text(args.per_base, per_base)
-    th.write_text(args.out, rows)
+        cli.write_text(args.per_base, per_base)
+    cli.write_text(args.out, rows)
     return 0
 
 
@@ -226,7 +228,7 @@ def cmd_variants(args):
     for v, (llr, forward, reverse, note) in zip(variants, scores):
         cells = [v.chrom, str(v.pos), v.id, v.ref, v.alt, fmt(llr)] + ([fmt(forward), fmt(reverse)] if args.both_strands else [])
         rows.append("\t".join(cells + [note]) + "\n")
-    th.write_text(args.out, rows)
+    cli.write_text(args.out, rows)
     skipped = [note.split(":")[0] for *_, note in scores if note]
     summary = f"scored {len(variants) - len(skipped)} of {len(variants)} variants"
     if skipped:
@@ -237,23 +239,24 @@ def cmd_variants(args):
 
 
 def main(argv=None):
-    p = th.ArgumentParser(description="Sequence likelihoods and zero-shot variant effects.")
+    fast.tune_cpu_memory()  # process-wide CPU memory settings, before any tensor (fast.py)
+    p = cli.ArgumentParser(description="Sequence likelihoods and zero-shot variant effects.")
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("sequences", help="nats and bits per base, perplexity, of every FASTA record")
-    s.add_argument("--input", required=True, type=th.existing_file, help="FASTA (plain or gzipped)")
-    s.add_argument("--per_base", type=th.output_file, help="also write every base's log-probability as bedGraph")
-    s.add_argument("--context", type=th.nonnegative_int, help="bases of context before each scored base in long records "
+    s.add_argument("--input", required=True, type=cli.existing_file, help="FASTA (plain or gzipped)")
+    s.add_argument("--per_base", type=cli.output_file, help="also write every base's log-probability as bedGraph")
+    s.add_argument("--context", type=cli.nonnegative_int, help="bases of context before each scored base in long records "
                                                "(default: half the window)")
     v = sub.add_parser("variants", help="llr = log P(ALT window) - log P(REF window) per VCF allele")
-    v.add_argument("--fasta", required=True, type=th.existing_path, help="reference FASTA (plain or gzipped), or a prepared genome folder")
-    v.add_argument("--vcf", required=True, type=th.existing_file, help="VCF 4.x, plain or gzipped")
+    v.add_argument("--fasta", required=True, type=cli.existing_path, help="reference FASTA (plain or gzipped), or a prepared genome folder")
+    v.add_argument("--vcf", required=True, type=cli.existing_file, help="VCF 4.x, plain or gzipped")
     v.add_argument("--both_strands", action="store_true", help="average with the reverse complement's score")
     for q in (s, v):
-        q.add_argument("--checkpoint", required=True, type=th.existing_path, help="published HyenaDNA folder or one of ours")
-        q.add_argument("--out", type=th.output_file, help="TSV to write (default: standard output)")
-        q.add_argument("--window", type=th.positive_int, default=1024 if q is v else None,
+        q.add_argument("--checkpoint", required=True, type=cli.existing_path, help="published HyenaDNA folder or one of ours")
+        q.add_argument("--out", type=cli.output_file, help="TSV to write (default: standard output)")
+        q.add_argument("--window", type=cli.positive_int, default=1024 if q is v else None,
                        help="bases per window (variants: 1024; sequences: the model's l_max)")
-        q.add_argument("--batch_size", type=th.positive_int, default=32)
+        q.add_argument("--batch_size", type=cli.positive_int, default=32)
         q.add_argument("--device", default="auto", help="auto (cuda when there is one), cpu, cuda, cuda:1, ...")
         q.add_argument("--quiet", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
@@ -261,4 +264,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(th.run_command(main))
+    sys.exit(cli.run_command(main))

@@ -13,6 +13,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import checkpoints
+import cli
+import fast
 import tinyhyena as th
 
 ROOT = Path(__file__).resolve().parent
@@ -26,11 +29,15 @@ def rel_err(out, ref):
     return np.linalg.norm(out - ref) / np.linalg.norm(ref)
 
 
-def random_model(cfg, seed):
+def random_model(cfg, seed, fast=True, channel_group=None):
     """A model whose every weight is drawn at a scale where no term of the forward pass is negligible
-    (the published init makes the filter MLP nearly silent, which would hide mistakes in it)."""
+    (the published init makes the filter MLP nearly silent, which would hide mistakes in it). channel_group
+    sets the fast path's channels per group (small: several groups)."""
     torch.manual_seed(seed)
-    model = th.HyenaDNA(cfg).eval()
+    model = th.HyenaDNA(cfg, fast=fast).eval()
+    if fast and channel_group:
+        for block in model.blocks:
+            block.mixer.fast.channel_group = channel_group
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("freq"):
@@ -42,8 +49,15 @@ def random_model(cfg, seed):
     return model
 
 
+# Lengths where bugs live: 1, the first few, both sides of powers of two and of the fast path's FFT sizes
+# (smooth numbers: 2^a 3^b 5^c), and up to a few thousand.
+LENGTHS = [1, 2, 3, 5, 7, 13, 31, 32, 33, 63, 64, 65, 97, 128, 255, 256, 257, 331, 511, 512, 513, 1000, 1023, 1024,
+           1025, 1537, 2047, 2048, 2049, 3000]
+
+
 @st.composite
-def configs_and_lengths(draw):
+def configs_and_lengths(draw, max_len=3000):
+    """(cfg, L, B, seed, channel_group): widths and channel groups that make several groups, orders 2-4."""
     cfg = th.HyenaConfig(
         d_model=draw(st.integers(1, 12)) * 2,
         n_layer=draw(st.integers(1, 2)),
@@ -52,19 +66,23 @@ def configs_and_lengths(draw):
         filter_order=draw(st.integers(2, 16)),
         emb_dim=draw(st.sampled_from([3, 5, 7])),
         short_filter_order=draw(st.integers(1, 4)),
-        l_max=draw(st.integers(2, 400)),
+        l_max=draw(st.integers(2, max_len)),
     )
-    L = draw(st.sampled_from([1, 2, 7, 13, 64, 97, 128, 255, 256, 331, cfg.l_max, cfg.l_max - 1]))
-    return cfg, max(1, min(L, cfg.l_max)), draw(st.integers(1, 3)), draw(st.integers(0, 2**31 - 1))
+    L = draw(st.one_of(st.sampled_from(LENGTHS + [cfg.l_max, cfg.l_max - 1]), st.integers(1, cfg.l_max)))
+    group = draw(st.one_of(st.none(), st.integers(1, cfg.d_model)))  # None: the budget's choice
+    return cfg, max(1, min(L, cfg.l_max)), draw(st.integers(1, 3)), draw(st.integers(0, 2**31 - 1)), group
 
 
-def check_twin(cfg, L, B, seed, device):
-    model = random_model(cfg, seed).to(device)
+def check_twin(cfg, L, B, seed, group, device, fast=True):
+    """The model in float64 against the twin: float32's rounding, compounded by up to three gates and
+    convolutions, reached 1e-3 on the random weights; in float64 what remains is the positional tables' float32
+    rounding (the model stores them so), 5e-7 at most over 150 drawn cases."""
+    model = random_model(cfg, seed, fast, group).double().to(device)
     ids = torch.randint(0, cfg.vocab_size, (B, L), generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
         out = model(ids.to(device)).cpu().numpy()
     assert out.shape == (B, L, cfg.padded_vocab_size)
-    assert rel_err(out, th.reference_forward(model, ids)) <= 1e-4
+    assert rel_err(out, th.reference_forward(model, ids)) <= 1e-5
 
 
 # --- the fixture: the published implementation's outputs --------------------------------------------------
@@ -82,25 +100,107 @@ def test_fixture_matches_published_outputs():
 
 # --- properties ------------------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("fast", [True, False], ids=["fast", "plain"])
 @property_settings
-@given(configs_and_lengths())
-def test_torch_matches_numpy_twin(case):
-    check_twin(*case, device="cpu")
+@given(case=configs_and_lengths())
+def test_torch_matches_numpy_twin(case, fast):
+    check_twin(*case, device="cpu", fast=fast)
 
 
 @pytest.mark.cuda
 @needs_cuda
+@pytest.mark.parametrize("fast", [True, False], ids=["fast", "plain"])
 @property_settings
-@given(configs_and_lengths())
-def test_torch_matches_numpy_twin_cuda(case):
-    check_twin(*case, device="cuda")
+@given(case=configs_and_lengths())
+def test_torch_matches_numpy_twin_cuda(case, fast):
+    check_twin(*case, device="cuda", fast=fast)
+
+
+def test_numpy_twin_builds_its_own_positional_features_and_window():
+    """The twin computes the filters' positional features and window rates from the config: a model whose
+    stored tables were built wrongly no longer matches it."""
+    cfg = th.HyenaConfig(d_model=8, n_layer=1, d_inner=16, filter_order=8, l_max=300)
+    ids = torch.randint(7, 12, (1, 200), generator=torch.Generator().manual_seed(0))
+    model = random_model(cfg, 0).double()
+    with torch.no_grad():
+        assert rel_err(model(ids), th.reference_forward(model, ids)) < 1e-7
+    for table, wrong in (("z", lambda z: z[:, [0, 2, 1, 3, 4]]), ("t", lambda t: t * 300 / 299), ("deltas", lambda d: d.flip(0))):
+        model = random_model(cfg, 0).double()
+        with torch.no_grad():
+            buffer = getattr(model.blocks[0].mixer.filter, table)
+            buffer.copy_(wrong(buffer))
+            assert rel_err(model(ids), th.reference_forward(model, ids)) > 1e-5, table
+
+
+def fast_and_plain(cfg, seed, group):
+    """The same weights in the default model (fast paths, `group` channels per group) and the plain one."""
+    fast_model = random_model(cfg, seed, True, group).double()
+    plain = th.HyenaDNA(cfg, fast=False).double().eval()
+    plain.load_state_dict(fast_model.state_dict())
+    return fast_model, plain
+
+
+def outputs_and_gradients(model, x, grad_out):
+    """Hidden states of embeddings x and the gradients of every parameter and of x, for a given grad_out."""
+    x = x.clone().requires_grad_(True)
+    out = model.hidden_states_from_embeddings(x)
+    names, params = zip(*[(n, p) for n, p in model.named_parameters() if n != "embedding.weight"])  # (unused)
+    grads = torch.autograd.grad(out, (x, *params), grad_out)
+    return out.detach(), dict(zip(("input",) + names, grads))
+
+
+@property_settings
+@given(configs_and_lengths(), st.booleans(), st.data())
+def test_fast_path_equals_plain_path_with_gradients(case, checkpointing, data):
+    """HyenaDNA(cfg) and HyenaDNA(cfg, fast=False) with the same weights: the same outputs, and the same
+    gradients of every parameter and of the input, with several channel groups, with gradient checkpointing
+    (the fast path then recomputes each group, and the MLP in slices of positions, alone), and without a
+    gradient (the kept spectra, read twice)."""
+    cfg, L, B, seed, group = case
+    fast_model, plain = fast_and_plain(cfg, seed, group)
+    chunk = data.draw(st.one_of(st.just(1 << 16), st.integers(1, max(1, L))))  # MLP slices of `chunk` positions
+    for block in fast_model.blocks:
+        block.fast.mlp_chunk = chunk
+    fast_model.gradient_checkpointing = plain.gradient_checkpointing = checkpointing
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, L, cfg.d_model, generator=g, dtype=torch.float64)
+    grad_out = torch.randn(B, L, cfg.d_model, generator=g, dtype=torch.float64)
+    out, grads = outputs_and_gradients(fast_model, x, grad_out)
+    plain_out, plain_grads = outputs_and_gradients(plain, x, grad_out)
+    assert rel_err(out, plain_out) <= 1e-10
+    for name, grad in plain_grads.items():
+        # float64; some gradients are sums that cancel (to 1e-13 through a LayerNorm of 2 channels)
+        assert torch.linalg.norm(grads[name] - grad) <= 1e-6 * torch.linalg.norm(grad) + 1e-12, name
+    with torch.no_grad():
+        for _ in range(2):
+            assert rel_err(fast_model.hidden_states_from_embeddings(x), plain_out) <= 1e-10
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["fast", "plain"])
+def test_long_sequences_with_checkpointing_and_mlp_slices(fast):
+    """Past 65,536 positions the fast path runs the MLP in slices of positions (in place without a gradient,
+    recomputed one slice at a time under checkpointing): the same values and gradients as one call."""
+    cfg = th.HyenaConfig(d_model=4, n_layer=1, d_inner=8, filter_order=4, l_max=70_002)
+    model = random_model(cfg, 0, fast).double()
+    plain = th.HyenaDNA(cfg, fast=False).double().eval()
+    plain.load_state_dict(model.state_dict())
+    x = torch.randn(1, 70_000, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    grad_out = torch.randn(1, 70_000, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    model.gradient_checkpointing = True
+    out, grads = outputs_and_gradients(model, x, grad_out)
+    plain_out, plain_grads = outputs_and_gradients(plain, x, grad_out)
+    assert rel_err(out, plain_out) <= 1e-9
+    for name, grad in plain_grads.items():
+        assert rel_err(grads[name], grad) <= 1e-6, name
+    with torch.no_grad():
+        assert rel_err(model.hidden_states_from_embeddings(x), plain_out) <= 1e-9
 
 
 @property_settings
 @given(configs_and_lengths(), st.data())
 def test_causal(case, data):
-    cfg, L, B, seed = case
-    model = random_model(cfg, seed).double()
+    cfg, L, B, seed, group = case
+    model = random_model(cfg, seed, True, group).double()
     ids = torch.randint(0, cfg.vocab_size, (B, L), generator=torch.Generator().manual_seed(seed))
     t = data.draw(st.integers(0, L - 1))
     changed = ids.clone()
@@ -126,7 +226,7 @@ def test_fft_conv_equals_direct_conv(B, C, L, seed):
     v, x = torch.randn(2, B, C, L, generator=g, dtype=torch.float64)
     k, bias = torch.randn(C, L, generator=g, dtype=torch.float64), torch.randn(C, generator=g, dtype=torch.float64)
     a = v * x
-    torch.testing.assert_close(th.GatedCausalConv.apply(v, x, k, bias), direct_causal_conv(a, k) + bias[:, None] * a,
+    torch.testing.assert_close(fast.GatedCausalConv.apply(v, x, k, bias), direct_causal_conv(a, k) + bias[:, None] * a,
                                rtol=1e-9, atol=1e-9)
 
 
@@ -135,9 +235,9 @@ def test_fft_conv_gradcheck(L):
     v, x = (torch.randn(2, 3, L, dtype=torch.float64, requires_grad=True) for _ in range(2))
     k = torch.randn(3, L, dtype=torch.float64, requires_grad=True)
     bias = torch.randn(3, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(th.GatedCausalConv.apply, (v, x, k, bias))
+    assert torch.autograd.gradcheck(fast.GatedCausalConv.apply, (v, x, k, bias))
     k.requires_grad_(False)  # the branches for a subset of the inputs
-    assert torch.autograd.gradcheck(th.GatedCausalConv.apply, (v, x, k, bias))
+    assert torch.autograd.gradcheck(fast.GatedCausalConv.apply, (v, x, k, bias))
 
 
 @property_settings
@@ -147,7 +247,7 @@ def test_short_conv_equals_conv1d_with_gradients(B, C, L, K, seed):
     z = torch.randn(B, C, L, generator=g, dtype=torch.float64, requires_grad=True)
     weight = torch.randn(C, K, generator=g, dtype=torch.float64, requires_grad=True)
     bias = torch.randn(C, generator=g, dtype=torch.float64, requires_grad=True)
-    ours = th.causal_short_conv(z, weight, bias)
+    ours = fast.causal_short_conv(z, weight, bias)
     grads = torch.autograd.grad(ours, (z, weight, bias), torch.ones_like(ours))
     left_padded = torch.nn.functional.pad(z, (K - 1, 0))  # causal: out[t] sees z[t-K+1 .. t]
     reference = torch.nn.functional.conv1d(left_padded, weight[:, None, :], bias, groups=C)
@@ -167,7 +267,7 @@ def test_grouped_projection_equals_one_linear_layer_with_gradients(B, d, sizes, 
     u = torch.randn(B, L, d, generator=g, dtype=torch.float64, requires_grad=True)
     weight = torch.randn(sum(sizes), d, generator=g, dtype=torch.float64, requires_grad=True)
     bias = torch.randn(sum(sizes), generator=g, dtype=torch.float64, requires_grad=True)
-    ours = th.GroupedProjection.apply(u, weight, bias, sizes)
+    ours = fast.GroupedProjection.apply(u, weight, bias, sizes)
     reference = torch.nn.functional.linear(u, weight, bias).transpose(1, 2).split(sizes, dim=1)
     grads_out = [torch.randn(r.shape, generator=g, dtype=torch.float64) for r in reference]
     for mine, theirs in zip(ours, reference):
@@ -175,38 +275,68 @@ def test_grouped_projection_equals_one_linear_layer_with_gradients(B, d, sizes, 
     for mine, theirs in zip(torch.autograd.grad(ours, (u, weight, bias), grads_out),
                             torch.autograd.grad(reference, (u, weight, bias), grads_out)):
         torch.testing.assert_close(mine, theirs, rtol=1e-10, atol=1e-10)
-    assert torch.autograd.gradcheck(lambda *a: th.GroupedProjection.apply(*a, sizes), (u, weight, bias))
+    assert torch.autograd.gradcheck(lambda *a: fast.GroupedProjection.apply(*a, sizes), (u, weight, bias))
 
 
 def test_freed_heap_memory_kept_only_when_the_user_set_no_malloc_variable(monkeypatch):
-    """keep_freed_memory_on_the_heap calls mallopt on glibc, never over a variable the user set, and not when
-    switched off."""
+    """tune_cpu_memory calls mallopt on glibc, never over a variable the user set, and not when switched off."""
     calls = []
     fake_libc = types.SimpleNamespace(mallopt=lambda param, value: calls.append((param, value)) or 1)
-    monkeypatch.setattr(th.ctypes, "CDLL", lambda name: fake_libc)
-    monkeypatch.setattr(th.sys, "platform", "linux")
+    monkeypatch.setattr(fast.ctypes, "CDLL", lambda name: fake_libc)
+    monkeypatch.setattr(fast.sys, "platform", "linux")
+    monkeypatch.setenv("THP_MEM_ALLOC_ENABLE", "0")  # the user's choice stays
     for name in [k for k in os.environ if k.startswith("MALLOC_") or k == "GLIBC_TUNABLES"]:
         monkeypatch.delenv(name)
-    th.keep_freed_memory_on_the_heap()
+    fast.tune_cpu_memory()
     assert calls == [(-3, 32 << 20), (-1, (1 << 31) - 1)]  # M_MMAP_THRESHOLD, M_TRIM_THRESHOLD
+    assert os.environ["THP_MEM_ALLOC_ENABLE"] == "0"
     calls.clear()
     monkeypatch.setenv("TINYHYENA_KEEP_FREED_MEMORY", "0")
-    th.keep_freed_memory_on_the_heap()
+    fast.tune_cpu_memory()
     assert calls == []
     monkeypatch.delenv("TINYHYENA_KEEP_FREED_MEMORY")
     monkeypatch.setenv("MALLOC_ARENA_MAX", "2")
-    th.keep_freed_memory_on_the_heap()
+    fast.tune_cpu_memory()
     assert calls == []
 
 
+def test_importing_changes_nothing_outside_the_module():
+    """Importing the project's modules sets no environment variable and calls no mallopt (the CPU memory settings
+    are fast.tune_cpu_memory, which scripts call in main); importing export loads no training code."""
+    code = """
+import ctypes, os, sys
+calls = []
+real_cdll = ctypes.CDLL
+class Spy:  # records every mallopt asked of the C library
+    def __init__(self, *args, **kwargs):
+        self.lib = real_cdll(*args, **kwargs)
+    def __getattr__(self, name):
+        if name == "mallopt":
+            return lambda *args: calls.append(args)
+        return getattr(self.lib, name)
+ctypes.CDLL = Spy
+before = dict(os.environ)
+import tinyhyena, export
+training = sorted({"finetune", "train", "data"} & set(sys.modules))
+import torch
+torch.ones(1 << 20)  # a first tensor: anything deferred to it happens now
+import bench, checkpoints, classifier, cli, data, fast, finetune, score, train
+changed = sorted(set(os.environ.items()) ^ set(before.items()))
+print(training, changed, calls)
+"""
+    result = run_script("-c", code, env={k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["[]", "[]", "[]"], result.stdout
+
+
 def test_mlp_in_pieces_equals_whole(monkeypatch):
-    """The CPU's MLP over pieces of positions (see HEAP_BUFFER_FLOATS) is the same function, same gradients."""
+    """The CPU's MLP over pieces of positions (fast.HEAP_BUFFER_FLOATS) is the same function, same gradients."""
     mlp = th.MLP(th.preset_config("tiny")).double()
     x = torch.randn(2, 300, 128, dtype=torch.float64, requires_grad=True)
-    whole = mlp(x, in_pieces=False)
-    monkeypatch.setattr(th, "HEAP_BUFFER_FLOATS", 512 * 70)  # pieces of 70 rows: 9 pieces, the last short
-    assert len(th.cpu_pieces(x.reshape(600, 128), 512)) == 9
-    pieces = mlp(x)
+    whole = mlp(x)  # the plain MLP, one call
+    monkeypatch.setattr(fast, "HEAP_BUFFER_FLOATS", 512 * 70)  # pieces of 70 rows: 9 pieces, the last short
+    assert len(fast.cpu_pieces(x.reshape(600, 128), 512)) == 9
+    pieces = fast.mlp_in_pieces(mlp, x)
     torch.testing.assert_close(pieces, whole, rtol=1e-12, atol=1e-12)
     g = torch.randn_like(whole)
     for a, b in zip(torch.autograd.grad(pieces, [x, *mlp.parameters()], g),
@@ -215,7 +345,7 @@ def test_mlp_in_pieces_equals_whole(monkeypatch):
 
 
 def test_filter_spectra_kept_without_gradient_follow_the_weights():
-    """Without a gradient the filters' spectra are kept between calls (ImplicitFilter.cached_spectrum); every
+    """Without a gradient the filters' spectra are kept between calls (FastHyena.cached_spectrum); every
     call must still compute the model's current function: after an in-place update, a load_state_dict, at
     another length, and with the cache switched off."""
     torch.manual_seed(0)
@@ -230,10 +360,10 @@ def test_filter_spectra_kept_without_gradient_follow_the_weights():
                 torch.testing.assert_close(model.hidden_states(ids), reference, rtol=1e-5, atol=1e-6)
 
     check(ids)
-    filters = [block.mixer.filter for block in model.blocks]
+    filters = [block.mixer.fast for block in model.blocks]
     assert all(f.spectrum_cache is not None for f in filters)
     with torch.no_grad():
-        filters[1].mlp[0].weight.mul_(1.5)  # as an optimizer step would: in place
+        model.blocks[1].mixer.filter.mlp[0].weight.mul_(1.5)  # as an optimizer step would: in place
     check(ids)
     model.load_state_dict(th.HyenaDNA(model.cfg).state_dict())
     check(ids)
@@ -263,15 +393,15 @@ def test_tokenizer_ids_and_unknown_letters():
 
 def test_fft_size_is_smooth_and_large_enough():
     for n in range(1, 3000):
-        m = th.fft_size(n)
+        m = fast.fft_size(n)
         assert m >= n
         r = m
         for p in (2, 3, 5):
             while r % p == 0:
                 r //= p
         assert r == 1
-    assert th.fft_size(2 * 1000 - 1) == 2000
-    assert th.fft_size(1000, radices=(2,)) == 1024
+    assert fast.fft_size(2 * 1000 - 1) == 2000
+    assert fast.fft_size(1000, radices=(2,)) == 1024
 
 
 # --- bad input -------------------------------------------------------------------------------------------
@@ -389,7 +519,7 @@ def test_loading_never_runs_code_from_the_file(tmp_path):
     exploit = _Exploit()
     exploit.marker = marker
     torch.save({"state_dict": {"x": torch.zeros(1)}, "evil": exploit}, tmp_path / "evil.ckpt")
-    blob = th.load_torch_file(tmp_path / "evil.ckpt")
+    blob = checkpoints.load_torch_file(tmp_path / "evil.ckpt")
     assert not marker.exists()
     assert torch.equal(blob["state_dict"]["x"], torch.zeros(1))
 
@@ -440,12 +570,12 @@ def hf_folder(tmp_path, name="hf", drop=(), weights="safetensors", **config_chan
     `config_changes` edits config.json."""
     folder = tmp_path / name
     th.save_pretrained(th.from_pretrained(FIXTURE), folder, layout="hf")
-    state = {k: v for k, v in th.read_safetensors(folder / "model.safetensors").items() if k not in drop}
+    state = {k: v for k, v in checkpoints.read_safetensors(folder / "model.safetensors").items() if k not in drop}
     if weights == "bin":
         os.remove(folder / "model.safetensors")
         torch.save(state, folder / "pytorch_model.bin")
     else:
-        th.write_safetensors(folder / "model.safetensors", state, {"format": "pt"})
+        checkpoints.write_safetensors(folder / "model.safetensors", state, {"format": "pt"})
     config = json.loads((folder / "config.json").read_text())
     config.update(config_changes)
     (folder / "config.json").write_text(json.dumps(config))
@@ -459,7 +589,7 @@ def test_hf_folder_round_trips_bitwise_and_computes_the_published_function(tmp_p
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert config["max_seq_len"] == 1026 and config["hyena_order"] == 2 and config["activation_freq"] == 10
     assert config["model_type"] == "hyenadna" and "AutoModelForCausalLM" in config["auto_map"]
-    weights = th.read_safetensors(tmp_path / "hf" / "model.safetensors")
+    weights = checkpoints.read_safetensors(tmp_path / "hf" / "model.safetensors")
     assert weights["hyena.backbone.layers.0.mixer.filter_fn.pos_emb.z"].shape == (1, 1026, 5)
     assert weights["hyena.backbone.layers.1.mixer.filter_fn.modulation.deltas"].shape == (1, 1, 128)
     assert torch.equal(weights["lm_head.weight"], weights["hyena.backbone.embeddings.word_embeddings.weight"])
@@ -1470,10 +1600,10 @@ def test_label_column_errors(tmp_path):
 def hf_classifier_folder(tmp_path, n_labels=2, **config):
     folder = hf_folder(tmp_path, "hf_clf", architectures=["HyenaDNAForSequenceClassification"],
                        id2label={str(i): f"label{i}" for i in range(n_labels)}, **config)
-    state = th.read_safetensors(folder / "model.safetensors")
+    state = checkpoints.read_safetensors(folder / "model.safetensors")
     state["score.weight"] = torch.randn(n_labels, 128, generator=torch.Generator().manual_seed(0))
     del state["lm_head.weight"]
-    th.write_safetensors(folder / "model.safetensors", state, {"format": "pt"})
+    checkpoints.write_safetensors(folder / "model.safetensors", state, {"format": "pt"})
     return folder, state["score.weight"]
 
 
@@ -1803,5 +1933,5 @@ def test_bugs_keep_their_traceback():
     def wrong_flag(argv):
         raise th.UserError("--x 3: bad")
     with pytest.raises(KeyError):
-        th.run_command(buggy)
-    assert th.run_command(wrong_flag) == 1
+        cli.run_command(buggy)
+    assert cli.run_command(wrong_flag) == 1

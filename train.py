@@ -21,38 +21,40 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+import cli
+import fast
 import tinyhyena as th
 from data import DataError, Genome, Windows, prepare, prepared_hg38, read_bed
 
 
 def parse_args(argv=None):
-    p = th.ArgumentParser(description="Pretrain HyenaDNA by next-nucleotide prediction.")
-    p.add_argument("--fasta", type=th.existing_file, help="FASTA file (plain or gzipped); prepared on first use")
-    p.add_argument("--bed", type=th.existing_file,
+    p = cli.ArgumentParser(description="Pretrain HyenaDNA by next-nucleotide prediction.")
+    p.add_argument("--fasta", type=cli.existing_file, help="FASTA file (plain or gzipped); prepared on first use")
+    p.add_argument("--bed", type=cli.existing_file,
                    help="intervals (3 columns, or Basenji's 4 with a train/valid/test split)")
-    p.add_argument("--data", type=th.existing_path, help="folder prepared by data.py (default: data/hg38 when prepared)")
+    p.add_argument("--data", type=cli.existing_path, help="folder prepared by data.py (default: data/hg38 when prepared)")
     p.add_argument("--preset", default="tiny", choices=["tiny", "large", *th.PRESETS],
                    help="model size: tiny, large or a published name")
-    p.add_argument("--seq_len", type=th.positive_int, default=1024)
-    p.add_argument("--min_seq_len", type=th.positive_int, default=1024,
+    p.add_argument("--seq_len", type=cli.positive_int, default=1024)
+    p.add_argument("--min_seq_len", type=cli.positive_int, default=1024,
                    help="first length of the warm-up stages, which double up to --seq_len")
-    p.add_argument("--batch_size", type=th.positive_int, default=8, help="sequences per micro-batch at --seq_len")
-    p.add_argument("--grad_accum", type=th.positive_int, default=1)
-    p.add_argument("--max_steps", type=th.positive_int, default=10000)
-    p.add_argument("--lr", type=th.positive_float, default=6e-4)
-    p.add_argument("--weight_decay", type=th.nonnegative_float, default=0.1)
-    p.add_argument("--dropout", type=th.nonnegative_float, default=0.1,
+    p.add_argument("--batch_size", type=cli.positive_int, default=8, help="sequences per micro-batch at --seq_len")
+    p.add_argument("--grad_accum", type=cli.positive_int, default=1)
+    p.add_argument("--max_steps", type=cli.positive_int, default=10000)
+    p.add_argument("--lr", type=cli.positive_float, default=6e-4)
+    p.add_argument("--weight_decay", type=cli.nonnegative_float, default=0.1)
+    p.add_argument("--dropout", type=cli.nonnegative_float, default=0.1,
                    help="dropout on the token embeddings (0.1 as published; 0 makes steps deterministic)")
-    p.add_argument("--warmup_steps", type=th.nonnegative_int, default=100)
-    p.add_argument("--eval_interval", type=th.positive_int, default=500)
-    p.add_argument("--eval_batches", type=th.positive_int, default=20)
-    p.add_argument("--ckpt_interval", type=th.positive_int, default=1000)
+    p.add_argument("--warmup_steps", type=cli.nonnegative_int, default=100)
+    p.add_argument("--eval_interval", type=cli.positive_int, default=500)
+    p.add_argument("--eval_batches", type=cli.positive_int, default=20)
+    p.add_argument("--ckpt_interval", type=cli.positive_int, default=1000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto (cuda, then cpu), cpu, cuda, cuda:1, ...")
     p.add_argument("--checkpointing", default="auto", choices=["auto", "on", "off"],
                    help="activation checkpointing; auto switches it on where activations would not fit")
     p.add_argument("--rc_aug", action="store_true", help="reverse-complement augmentation")
-    p.add_argument("--workers", type=th.nonnegative_int, default=0, help="DataLoader worker processes")
+    p.add_argument("--workers", type=cli.nonnegative_int, default=0, help="DataLoader worker processes")
     p.add_argument("--out", default="out")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
     p.add_argument("--overwrite", action="store_true",
@@ -186,7 +188,7 @@ def save_checkpoint(model, optimizer, step, args, out):
     raw = model.module if hasattr(model, "module") else model
     state = {"model": raw.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "args": vars(args),
              **rng_state()}
-    th.atomic_write(os.path.join(out, "train_state.pt"), lambda tmp: torch.save(state, tmp))
+    cli.atomic_write(os.path.join(out, "train_state.pt"), lambda tmp: torch.save(state, tmp))
     th.save_pretrained(raw, out)  # config.json + model.pt, what from_pretrained(out) reads
 
 
@@ -216,7 +218,7 @@ def drop_metrics_after(path, step):
         return
     with open(path) as f:
         kept = [line for line in f if json.loads(line)["step"] <= step]
-    th.write_text(path, kept)
+    cli.write_text(path, kept)
 
 
 def log_metrics(path, record):
@@ -225,10 +227,11 @@ def log_metrics(path, record):
 
 
 def main(argv=None):
+    fast.tune_cpu_memory()  # process-wide CPU memory settings, before any tensor (fast.py)
     args = parse_args(argv)
     world = int(os.environ.get("WORLD_SIZE", 1))
     rank = int(os.environ.get("RANK", 0))
-    device = th.pick_device(args.device)
+    device = cli.pick_device(args.device)
     if world > 1:
         if device.type == "cuda":
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
@@ -236,7 +239,7 @@ def main(argv=None):
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     main_rank = rank == 0
     claim_out_dir(args.out, args.resume, args.overwrite, delete=main_rank)  # before anything is written
-    th.make_out_dir(args.out)  # up front: a folder that cannot be made fails now, not after loading the data
+    cli.make_out_dir(args.out)  # up front: a folder that cannot be made fails now, not after loading the data
 
     genome, bed = load_data(args)
     stages = length_stages(args)
@@ -341,4 +344,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(th.run_command(main))
+    sys.exit(cli.run_command(main))

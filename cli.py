@@ -1,0 +1,131 @@
+"""
+Command-line conventions shared by every script (train, finetune, score, generate, export, bench, data).
+
+Every script parses with `ArgumentParser`, checks values with the types below and runs its main through
+`run_command`: what the user got wrong (a tinyhyena.UserError) is one line, `error: <what, naming the flag or
+path>`, and exit status 1, with no traceback; any other exception is a bug and keeps its traceback. Files are
+written atomically (`atomic_write`): a reader sees the old file or the new one, never half of one.
+"""
+
+import argparse
+import math
+import os
+import sys
+
+import torch
+
+from tinyhyena import MissingFileError, UserError  # noqa: F401 (re-exported: the scripts' errors)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose usage errors are UserErrors (one line, exit 1) rather than usage text and exit 2."""
+
+    def error(self, message):
+        raise UserError(message)
+
+
+def _checked(convert, test, wanted):
+    def parse(text):
+        try:
+            value = convert(text)
+        except ValueError:
+            value = None
+        if value is None or not test(value):
+            raise argparse.ArgumentTypeError(f"must be {wanted}, got {text!r}")
+        return value
+    parse.__name__ = wanted  # argparse names the type in some messages
+    return parse
+
+
+positive_int = _checked(int, lambda v: v > 0, "a positive integer")
+nonnegative_int = _checked(int, lambda v: v >= 0, "an integer >= 0")
+positive_float = _checked(float, lambda v: v > 0 and math.isfinite(v), "a positive number")
+nonnegative_float = _checked(float, lambda v: v >= 0 and math.isfinite(v), "a number >= 0")
+open_fraction = _checked(float, lambda v: 0 < v < 1, "a number between 0 and 1 (exclusive)")
+
+
+def existing_file(text):
+    if not os.path.isfile(text):
+        raise argparse.ArgumentTypeError(f"{text}: file not found" if not os.path.exists(text) else f"{text}: not a file")
+    return text
+
+
+def output_file(text):
+    """A file to write: its folder must exist, and it must not be a folder itself (checked before any work)."""
+    folder = os.path.dirname(os.path.abspath(text))
+    if os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"{text} is a folder; name the file to write")
+    if not os.path.isdir(folder):
+        raise argparse.ArgumentTypeError(f"{text}: folder {os.path.dirname(text) or folder} does not exist")
+    return text
+
+
+def existing_path(text):
+    if not os.path.exists(text):
+        raise argparse.ArgumentTypeError(f"{text}: not found")
+    return text
+
+
+def make_out_dir(path, flag="--out"):
+    """Create an output folder up front; UserError naming the flag and folder if it cannot be."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"{flag} {path}: cannot create the folder ({e.strerror or e})") from None
+
+
+def run_command(main, argv=None):
+    """A script's entry point: main(argv) -> exit status, with a UserError printed as one line, status 1."""
+    try:
+        return main(argv)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+def pick_device(name="auto"):
+    """torch.device from a command-line name: "auto" is the GPU when there is one, else the CPU. UserError
+    naming --device for one that torch cannot use here."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise UserError(f"--device {name}: unknown device; use auto, cpu, cuda or cuda:N")
+    if device.type == "cuda":
+        if not torch.backends.cuda.is_built():
+            raise UserError(f"--device {name}: CUDA requested but this torch build has no CUDA")
+        visible = torch.cuda.device_count()
+        if visible == 0:
+            raise UserError(f"--device {name}: CUDA requested but no GPU is visible")
+        if device.index is not None and device.index >= visible:
+            raise UserError(f"--device {name}: {name} requested, {visible} GPU{'s' if visible > 1 else ''} visible")
+    return device
+
+
+def atomic_write(path, write):
+    """write(tmp) then rename tmp to path: readers see the old file or the new one, never half of one. A
+    path that cannot be written is a UserError naming it (not the temporary file)."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise UserError(f"{path}: cannot write ({e.strerror or e})") from None
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_text(path, lines):
+    """Text lines to path atomically, or to standard output when path is None."""
+    if path is None:
+        sys.stdout.writelines(lines)
+        return
+
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.writelines(lines)
+    atomic_write(path, write)

@@ -1,0 +1,389 @@
+"""
+The fast paths of tinyhyena's model: the same function as the plain code in tinyhyena.py, computed in less
+time and memory. `tinyhyena.HyenaDNA(cfg)` takes them by default; `HyenaDNA(cfg, fast=False)` builds the same
+model (same parameters, same state_dict) on the plain path alone. test_tinyhyena.py holds the two paths to each
+other (outputs, and the gradients of every parameter and input); BENCHMARKS.md has the measurements behind
+each trick below.
+
+In the order a forward pass meets them:
+- `FastHyena`, HyenaOperator's fast path. Everything between in_proj and out_proj acts on each channel alone,
+  so it runs a group of channels at a time: the big temporaries (the projected streams, the FFT buffers) are
+  one group's worth, and under gradient checkpointing each group is recomputed alone in backward. Without a
+  gradient the filters' spectra are kept between calls of one length (`cached_spectrum`).
+- Autograd Functions with hand-written backward passes, which keep fewer and smaller tensors than autograd
+  would: `GroupedProjection` (in_proj, straight into each group's layout), `CausalShortConv` (the short
+  convolution as shifted multiply-adds), `GatedCausalConv` (gate, FFT convolution and skip term in one).
+- `FastBlock`: the MLP in heap-sized pieces of positions on the CPU, slices of positions at long L, the
+  residual added in place without a gradient.
+- `tune_cpu_memory`: process-wide settings for CPU memory (huge pages, glibc keeping freed memory), which the
+  scripts call first thing in main and a library user may call; importing this file changes nothing.
+
+Why pieces of 15 MB (HEAP_BUFFER_FLOATS): torch's CPU tensors come from glibc's malloc, which serves a buffer
+under its mmap threshold (32 MB once tune_cpu_memory has run) from its heap and hands a freed one to the next
+request, but maps a bigger one fresh each time, and each fresh page costs a fault when first written. On the
+2-core CPU machine that was most of a training step's time, so the largest tensors are made in pieces that
+the heap serves. With huge pages torch asks for 2 MB-aligned buffers, so the pieces stay well under 32 MB.
+"""
+
+import ctypes
+import math
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Process-wide CPU memory settings.
+
+def tune_cpu_memory():
+    """Make the process's CPU memory faster for tinyhyena's tensors; call it first thing, before any tensor is
+    made. Two settings, each measured on the 2-core CPU machine (BENCHMARKS.md, "CPU memory"):
+    - transparent huge pages for torch's large CPU buffers (THP_MEM_ALLOC_ENABLE=1, which torch reads at the
+      first allocation, and which child processes inherit): at L = 2^20, page faults of fresh buffers were a
+      third of an inference (20.9 s -> 18.1 s);
+    - glibc's malloc keeps freed buffers of up to 32 MB on its heap and keeps up to 2 GB of free heap instead
+      of handing it back (mallopt M_MMAP_THRESHOLD, M_TRIM_THRESHOLD): a training step's buffers are no longer
+      faulted in afresh each step (0.94-1.02 s -> 0.86 s a step at batch 32 x 1,024).
+    The cost is memory: the heap keeps what it has grown to, and with huge pages' 2 MB alignment it fragments
+    (peak RSS 1.40 GB -> 2.05 GB over 150 steps at 32 x 1,024; malloc_trim(0) hands the free part back).
+    A value the user set wins (THP_MEM_ALLOC_ENABLE, any MALLOC_* or GLIBC_TUNABLES variable), and
+    TINYHYENA_KEEP_FREED_MEMORY=0 leaves glibc as it is. Linux with glibc only."""
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+    user_set = any(k.startswith("MALLOC_") or k == "GLIBC_TUNABLES" for k in os.environ)
+    if not sys.platform.startswith("linux") or user_set or os.environ.get("TINYHYENA_KEEP_FREED_MEMORY") == "0":
+        return
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):  # a C library without mallopt
+        return
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # from glibc's malloc.h
+    mallopt(M_MMAP_THRESHOLD, 32 << 20)
+    mallopt(M_TRIM_THRESHOLD, (1 << 31) - 1)
+
+
+HEAP_BUFFER_FLOATS = (15 << 20) // 4  # 15 MB of float32: the largest piece a CPU buffer is made in
+
+
+def cpu_pieces(tensor, per_item):
+    """tensor split along its first dimension into pieces whose rows, per_item floats each, fit in
+    HEAP_BUFFER_FLOATS together (one piece off the CPU). A split, not slices: the gradient of a slice is a
+    zero-filled tensor of the whole's size, one per slice, while the gradient of a split is one concatenation."""
+    step = tensor.shape[0] if tensor.device.type != "cpu" else max(1, HEAP_BUFFER_FLOATS // per_item)
+    return tensor.split(step)
+
+
+def checkpointed(enabled, fn, *args):
+    """fn(*args), but when `enabled` (and a gradient is being taken) its intermediates are recomputed in
+    backward instead of kept."""
+    if enabled and torch.is_grad_enabled():
+        return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False)
+    return fn(*args)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The long convolution.
+
+def fft_size(n, radices=(2, 3, 5)):
+    """Smallest n' >= n whose only prime factors are `radices`: FFT libraries are fastest at such sizes.
+    (radices=(2,) gives powers of two, which ONNX Runtime's DFT needs to be exact.)"""
+    best = 1 << max(0, (n - 1).bit_length())
+    if radices == (2,):
+        return best
+    p3 = 1
+    while p3 < best:  # enumerate 2^a 3^b 5^c below the power-of-two bound
+        p35 = p3
+        while p35 < best:
+            size = p35
+            while size < n:
+                size *= 2
+            best = min(best, size)
+            p35 *= 5
+        p3 *= 3
+    return best
+
+
+class GatedCausalConv(torch.autograd.Function):
+    """One gate and long convolution of the Hyena recurrence, with its skip term, by FFT:
+        a = v * x;   y[..., t] = sum_{s<=t} k[..., t-s] a[..., s]  +  bias * a[..., t]
+    v, x: (B, C, L), k: (C, L), bias: (C,) -> y: (B, C, L). Without a gradient k may be given as its spectrum
+    instead, rfft(k, n) (C, n/2+1) complex, n = fft_size(2L-1) (see FastHyena.cached_spectrum).
+
+    The gate's product is written straight into the zero-padded buffer the FFT reads (rfft(u, n) would copy u
+    into a fresh padded tensor). For backward only the inputs are kept: autograd's own rfft/irfft would keep
+    the complex spectra (4x the size of v) and the product a; backward recomputes them. The gradients are
+    correlations, convolutions with the conjugate spectrum:
+        grad_a = corr(grad_y, k) + bias * grad_y,   grad_v = grad_a * x,   grad_x = grad_a * v,
+        grad_k = sum_b corr(grad_y, a),   grad_bias = sum_{b,t} grad_y * a."""
+
+    @staticmethod
+    def forward(ctx, v, x, k, bias):
+        L = v.shape[-1]
+        n = fft_size(2 * L - 1)
+        a = GatedCausalConv.padded_product(v, x, n)  # (B, C, n): v * x, then zeros
+        k_spectrum = k if k.is_complex() else torch.fft.rfft(k, n=n)  # (C, n/2+1)
+        spectrum = torch.fft.rfft(a).mul_(k_spectrum)  # in place: no third spectrum-sized buffer
+        ctx.save_for_backward(v, x, k, bias)
+        return torch.addcmul(torch.fft.irfft(spectrum, n=n)[..., :L], a[..., :L], bias[:, None])
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        v, x, k, bias = ctx.saved_tensors
+        L = v.shape[-1]
+        n = fft_size(2 * L - 1)
+        grad_spectrum = torch.fft.rfft(grad_y, n=n)
+        grad_v = grad_x = grad_k = grad_bias = None
+        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+            # (conj_physical_ in place: a lazy .conj() is copied whole by the product that reads it)
+            grad_a = torch.fft.irfft(grad_spectrum * torch.fft.rfft(k, n=n).conj_physical_(), n=n)[..., :L]
+            grad_a = grad_a.addcmul_(grad_y, bias[:, None])
+            grad_v = grad_a * x if ctx.needs_input_grad[0] else None
+            grad_x = grad_a * v if ctx.needs_input_grad[1] else None
+        if ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:
+            a = GatedCausalConv.padded_product(v, x, n)
+            if ctx.needs_input_grad[3]:
+                grad_bias = (grad_y * a[..., :L]).sum((0, 2))
+            if ctx.needs_input_grad[2]:
+                grad_spectrum = grad_spectrum.mul_(torch.fft.rfft(a).conj_physical_()).sum(0)
+                grad_k = torch.fft.irfft(grad_spectrum, n=n)[..., :L]
+        return grad_v, grad_x, grad_k, grad_bias
+
+    @staticmethod
+    def padded_product(v, x, n):
+        """v * x (B, C, L) followed by zeros up to length n: the FFT's input, with no copy."""
+        L = v.shape[-1]
+        a = v.new_empty(*v.shape[:-1], n)
+        a[..., L:].zero_()
+        torch.mul(v, x, out=a[..., :L])
+        return a
+
+
+def gated_causal_conv(v, x, k, bias):
+    """GatedCausalConv in float32 even under bf16 autocast: a sum of up to a million products needs float32's
+    mantissa (and bf16 FFTs are unsupported on most backends)."""
+    dtype = torch.promote_types(v.dtype, torch.float32)  # bf16/fp16 -> float32; float64 stays
+    k = k if k.is_complex() else k.to(dtype)  # a spectrum is float32's (or float64's) already
+    with torch.autocast(v.device.type, enabled=False):
+        return GatedCausalConv.apply(v.to(dtype), x.to(dtype), k, bias.to(dtype)).to(v.dtype)
+
+
+class CausalShortConv(torch.autograd.Function):
+    """Depthwise causal convolution over the last K positions. z: (B, C, L), weight: (C, K), bias: (C,).
+    out[t] = bias + sum_j weight[K-1-j] * z[t-j], written as K shifted multiply-adds (faster on the CPU than
+    the depthwise conv1d kernel at long L). Its own backward, the same multiply-adds read the other way:
+    autograd through in-place updates of slices would clone the gradient at each one and expand each slice's
+    gradient to full size."""
+
+    @staticmethod
+    def forward(ctx, z, weight, bias):
+        K = weight.shape[-1]
+        out = torch.addcmul(bias[:, None], z, weight[:, K - 1:])  # the tap on z[t]
+        for j in range(1, K):  # (at L <= j both slices are empty)
+            out[..., j:].addcmul_(z[..., :-j], weight[:, K - 1 - j, None])  # the tap on z[t - j]
+        ctx.save_for_backward(z, weight)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        z, weight = ctx.saved_tensors
+        K = weight.shape[-1]
+        grad_z = grad_out * weight[:, K - 1:]
+        grad_weight = torch.empty_like(weight)
+        grad_weight[:, K - 1] = (grad_out * z).sum((0, 2))
+        for j in range(1, K):  # z[t - j] reached out[t]
+            grad_z[..., :-j].addcmul_(grad_out[..., j:], weight[:, K - 1 - j, None])
+            grad_weight[:, K - 1 - j] = (grad_out[..., j:] * z[..., :-j]).sum((0, 2))
+        return grad_z.to(z.dtype), grad_weight, grad_out.sum((0, 2)).to(weight.dtype)
+
+
+causal_short_conv = CausalShortConv.apply  # (z, weight, bias) -> out
+
+
+class GroupedProjection(torch.autograd.Function):
+    """A linear layer whose output rows come in groups, each group its own tensor, laid out for the FFT:
+    u (B, L, d), weight (R, d), bias (R,), sizes (rows per group, summing to R) -> per group a (B, rows, L)
+    tensor, one matmul against u transposed (no copy) each. Its own backward, because autograd's would first
+    concatenate the groups' gradients into one (B, R, L) tensor (past the heap's size at batch 32 x 1,024);
+    here each group's matmul adds into one gradient for u, in place."""
+
+    @staticmethod
+    def forward(ctx, u, weight, bias, sizes):
+        ctx.save_for_backward(u, weight)
+        ctx.sizes = sizes
+        return tuple(GroupedProjection.project(u, weight, bias, sizes))
+
+    @staticmethod
+    def backward(ctx, *grad_groups):
+        u, weight = ctx.saved_tensors
+        grad_u = None
+        for grad, w in zip(grad_groups, weight.split(ctx.sizes)):  # grad (B, rows, L), w (rows, d)
+            rows_to_u = (grad.transpose(1, 2), w.expand(u.shape[0], -1, -1))  # (B, L, rows) @ (B, rows, d)
+            grad_u = torch.bmm(*rows_to_u) if grad_u is None else grad_u.baddbmm_(*rows_to_u)
+        grad_weight = torch.cat([torch.bmm(grad, u).sum(0) for grad in grad_groups])  # (R, d)
+        grad_bias = torch.cat([grad.sum((0, 2)) for grad in grad_groups])
+        return grad_u, grad_weight, grad_bias, None
+
+    @staticmethod
+    def project(u, weight, bias, sizes):
+        """The forward pass, without autograd (what runs without a gradient)."""
+        u_t = u.transpose(1, 2)  # (B, d, L)
+        return [torch.baddbmm(b[:, None], w.expand(u.shape[0], -1, -1), u_t)
+                for w, b in zip(weight.split(sizes), bias.split(sizes))]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The Hyena operator's fast path.
+
+def filters(filt, L):
+    """ImplicitFilter's h (n_filters, L), computed straight into that layout: the last layer as
+    W @ features^T, so that each filter is a contiguous row for the FFT (padding the rows of the transposed
+    product was a strided copy), and the window's exp and product in place (each full-size temporary is
+    0.5 GB at 2^20)."""
+    features = filt.mlp[:-1](filt.z[:L])  # (L, filter_order)
+    h = torch.mm(filt.mlp[-1].weight, features.t())  # (n_filters, L)
+    window = torch.outer(-filt.deltas.abs(), filt.t[:L, 0]).exp_().add_(0.05)  # (n_filters, L)
+    return h.mul_(window)
+
+
+class FastHyena:
+    """HyenaOperator's fast path, with its settings and its kept spectra (one per operator; not a module, so
+    it adds nothing to the state_dict).
+    - channel_group: channels per group; None chooses equal groups whose largest buffer fits group_budget
+      floats (the heap's size, HEAP_BUFFER_FLOATS), and at least 16 channels (thinner groups' matmuls run far
+      below peak).
+    - spectrum_cache_bytes: room for the filters' spectra kept without a gradient (4 GiB per model, shared
+      among its layers: the tiny model's at 2^20); 0 switches the cache off."""
+
+    def __init__(self, cfg):
+        self.channel_group = None
+        self.group_budget = HEAP_BUFFER_FLOATS
+        self.spectrum_cache_bytes = (4 << 30) // cfg.n_layer
+        self.spectrum_cache = None  # (key, spectra), see cached_spectrum
+
+    def __call__(self, op, u, checkpoint=False):
+        """op(u) for the HyenaOperator op, u (B, L, d) -> (B, L, d). With `checkpoint` (inside a checkpointed
+        block's recomputation) the filter and each channel group are recomputed alone in backward."""
+        B, L, d = u.shape
+        N = op.cfg.order
+        # the filters h (N-1, d, L), or without a gradient their spectra (N-1, d, n/2+1), kept between calls
+        h = None if torch.is_grad_enabled() else self.cached_spectrum(op.filter, L)
+        h = (checkpointed(checkpoint, filters, op.filter, L) if h is None else h).view(N - 1, d, -1)
+        group = self.channel_group or self.group_size(B, L, d, N)
+        groups = [slice(c, min(c + group, d)) for c in range(0, d, group)]
+        h_groups = h.split(group, dim=1)  # (not h[:, g]: an index's gradient is full-size zeros, per group)
+        mix = lambda u, h_g, g: self.mix_channels(op, self.project(op, u, [g])[0], h_g, g)
+        if torch.is_grad_enabled() and not checkpoint:
+            # backward keeps every group's projection anyway, so project them all in one call: its backward
+            # then adds every group's gradient into one for u
+            y = torch.cat([self.mix_channels(op, z, h_g, g)
+                           for z, h_g, g in zip(self.project(op, u, groups), h_groups, groups)], dim=1)
+        elif torch.is_grad_enabled():
+            y = torch.cat([checkpointed(True, mix, u, h_g, g) for h_g, g in zip(h_groups, groups)], dim=1)
+        else:  # each group written into y as it is done: no list of groups to concatenate
+            y = u.new_empty(B, d, L)
+            for h_g, g in zip(h_groups, groups):
+                y[:, g] = mix(u, h_g, g)
+        # out_proj on y transposed, (B, d, L) -> (B, L, d), bias and all in one batched matmul (F.linear on a
+        # transposed input adds the bias in a second pass over the output)
+        W, b = op.out_proj.weight, op.out_proj.bias
+        return torch.baddbmm(b, y.transpose(1, 2), W.t().expand(B, -1, -1))
+
+    def group_size(self, B, L, d, N):
+        """Channels per group: equal groups, each one's largest buffer (its projections (B, (N+1)G, L), or its
+        FFT spectrum (B, G, n/2+1) complex) within group_budget floats, but at least 16 channels."""
+        per_channel = B * max((N + 1) * L, fft_size(2 * L - 1) + 2)
+        n_groups = math.ceil(d / max(16, self.group_budget // per_channel))
+        return math.ceil(d / n_groups)
+
+    @staticmethod
+    def project(op, u, groups):
+        """in_proj for the channels of each group (slices of 0..d), all N+1 streams: per group a
+        (B, (N+1)*G, L) tensor, in the layout the FFT wants (GroupedProjection). u: (B, L, d)."""
+        N, d = op.cfg.order, op.cfg.d_model
+        W, b = op.in_proj.weight.view(N + 1, d, d), op.in_proj.bias.view(N + 1, d)
+        W, b = torch.cat([W[:, g].flatten(0, 1) for g in groups]), torch.cat([b[:, g].flatten() for g in groups])
+        sizes = [(N + 1) * (g.stop - g.start) for g in groups]
+        if torch.is_grad_enabled():
+            return GroupedProjection.apply(u, W, b, sizes)
+        return GroupedProjection.project(u, W, b, sizes)
+
+    @staticmethod
+    def mix_channels(op, z, h, g):
+        """Channels g (a slice) of the operator, from their projections to before out_proj: the recurrence of
+        HyenaOperator.forward. z: (B, (N+1)*G, L), h: their filters (N-1, G, L) -> (B, G, L)."""
+        N, d = op.cfg.order, op.cfg.d_model
+        Wc, bc = op.short_conv.weight.view(N + 1, d, -1), op.short_conv.bias.view(N + 1, d)
+        z = causal_short_conv(z, Wc[:, g].flatten(0, 1), bc[:, g].flatten())
+        *x, v = z.split(g.stop - g.start, dim=1)  # x_0 .. x_{N-1}, v: each (B, G, L)
+        bias = op.filter.bias.view(N - 1, d)
+        for o, x_i in enumerate(reversed(x[1:])):  # x_{N-1} first, as published
+            v = gated_causal_conv(v, x_i, h[o], bias[o, g])  # h_o (*) (v * x_i) + bias_o * (v * x_i)
+        return v * x[0]
+
+    def cached_spectrum(self, filt, L):
+        """The filters' spectra rfft(h, n) (n_filters, n/2+1), n = fft_size(2L-1), for use without a gradient;
+        None where they would not fit in spectrum_cache_bytes. Without a gradient the filters depend only on the
+        weights and L, so a model that reads many inputs of one length (scoring, embedding, evaluation) computes
+        them once. They are recomputed when L, the device, autocast or any weight changes (every in-place update
+        of a tensor, an optimizer step or load_state_dict, bumps its version counter)."""
+        n = fft_size(2 * L - 1)
+        tensors = list(filt.parameters()) + list(filt.buffers())
+        dtype = torch.promote_types(tensors[0].dtype, torch.float32)
+        n_bytes = filt.deltas.numel() * (n // 2 + 1) * 2 * dtype.itemsize
+        if n_bytes > self.spectrum_cache_bytes:
+            return None
+        device = tensors[0].device.type
+        key = (L, torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None,
+               *[(p.data_ptr(), p._version) for p in tensors])
+        if self.spectrum_cache is None or self.spectrum_cache[0] != key:
+            self.spectrum_cache = None  # free the old spectra before making new ones
+            h = filters(filt, L).to(dtype)  # (in float32, as gated_causal_conv runs the FFTs)
+            spectrum = h.new_empty(h.shape[0], n // 2 + 1, dtype=dtype.to_complex())
+            for i in range(0, h.shape[0], 16):  # 16 filters at a time: all at once would pad a copy of all of
+                # them, and MKL's batched FFT is several times slower per row on a few rows
+                spectrum[i:i + 16] = torch.fft.rfft(h[i:i + 16], n=n)
+            self.spectrum_cache = (key, spectrum)
+        return self.spectrum_cache[1]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The block's fast path.
+
+def mlp_in_pieces(mlp, x, in_pieces=True):
+    """mlp(x), x (B, L, d). The hidden activations, 4x wider than the stream, are the largest tensors of a step:
+    on the CPU they are made (and in backward their gradients) a heap-sized piece of positions at a time. The
+    heap keeps what it has served, though: where memory comes first (FastBlock's slices at long L),
+    in_pieces=False."""
+    rows = x.reshape(-1, x.shape[-1])  # (B*L, d)
+    pieces = cpu_pieces(rows, mlp.fc1.out_features) if in_pieces else [rows]
+    if len(pieces) == 1:
+        return mlp(x)
+    out = torch.cat([mlp.fc2(F.gelu(mlp.fc1(piece), approximate="tanh")) for piece in pieces])
+    return out.view(*x.shape[:-1], -1)
+
+
+class FastBlock:
+    """Block's fast path and its setting: mlp_chunk, the positions per MLP call at long L."""
+
+    def __init__(self):
+        self.mlp_chunk = 1 << 16
+
+    def __call__(self, block, x, checkpoint=False):  # x: (B, L, d)
+        mixer = block.mixer
+        branch = block.dropout(mixer.fast(mixer, block.norm1(x), checkpoint))
+        # without a gradient, the residual is added into the branch's own fresh tensor (one big tensor fewer);
+        # but not into a bf16 branch under autocast, which would round the float32 stream
+        x = branch.add_(x) if not torch.is_grad_enabled() and branch.dtype == x.dtype else x + branch
+        # The MLP acts on each position alone and fc1 is 4x wider than the stream (2 GB at L = 2^20, d = 128),
+        # so at long L it runs on slices of positions: without a gradient, updating the stream in place one
+        # slice at a time; under checkpointing, recomputing one slice at a time in backward.
+        if x.shape[1] <= self.mlp_chunk or (torch.is_grad_enabled() and not checkpoint):
+            # (with a gradient but no checkpointing, slices would store the same activations, then copy them)
+            return x + block.dropout(mlp_in_pieces(block.mlp, block.norm2(x)))
+        branch = lambda part: block.dropout(mlp_in_pieces(block.mlp, block.norm2(part), in_pieces=False))
+        if not torch.is_grad_enabled():
+            for part in x.split(self.mlp_chunk, dim=1):
+                part += branch(part)
+            return x
+        return x + torch.cat([checkpointed(True, branch, part) for part in x.split(self.mlp_chunk, dim=1)], 1)
