@@ -14,7 +14,7 @@ import sys
 
 import torch
 
-from tinyhyena import MissingFileError, UserError  # noqa: F401 (re-exported: the scripts' errors)
+from tinyhyena import UserError
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -105,13 +105,25 @@ def pick_device(name="auto"):
     return device
 
 
+def fsync_path(path):
+    """Ask the kernel to put path (a file, or a folder's list of names) on disk before going on."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def atomic_write(path, write):
-    """write(tmp) then rename tmp to path: readers see the old file or the new one, never half of one. A
-    path that cannot be written is a UserError naming it (not the temporary file)."""
+    """write(tmp) then rename tmp to path: readers, and a crash or power loss at any moment, see the old file or
+    the new one, never half of one (the data is fsynced before the rename, the folder after it). A path that
+    cannot be written (a full disk, a read-only folder) is a UserError naming it, and the old file stays."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         write(tmp)
+        fsync_path(tmp)
         os.replace(tmp, path)
+        fsync_path(os.path.dirname(os.path.abspath(path)))
     except OSError as e:
         raise UserError(f"{path}: cannot write ({e.strerror or e})") from None
     finally:

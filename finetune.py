@@ -33,27 +33,22 @@ schedule after warm-up, gradient clipping, bf16 on CUDA, atomic checkpoints, exa
 
 import csv
 import glob
-import json
 import math
 import os
-import signal
 import sys
 import time
 
 import numpy as np
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
+import torch.distributed as dist
 
-import checkpoints
 import cli
 import fast
 import tinyhyena as th
-from classifier import (CLASSIFIER_FILE, HEAD_FILE, OUTPUT_NAME, TASKS, SequenceClassifier, is_classifier_folder,
-                        load_classifier, pad_left, readout, save_classifier)
-from data import DataError, Genome, open_maybe_gzipped, prepare, read_fasta, reverse_complement
-from train import (adamw, batches, claim_out_dir, drop_metrics_after, log_metrics, lr_at, restore_rng_state,
-                   rng_state)
+from classifier import (CLASSIFIER_FILE, HEAD_FILE, TASKS, SequenceClassifier, load_classifier, pad_left, readout,
+                        save_classifier)
+from data import DataError, Genome, open_maybe_gzipped, read_fasta, reverse_complement
+from train import Job, barrier, batches, claim_out_dir, init_distributed, log_metrics, prepare_once, train_loop
 
 SELECTION_METRIC = {"classify": "mcc", "regression": "pearson", "multilabel": "auroc"}  # picks the best model
 
@@ -244,7 +239,7 @@ def species_windows(args, max_len):
         if name in names:
             raise DataError(f"--species: {name!r} is given twice")
         names.append(name)
-        genomes.append(Genome(prepare(path, quiet=True)))
+        genomes.append(Genome(prepare_once(path, quiet=True)))
     if len(names) < 2:
         raise DataError("--species needs at least two NAME=FASTA pairs (one class each)")
     L = args.seq_len
@@ -430,9 +425,19 @@ def build_backbone(args):
 
 
 def fit(args):
-    from tqdm import tqdm
-    device = cli.pick_device(args.device)
-    claim_out_dir(args.out, args.resume, args.overwrite, RUN_FILES)  # before anything is written
+    rank, world, device = init_distributed(cli.pick_device(args.device))
+    try:
+        return fit_on(args, rank, world, device)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def fit_on(args, rank, world, device):
+    """Fine-tune in this process (one of `world`, under torchrun) with train.py's loop: this command brings its
+    batches, the task's loss, the validation that keeps the best model, and the final test row."""
+    main_rank = rank == 0
+    claim_out_dir(args.out, args.resume, args.overwrite, RUN_FILES, delete=main_rank)  # before anything is written
     cli.make_out_dir(args.out)  # up front: a folder that cannot be made fails before any work
     backbone = build_backbone(args)  # first: its l_max bounds the sequences
     max_len = backbone.cfg.l_max - args.soft_prompt
@@ -440,109 +445,83 @@ def fit(args):
         raise th.UserError(f"--soft_prompt {args.soft_prompt} leaves no room for a sequence within l_max {backbone.cfg.l_max}")
     max_len = min(max_len, args.seq_len or max_len)
     splits, names = prepare_splits(args, max_len)
-    torch.manual_seed(args.seed)
+    torch.manual_seed(args.seed)  # the same head in every process
     model = SequenceClassifier(backbone, len(names), args.pool, args.soft_prompt, args.class_tokens,
                                args.freeze, args.task).to(device)
+    torch.manual_seed(args.seed * 1000 + rank)  # each process its own dropout and augmentation draws
     train_set = splits["train"]
     if args.task == "regression":
         targets = torch.as_tensor(np.asarray(train_set.labels))
         model.target_mean.copy_(targets.mean(0))
         model.target_std.copy_(targets.std(0).clamp(min=1e-6) if len(targets) > 1 else torch.ones(len(names)))
     metric = SELECTION_METRIC[args.task]
-    micro_per_step = args.grad_accum
-    steps_per_epoch = max(1, len(train_set) // (args.batch_size * micro_per_step))
-    if len(train_set) < args.batch_size:
+    steps_per_epoch = max(1, len(train_set) // (args.batch_size * args.grad_accum * world))
+    if len(train_set) < args.batch_size * world:
         what = "windows" if args.species else "training sequences"
-        raise DataError(f"{len(train_set)} {what} are fewer than one batch (--batch_size {args.batch_size})")
+        raise DataError(f"{len(train_set)} {what} are fewer than one batch (--batch_size {args.batch_size}"
+                        f"{f' in each of {world} processes' if world > 1 else ''})")
     args.max_steps = args.max_steps or args.epochs * steps_per_epoch
     args.warmup_steps = max(1, args.max_steps // 100) if args.warmup_steps is None else args.warmup_steps
-    eval_interval = args.eval_interval or steps_per_epoch
-    optimizer = adamw(model, args)
-    metrics_path, state_path = os.path.join(args.out, "metrics.jsonl"), os.path.join(args.out, "train_state.pt")
+    args.eval_interval = args.eval_interval or steps_per_epoch
+    args.ckpt_interval = args.eval_interval  # the state is saved with each validation
+    metrics_path = os.path.join(args.out, "metrics.jsonl")
     meta = {"truncate": args.truncate, "max_len": max_len, "trained_on": args.species or args.data}
-    step, best = 0, -math.inf
-    if args.resume:
-        if not os.path.isfile(state_path):
-            raise DataError(f"{state_path}: nothing to resume")
-        state = torch.load(state_path, map_location="cpu", weights_only=True)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        step, best = state["step"], state["best"]
-        restore_rng_state(state)
-        drop_metrics_after(metrics_path, step)
+    best = {"score": -math.inf}
+    stream = {}
+    start = time.time()
+    if main_rank:
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        what = "classes" if args.task == "classify" else f"{args.task} targets"
+        print(f"{len(names)} {what} ({', '.join(names[:8])}{', ...' if len(names) > 8 else ''}); train {len(train_set)}, "
+              f"valid {len(splits['valid'])}, test {len(splits['test']) if 'test' in splits else 0}; {trainable:,} "
+              f"trainable parameters; {args.max_steps} steps", file=sys.stderr)
 
-    def save_state():
-        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "best": best,
-                 "args": {k: v for k, v in vars(args).items() if k != "func"}, **rng_state()}
-        cli.atomic_write(state_path, lambda tmp: torch.save(state, tmp))
+    def next_batch(step):
+        if "batches" not in stream:  # the position in the data follows from the step (resume)
+            stream["batches"] = batches(train_set, args.batch_size, args.seed, rank, world, step * args.grad_accum,
+                                        args.workers, collate)
+        return next(stream["batches"])
 
-    stop = {"signal": None}
+    def loss(model, x, y):
+        out = model(x).float()
+        return model.module.loss(out, y) if world > 1 else model.loss(out, y), (y.cpu(), out.detach().cpu())
 
-    def request_stop(signum, frame):
-        stop["signal"] = signum
-    signal.signal(signal.SIGTERM, request_stop)
-    signal.signal(signal.SIGINT, request_stop)
+    def train_row(step, records):  # a batch is too small a sample for r or the AUROC: classification only
+        if args.task != "classify":
+            return {}
+        labels, outputs = zip(*records)
+        return task_metrics(args.task, torch.cat(labels).numpy(), torch.cat(outputs).numpy())
 
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    what = "classes" if args.task == "classify" else f"{args.task} targets"
-    print(f"{len(names)} {what} ({', '.join(names[:8])}{', ...' if len(names) > 8 else ''}); train {len(train_set)}, valid {len(splits['valid'])}, "
-          f"test {len(splits['test']) if 'test' in splits else 0}; {trainable:,} trainable parameters; "
-          f"{args.max_steps} steps", file=sys.stderr)
-    data = batches(train_set, args.batch_size, args.seed, 0, 1, step * micro_per_step, args.workers, collate)
-    bar = tqdm(total=args.max_steps, initial=step, dynamic_ncols=True, file=sys.stderr)
-    start_time = time.time()
-    model.train()
-    while step < args.max_steps and stop["signal"] is None:
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, args)
-        loss_sum, labels, outputs = 0.0, [], []
-        for _ in range(micro_per_step):
-            x, y = next(data)
-            x, y = x.to(device), y.to(device)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                out = model(x).float()
-            loss = model.loss(out, y)
-            (loss / micro_per_step).backward()
-            loss_sum += loss.item() / micro_per_step
-            labels.append(y.cpu())
-            outputs.append(out.detach().cpu())
-        if not math.isfinite(loss_sum):
-            print(f"error: loss is {loss_sum} at step {step}; stopping (try a lower --lr)", file=sys.stderr)
-            return 1
-        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss_sum:.4f}")
-        batch_metrics = task_metrics(args.task, torch.cat(labels).numpy(), torch.cat(outputs).numpy()) \
-            if args.task == "classify" else {}  # a batch is too small a sample for r or the AUROC
-        log_metrics(metrics_path, {"step": step, "split": "train", "loss": loss_sum, **batch_metrics,
-                                   "lr": lr_at(step - 1, args), "elapsed_s": round(time.time() - start_time, 3)})
-        if step % eval_interval == 0 or step == args.max_steps:
-            val = evaluate(model, splits["valid"], args.eval_batch_size, device)
-            log_metrics(metrics_path, {"step": step, "split": "valid", **val,
-                                       "elapsed_s": round(time.time() - start_time, 3)})
-            score = val[metric] if math.isfinite(val[metric]) else -math.inf  # NaN: no target could be scored
-            if score > best or best == -math.inf:  # the model folder holds the best model on validation
-                best = score
+    def validate(step):  # every process evaluates (the same model, the same data); the main rank writes
+        val = evaluate(model, splits["valid"], args.eval_batch_size, device)
+        score = val[metric] if math.isfinite(val[metric]) else -math.inf  # NaN: no target could be scored
+        improved = score > best["score"] or best["score"] == -math.inf
+        if improved:
+            best["score"] = score
+        if main_rank:
+            log_metrics(metrics_path, {"step": step, "split": "valid", **val, "elapsed_s": round(time.time() - start, 3)})
+            if improved:  # the model folder holds the best model on validation
                 save_classifier(model, args.out, names, {**meta, "step": step, f"valid_{metric}": val[metric]})
-            save_state()
-    bar.close()
-    if stop["signal"] is not None:
-        save_state()
-        print(f"stopped by signal {stop['signal']} at step {step}; state saved in {args.out} "
-              "(continue with --resume)")
-        return 0
+        barrier()
+
+    job = Job(model=model, next_batch=next_batch, loss=loss, evaluate=validate, train_row=train_row,
+              state=lambda: {"best": best["score"]}, restore=lambda state: best.update(score=state["best"]))
+    outcome = train_loop(job, args, device, rank, world)
+    if outcome != "done":
+        return 1 if outcome == "diverged" else 0
     if "test" not in splits:
-        print(f"best validation {metric} {best:.4f}; no test set given (--test FILE or a split column), so no test row")
+        if main_rank:
+            print(f"best validation {metric} {best['score']:.4f}; no test set given (--test FILE or a split column), "
+                  "so no test row")
         return 0
-    best_model = load_classifier(args.out, device)
-    test = evaluate(best_model, splits["test"], args.eval_batch_size, device)
-    log_metrics(metrics_path, {"step": step, "split": "test", **test, "elapsed_s": round(time.time() - start_time, 3)})
-    shown = {"classify": ("accuracy", "mcc", "f1_macro"), "regression": ("pearson", "spearman", "mse"),
-             "multilabel": ("auroc",)}[args.task]
-    print(f"test (best validation checkpoint): {', '.join(f'{k} {test[k]:.4f}' for k in shown)}; model in {args.out}")
+    if main_rank:
+        best_model = load_classifier(args.out, device)
+        test = evaluate(best_model, splits["test"], args.eval_batch_size, device)
+        log_metrics(metrics_path, {"step": args.max_steps, "split": "test", **test,
+                                   "elapsed_s": round(time.time() - start, 3)})
+        shown = {"classify": ("accuracy", "mcc", "f1_macro"), "regression": ("pearson", "spearman", "mse"),
+                 "multilabel": ("auroc",)}[args.task]
+        print(f"test (best validation checkpoint): {', '.join(f'{k} {test[k]:.4f}' for k in shown)}; model in {args.out}")
     return 0
 
 

@@ -884,8 +884,10 @@ def test_train_learns_markov_source(markov, markov_model):
     metrics = read_metrics(markov_model)
     assert {m["seq_len"] for m in metrics if m["split"] == "train"} == {128, 256}  # the length warm-up ran
     assert all({"step", "split", "loss", "tokens", "seq_len", "elapsed_s"} <= set(m) for m in metrics)
-    assert metrics[-1]["split"] == "val" and metrics[-2] == {**metrics[-2], "split": "train", "step": 120}
-    assert metrics[-1]["loss"] < entropy + 0.05 < np.log(4)  # near the source's entropy rate, far below chance
+    assert [(m["split"], m["step"]) for m in metrics[-3:]] == [("train", 120), ("val", 120), ("test", 120)]
+    assert metrics[-2]["loss"] < entropy + 0.05 < np.log(4)  # near the source's entropy rate, far below chance
+    test = metrics[-1]  # the held-out chromosome, reported at the end
+    assert test["loss"] < entropy + 0.05 and test["bits_per_base"] == pytest.approx(test["loss"] / np.log(2))
     model = th.from_pretrained(markov_model)
     assert model.cfg.l_max == 258
 
@@ -983,6 +985,108 @@ def test_train_ddp_two_processes_equal_one_process_with_their_global_batch(marko
     ddp = deterministic_run(markov, tmp_path / "ddp", "--batch_size", 2,
                             launcher=("-m", "torch.distributed.run", "--nproc_per_node", 2, "--master_port", 29533))
     assert_same_run(ddp, deterministic_run(markov, tmp_path / "one", "--batch_size", 4))
+
+
+def two_nodes(fasta, out, port, *extra):
+    """Two torchrun agents on this machine, one process each, joined by a c10d rendezvous on 127.0.0.1: two
+    "nodes" of one run. Returns the agents' Popen objects."""
+    args = ["-m", "torch.distributed.run", "--nnodes", 2, "--nproc_per_node", 1, "--rdzv_backend", "c10d",
+            "--rdzv_endpoint", f"127.0.0.1:{port}", "--rdzv_id", f"test{port}", "train.py", "--fasta", fasta,
+            "--seq_len", 64, "--min_seq_len", 64, "--batch_size", 2, "--max_steps", 12, "--eval_interval", 6,
+            "--eval_batches", 2, "--rc_aug", "--device", "cpu", "--out", out, *extra]
+    return [subprocess.Popen([sys.executable, *map(str, args)], cwd=ROOT, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True) for _ in range(2)]
+
+
+def finish(agents, timeout=240):
+    """(exit codes, outputs) of the agents; a run that hangs past `timeout` seconds is killed and fails."""
+    try:
+        results = [agent.communicate(timeout=timeout) for agent in agents]
+    except subprocess.TimeoutExpired:
+        for agent in agents:
+            subprocess.run(["pkill", "-9", "-P", str(agent.pid)])
+            agent.kill()
+        pytest.fail(f"the run did not end within {timeout} s")
+    return [agent.returncode for agent in agents], results
+
+
+def test_two_nodes_stop_together_on_one_ranks_sigterm_and_resume_exactly(markov, tmp_path):
+    """A SIGTERM to one rank's process stops both ranks at the same step: one checkpoint, every process exits 0.
+    --resume then ends where an uninterrupted two-node run ends. Each run starts from an unprepared FASTA,
+    prepared by rank 0 alone."""
+    fasta = tmp_path / "g.fa"
+    fasta.write_text(Path(markov[0]).read_text())
+    codes, outputs = finish(two_nodes(fasta, tmp_path / "full", 29541))
+    assert codes == [0, 0], [err[-2000:] for _, err in outputs]
+    cut = two_nodes(fasta, tmp_path / "cut", 29542)
+    metrics = tmp_path / "cut" / "metrics.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+        time.sleep(0.05)
+    workers = subprocess.run(["pgrep", "-P", str(cut[1].pid)], capture_output=True, text=True).stdout.split()
+    assert len(workers) == 1, workers
+    os.kill(int(workers[0]), signal.SIGTERM)  # one rank's process, as a preempted node's agent would
+    codes, outputs = finish(cut, timeout=60)
+    assert codes == [0, 0], [err[-2000:] for _, err in outputs]
+    state = torch.load(tmp_path / "cut" / "train_state.pt", weights_only=True)
+    assert 3 <= state["step"] < 12 and len(state["rng"]) == 2  # each rank's random state, its own
+    assert not torch.equal(state["rng"][0]["torch_rng"], state["rng"][1]["torch_rng"])
+    codes, outputs = finish(two_nodes(fasta, tmp_path / "cut", 29543, "--resume"))
+    assert codes == [0, 0], [err[-2000:] for _, err in outputs]
+    drop = lambda rows: [{k: v for k, v in m.items() if k != "elapsed_s"} for m in rows]
+    full, resumed = drop(read_metrics(tmp_path / "full")), drop(read_metrics(tmp_path / "cut"))
+    assert [m["step"] for m in resumed if m["split"] == "train"] == list(range(1, 13))  # each step logged once
+    assert resumed[-1]["split"] == "test" and resumed[-1]["loss"] == pytest.approx(full[-1]["loss"], rel=1e-5)
+    for a, b in zip(resumed, full):
+        assert a["step"] == b["step"] and a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+    index = json.loads((Path(str(fasta) + ".tinyhyena") / "index.json").read_text())  # prepared once, in place
+    assert set(index["chroms"]) == {"chr0", "chr1", "chr2", "chr3"}
+    assert [p.name for p in tmp_path.iterdir() if ".tmp" in p.name] == []
+    single = run_script("train.py", "--fasta", fasta, "--seq_len", 64, "--min_seq_len", 64, "--batch_size", 2,
+                        "--max_steps", 14, "--device", "cpu", "--out", tmp_path / "cut", "--resume")
+    assert_one_line_error(single, "written by 2 process(es)", "same number")
+
+
+def test_resume_after_sigkills_at_random_moments_and_a_torn_metrics_line(markov, tmp_path):
+    """A run that checkpoints every step, killed with SIGKILL at random moments (checkpoint writing included),
+    resumes each time; a torn last line in metrics.jsonl is dropped with a warning."""
+    out = tmp_path / "run"
+    args = [sys.executable, "train.py", "--fasta", markov[0], "--seq_len", 32, "--min_seq_len", 32, "--batch_size",
+            2, "--max_steps", 400, "--ckpt_interval", 1, "--eval_interval", 1000, "--eval_batches", 1, "--out", out]
+    rng = np.random.default_rng(0)
+    for attempt in range(3):
+        run = subprocess.Popen(list(map(str, args + (["--resume"] if attempt else []))), cwd=ROOT,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 120
+        while time.time() < deadline and run.poll() is None and not (out / "train_state.pt").exists():
+            time.sleep(0.01)
+        time.sleep(float(rng.uniform(0.2, 1.5)))
+        run.kill()
+        _, err = run.communicate()
+        assert "Traceback" not in err, err[-2000:]
+        state = torch.load(out / "train_state.pt", weights_only=True)  # the last checkpoint is whole
+        assert state["step"] >= 1
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"step": 99999, "split": "tr')  # a write cut short
+    done = run_script(*args[1:-4], "--max_steps", state["step"] + 2, "--out", out, "--resume")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "dropped a torn last line" in done.stderr
+    steps = [m["step"] for m in read_metrics(out) if m["split"] == "train"]
+    assert steps == list(range(1, state["step"] + 3))
+
+
+def test_finetune_under_torchrun_is_one_data_parallel_run(tmp_path):
+    write_table(tmp_path / "train.csv", labelled(200, 0))
+    write_table(tmp_path / "test.csv", labelled(40, 1))
+    result = run_script("-m", "torch.distributed.run", "--nproc_per_node", 2, "--master_port", 29545, *FIT,
+                        "--preset", "tiny", "--seq_len", 100, "--data", tmp_path / "train.csv", "--test",
+                        tmp_path / "test.csv", "--max_steps", 6, "--eval_interval", 3, "--batch_size", 8,
+                        "--device", "cpu", "--out", tmp_path / "ft")
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = read_metrics(tmp_path / "ft")
+    assert [m["step"] for m in metrics if m["split"] == "train"] == [1, 2, 3, 4, 5, 6]  # each step once
+    assert [m["split"] for m in metrics if m["split"] != "train"] == ["valid", "valid", "test"]
+    assert finetune.load_classifier(tmp_path / "ft").class_names == ["neg", "pos"]
 
 
 def test_grad_accum_equals_the_bigger_batch(markov, tmp_path):

@@ -296,6 +296,8 @@ class HyenaOperator(nn.Module):
         self.short_conv = nn.Conv1d((N + 1) * d, (N + 1) * d, K, groups=(N + 1) * d)  # depthwise
         self.filter = ImplicitFilter(cfg)
         self.out_proj = nn.Linear(d, d)
+        if fast and conv is not fft_conv:
+            raise ValueError("another long convolution runs on the plain path: build the model with fast=False")
         self.conv = conv  # the long convolution (export.py passes one per ONNX Runtime target)
         self.fast = FastHyena(cfg) if fast else None  # fast.py: the same function, in channel groups
 
@@ -352,7 +354,7 @@ class Block(nn.Module):
 
 class HyenaDNA(nn.Module):
     """The language model: (B, L) token ids -> next-token logits (B, L, V). fast=False builds the same model
-    (same parameters, same state_dict) on this file's plain path alone; conv replaces the long convolution."""
+    (same parameters, same state_dict) on this file's plain path alone, whose long convolution `conv` is."""
 
     def __init__(self, cfg, fast=True, conv=fft_conv):
         super().__init__()

@@ -1,12 +1,17 @@
 """
-Pretrain HyenaDNA by next-nucleotide prediction.
+Pretrain HyenaDNA by next-nucleotide prediction; and the one training loop, which finetune.py uses too.
 
     python train.py --seq_len 1048576                       # hg38 prepared by `python data.py hg38`
     python train.py --fasta genome.fa.gz [--bed regions.bed] --preset tiny --seq_len 32768
-    torchrun --nproc_per_node 8 train.py --preset large --seq_len 1048576    # data-parallel (DDP)
+    torchrun --nproc_per_node 8 train.py --preset large --seq_len 1048576    # data-parallel (DDP), one machine
+    torchrun --nnodes 2 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint HOST:29500 --rdzv_id run1 \
+        train.py --preset large --seq_len 1048576                           # on each of two machines
 
-One straight loop: sequence-length warm-up stages, AdamW with a cosine schedule, gradient clipping, bf16 on
-CUDA, activation checkpointing when memory needs it, atomic checkpoints, exact resume.
+The loop (`train_loop`): AdamW with a cosine schedule after warm-up, gradient accumulation, clipping, bf16 on
+CUDA, evaluation and checkpoint intervals, metrics.jsonl, SIGTERM/SIGINT on any rank stopping every rank at the
+same step, exact resume, a stop on a non-finite loss, and DDP. A command brings what is its own (a `Job`: its
+batches, its loss, its evaluation, its metrics). Pretraining adds sequence-length warm-up stages and
+activation checkpointing when memory needs it, and ends with the loss on the held-out test split.
 """
 
 import json
@@ -16,6 +21,8 @@ import random
 import signal
 import sys
 import time
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -87,7 +94,7 @@ def lr_at(step, args):
 def load_data(args):
     """(genome, bed rows or None), or DataError with what to do."""
     if args.fasta:
-        genome = Genome(prepare(args.fasta))
+        genome = Genome(prepare_once(args.fasta))
         return genome, (read_bed(args.bed, genome) if args.bed else None)
     directory = args.data or "data/hg38"
     if os.path.isfile(os.path.join(prepared_hg38(directory), "index.json")):
@@ -112,9 +119,11 @@ def batches(dataset, batch, seed, rank, world, skip, workers, collate_fn=None):
     while True:
         order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed * 100003 + epoch))
         shard = order[rank::world][:per_epoch * batch][start * batch:]
+        # the loader's own generator seeds its workers' random draws (augmentation): its own per process and
+        # epoch; the global generator is dropout's
         loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, shard.tolist()), batch_size=batch,
-                                             num_workers=workers, collate_fn=collate_fn,  # its own generator: the global RNG
-                                             generator=torch.Generator().manual_seed(epoch))  # is dropout's
+                                             num_workers=workers, collate_fn=collate_fn,
+                                             generator=torch.Generator().manual_seed(epoch * 1009 + rank))
         yield from loader
         epoch, start = epoch + 1, 0
 
@@ -159,18 +168,42 @@ def want_checkpointing(args, cfg, micro_batch, device):
     return checkpointing_needed(cfg, micro_batch * args.seq_len, device)
 
 
-def adamw(model, args):
-    """AdamW as the paper: weight decay on the matrices, none on biases, norms and the implicit filter's
-    parameters (its MLP is a function of position, not a feature map). Frozen parameters are left out."""
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    decay = [p for n, p in named if p.dim() >= 2 and ".filter." not in n]
-    no_decay = [p for n, p in named if not (p.dim() >= 2 and ".filter." not in n)]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.95))
+# ---------------------------------------------------------------------------------------------------------
+# Many processes: torchrun sets RANK, WORLD_SIZE, LOCAL_RANK. One process is world 1, rank 0.
+
+def init_distributed(device):
+    """(rank, world, device): joins the process group that torchrun set up (gloo on the CPU, NCCL on GPUs),
+    with each process on its own GPU."""
+    world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+    if world > 1:
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def prepare_once(fasta, quiet=False):
+    """data.prepare(fasta), written by one process: rank 0 prepares while the others wait; then the first process
+    of each other machine prepares only if that machine does not share rank 0's folder (prepare reuses a prepared
+    genome), and the rest of its processes wait. Two processes never write the same files."""
+    rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
+    if rank == 0:
+        prepare(fasta, quiet=quiet)
+    barrier()
+    if rank != 0 and local_rank == 0:
+        prepare(fasta, quiet=True)
+    barrier()
+    return prepare(fasta, quiet=True)
 
 
 def rng_state():
-    """Every random state a run draws from, for an exact resume."""
+    """Every random state a process draws from, for an exact resume."""
     state = {"torch_rng": torch.get_rng_state(), "python_rng": random.getstate()}
     if torch.cuda.is_available():
         state["cuda_rng"] = torch.cuda.get_rng_state_all()
@@ -182,14 +215,6 @@ def restore_rng_state(state):
     if "cuda_rng" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda_rng"])
     random.setstate(state["python_rng"])
-
-
-def save_checkpoint(model, optimizer, step, args, out):
-    raw = model.module if hasattr(model, "module") else model
-    state = {"model": raw.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "args": vars(args),
-             **rng_state()}
-    cli.atomic_write(os.path.join(out, "train_state.pt"), lambda tmp: torch.save(state, tmp))
-    th.save_pretrained(raw, out)  # config.json + model.pt, what from_pretrained(out) reads
 
 
 RUN_FILES = ("metrics.jsonl", "train_state.pt", "model.pt", "config.json")  # what a run writes into --out
@@ -213,61 +238,99 @@ def claim_out_dir(out, resume, overwrite, run_files=RUN_FILES, delete=True):
 
 
 def drop_metrics_after(path, step):
-    """On resume: forget what was logged after the checkpoint, which the resumed run logs again."""
+    """On resume: forget what was logged after the checkpoint, which the resumed run logs again. A torn last
+    line (the process was killed while writing it) is dropped with a warning; a malformed line before it is
+    an error naming the line."""
     if not os.path.exists(path):
         return
     with open(path) as f:
-        kept = [line for line in f if json.loads(line)["step"] <= step]
+        lines = f.readlines()
+    kept = []
+    for i, line in enumerate(lines):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            if i == len(lines) - 1:
+                print(f"warning: {path}: dropped a torn last line (the run was killed while writing it)",
+                      file=sys.stderr)
+                break
+            raise DataError(f"{path}:{i + 1}: not a JSON line; the metrics file is damaged") from None
+        if record["step"] <= step:
+            kept.append(line if line.endswith("\n") else line + "\n")
     cli.write_text(path, kept)
 
 
 def log_metrics(path, record):
+    """One JSON line appended to metrics.jsonl and put on disk."""
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
 
 
-def main(argv=None):
-    fast.tune_cpu_memory()  # process-wide CPU memory settings, before any tensor (fast.py)
-    args = parse_args(argv)
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    rank = int(os.environ.get("RANK", 0))
-    device = cli.pick_device(args.device)
-    if world > 1:
-        if device.type == "cuda":
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    main_rank = rank == 0
-    claim_out_dir(args.out, args.resume, args.overwrite, delete=main_rank)  # before anything is written
-    cli.make_out_dir(args.out)  # up front: a folder that cannot be made fails now, not after loading the data
+# ---------------------------------------------------------------------------------------------------------
+# The loop.
 
-    genome, bed = load_data(args)
-    stages = length_stages(args)
-    train_sets = {L: Windows(genome, L, "train", bed, args.rc_aug) for L, _, _ in stages}
-    val_set = Windows(genome, args.seq_len, "valid", bed)
+@dataclass
+class Job:
+    """What a training command brings to train_loop; the loop does the rest."""
+    model: torch.nn.Module  # trained in place; its trainable parameters go to AdamW
+    next_batch: Callable  # step -> one micro-batch (inputs, targets) of this process's shard, for that step
+    loss: Callable  # (model, inputs, targets) -> (loss, record); the step's records go to train_row
+    evaluate: Callable  # step -> None: evaluate, log rows (main rank), save what is best; every eval_interval
+    train_row: Callable = lambda step, records: {}  # extra fields of a step's train row in metrics.jsonl
+    save_model: Callable = lambda step: None  # write the model folder (main rank), at each checkpoint
+    state: Callable = lambda: {}  # the command's own state to checkpoint (fine-tuning's best score)
+    restore: Callable = lambda state: None
 
-    if args.dropout >= 1:
-        raise th.UserError(f"--dropout must be below 1, got {args.dropout}")
-    cfg = th.preset_config(args.preset, l_max=args.seq_len + 2, embed_dropout=args.dropout)
-    torch.manual_seed(args.seed)
-    model = th.HyenaDNA(cfg).to(device)
-    model.gradient_checkpointing = want_checkpointing(args, cfg, args.batch_size, device)
+
+def adamw(model, args):
+    """AdamW as the paper: weight decay on the matrices, none on biases, norms and the implicit filter's
+    parameters (its MLP is a function of position, not a feature map). Frozen parameters are left out."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    decay = [p for n, p in named if p.dim() >= 2 and ".filter." not in n]
+    no_decay = [p for n, p in named if not (p.dim() >= 2 and ".filter." not in n)]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.95))
+
+
+def train_loop(job, args, device, rank=0, world=1):
+    """Train job.model for args.max_steps optimizer steps (args: lr, weight_decay, warmup_steps, grad_accum,
+    eval_interval, ckpt_interval, out, resume). Returns "done", "stopped" (by a signal: checkpoint saved) or
+    "diverged" (a non-finite loss: the last checkpoint kept)."""
+    model, main_rank = job.model, rank == 0
     optimizer = adamw(model, args)
-    os.makedirs(args.out, exist_ok=True)
-    metrics_path = os.path.join(args.out, "metrics.jsonl")
+    metrics_path, state_path = os.path.join(args.out, "metrics.jsonl"), os.path.join(args.out, "train_state.pt")
     step = 0
     if args.resume:
-        state_path = os.path.join(args.out, "train_state.pt")
         if not os.path.isfile(state_path):
             raise DataError(f"{state_path}: nothing to resume")
         state = torch.load(state_path, map_location="cpu", weights_only=True)
+        rng = state.get("rng", [state])  # (one process's state, as older checkpoints hold it)
+        if len(rng) != world:
+            raise DataError(f"{state_path} was written by {len(rng)} process(es); resume it with the same number "
+                            f"(this run has {world}): each process's data shard and random state are its own")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         step = state["step"]
-        restore_rng_state(state)
+        restore_rng_state(rng[rank])
+        job.restore(state.get("job", {}))
         if main_rank:
             drop_metrics_after(metrics_path, step)
     ddp = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+
+    def checkpoint():  # every process's random state, gathered; the files written by the main rank
+        states = [None] * world
+        if world > 1:
+            dist.all_gather_object(states, rng_state())
+        else:
+            states = [rng_state()]
+        if main_rank:
+            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "rng": states,
+                     "args": {k: v for k, v in vars(args).items() if k != "func"}, "job": job.state()}
+            cli.atomic_write(state_path, lambda tmp: torch.save(state, tmp))
+            job.save_model(step)
+        barrier()
 
     stop = {"signal": None}
 
@@ -276,29 +339,34 @@ def main(argv=None):
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
 
+    def stop_requested():  # a stop asked of any process stops them all at the same step
+        flag = torch.tensor([float(stop["signal"] is not None)], device=device)
+        if world > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return flag.item() > 0
+
     from tqdm import tqdm
-    bar = tqdm(total=args.max_steps, initial=step, disable=not main_rank, dynamic_ncols=True)
-    start_time, data, stage_len, loss = time.time(), None, None, None
+    bar = tqdm(total=args.max_steps, initial=step, disable=not main_rank, dynamic_ncols=True, file=sys.stderr)
+    start_time = time.time()
     model.train()
-    while step < args.max_steps and stop["signal"] is None:
-        L, micro_batch, first = [s for s in stages if s[2] <= step][-1]
-        if L != stage_len:  # a new stage, or resuming: position in the data is a function of the step
-            stage_len = L
-            data = batches(train_sets[L], micro_batch, args.seed + L, rank, world,
-                           (step - first) * args.grad_accum, args.workers)
+    outcome = "done"
+    while step < args.max_steps:
+        if stop_requested():
+            outcome = "stopped"
+            break
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, args)
-        t0 = time.time()
-        total = torch.zeros((), device=device)
+        total, records = torch.zeros((), device=device), []
         for micro in range(args.grad_accum):
-            x, y = next(data)
+            x, y = job.next_batch(step)
             x, y = x.to(device), y.to(device)
-            sync = micro == args.grad_accum - 1 or world == 1
-            with (ddp.no_sync() if not sync else torch.enable_grad()):
+            last = micro == args.grad_accum - 1
+            with ddp.no_sync() if world > 1 and not last else torch.enable_grad():
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                    micro_loss = lm_loss(ddp, x, y)
-                (micro_loss / args.grad_accum).backward()
-            total += micro_loss.detach() / args.grad_accum
+                    loss, record = job.loss(ddp, x, y)
+                (loss / args.grad_accum).backward()
+            total += loss.detach().float() / args.grad_accum
+            records.append(record)
         if world > 1:
             dist.all_reduce(total)
             total /= world
@@ -306,40 +374,98 @@ def main(argv=None):
         if not math.isfinite(loss):
             print(f"error: loss is {loss} at step {step}; stopping. The last good checkpoint in {args.out} "
                   "is kept (try a lower --lr)", file=sys.stderr)
-            return 1
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            outcome = "diverged"
+            break
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
-        tokens = micro_batch * L * args.grad_accum * world
         if main_rank:
             bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens / (time.time() - t0):.0f}", seq_len=L)
-            log_metrics(metrics_path, {"step": step, "split": "train", "loss": loss, "tokens": step * tokens,
-                                       "seq_len": L, "lr": lr_at(step - 1, args),
-                                       "elapsed_s": round(time.time() - start_time, 3)})
-        if step % args.eval_interval == 0 and step < args.max_steps:
-            val = evaluate(ddp, val_set, args, device, rank, world)
-            if main_rank:
-                log_metrics(metrics_path, {"step": step, "split": "val", "loss": val, "tokens": step * tokens,
-                                           "seq_len": args.seq_len, "elapsed_s": round(time.time() - start_time, 3)})
-        if main_rank and step % args.ckpt_interval == 0:
-            save_checkpoint(model, optimizer, step, args, args.out)
+            bar.set_postfix(loss=f"{loss:.4f}")
+            log_metrics(metrics_path, {"step": step, "split": "train", "loss": loss, **job.train_row(step, records),
+                                       "lr": lr_at(step - 1, args), "elapsed_s": round(time.time() - start_time, 3)})
+        if step % args.eval_interval == 0 or step == args.max_steps:
+            job.evaluate(step)
+        if step % args.ckpt_interval == 0 and step < args.max_steps:
+            checkpoint()
     bar.close()
-    if stop["signal"] is None:
-        val = evaluate(ddp, val_set, args, device, rank, world)
+    if outcome != "diverged":
+        checkpoint()
+    if outcome == "stopped" and main_rank:
+        print(f"stopped by a signal at step {step}; checkpoint saved in {args.out} (continue with --resume)")
+    return outcome
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Pretraining.
+
+def main(argv=None):
+    fast.tune_cpu_memory()  # process-wide CPU memory settings, before any tensor (fast.py)
+    args = parse_args(argv)
+    rank, world, device = init_distributed(cli.pick_device(args.device))
+    try:
+        return pretrain(args, rank, world, device)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def pretrain(args, rank, world, device):
+    main_rank = rank == 0
+    claim_out_dir(args.out, args.resume, args.overwrite, delete=main_rank)  # before anything is written
+    cli.make_out_dir(args.out)  # up front: a folder that cannot be made fails now, not after loading the data
+    genome, bed = load_data(args)
+    stages = length_stages(args)
+    train_sets = {L: Windows(genome, L, "train", bed, args.rc_aug) for L, _, _ in stages}
+    val_set = Windows(genome, args.seq_len, "valid", bed)
+    if args.dropout >= 1:
+        raise th.UserError(f"--dropout must be below 1, got {args.dropout}")
+    cfg = th.preset_config(args.preset, l_max=args.seq_len + 2, embed_dropout=args.dropout)
+    torch.manual_seed(args.seed)  # the same initial weights in every process
+    model = th.HyenaDNA(cfg).to(device)
+    model.gradient_checkpointing = want_checkpointing(args, cfg, args.batch_size, device)
+    torch.manual_seed(args.seed * 1000 + rank)  # each process its own dropout and augmentation draws
+    metrics_path = os.path.join(args.out, "metrics.jsonl")
+    start = time.time()
+    stream = {"length": None, "batches": None}
+
+    def next_batch(step):
+        L, micro_batch, first = [s for s in stages if s[2] <= step][-1]
+        if L != stream["length"]:  # a new stage, or resuming: the position in the data follows from the step
+            stream["length"] = L
+            stream["batches"] = batches(train_sets[L], micro_batch, args.seed + L, rank, world,
+                                        (step - first) * args.grad_accum, args.workers)
+        return next(stream["batches"])
+
+    def tokens(step):
+        L, micro_batch, _ = [s for s in stages if s[2] <= step - 1][-1]
+        return L, micro_batch * L * args.grad_accum * world
+
+    def evaluate_val(step):
+        val = evaluate(model, val_set, args, device, rank, world)
         if main_rank:
-            log_metrics(metrics_path, {"step": step, "split": "val", "loss": val,
-                                       "tokens": step * args.batch_size * args.seq_len * args.grad_accum * world,
-                                       "seq_len": args.seq_len, "elapsed_s": round(time.time() - start_time, 3)})
-            print(f"step {step}: train loss {loss}, val loss {val:.4f}")
-    if main_rank:
-        save_checkpoint(model, optimizer, step, args, args.out)
-        if stop["signal"] is not None:
-            print(f"stopped by signal {stop['signal']} at step {step}; checkpoint saved in {args.out} "
-                  "(continue with --resume)")
-    if world > 1:
-        dist.destroy_process_group()
+            log_metrics(metrics_path, {"step": step, "split": "val", "loss": val, "tokens": step * tokens(step)[1],
+                                       "seq_len": args.seq_len, "elapsed_s": round(time.time() - start, 3)})
+
+    def train_row(step, records):
+        L, per_step = tokens(step)
+        return {"tokens": step * per_step, "seq_len": L}
+
+    job = Job(model=model, next_batch=next_batch, loss=lambda m, x, y: (lm_loss(m, x, y), None),
+                       evaluate=evaluate_val, train_row=train_row,
+                       save_model=lambda step: th.save_pretrained(model, args.out))
+    outcome = train_loop(job, args, device, rank, world)
+    if outcome == "diverged":
+        return 1
+    if outcome == "done":
+        test = evaluate(model, Windows(genome, args.seq_len, "test", bed), args, device, rank, world)
+        if main_rank:
+            log_metrics(metrics_path, {"step": args.max_steps, "split": "test", "loss": test,
+                                       "bits_per_base": test / math.log(2),
+                                       "tokens": args.max_steps * tokens(args.max_steps)[1], "seq_len": args.seq_len,
+                                       "elapsed_s": round(time.time() - start, 3)})
+            print(f"step {args.max_steps}: test loss {test:.4f} nats/base ({test / math.log(2):.4f} bits/base)")
     return 0
 
 
