@@ -892,6 +892,26 @@ def test_train_learns_markov_source(markov, markov_model):
     assert model.cfg.l_max == 258
 
 
+def test_init_from_starts_where_the_checkpoint_is(markov, markov_model, tmp_path):
+    """--init_from: the run's first evaluation (step 0) is the checkpoint's own loss on the same validation
+    windows; a longer --seq_len raises l_max and trains on; --preset beside it is an error."""
+    args = ["train.py", "--fasta", markov[0], "--init_from", markov_model, "--max_steps", 2, "--eval_batches", 4,
+            "--batch_size", 2, "--min_seq_len", 64]
+    result = run_script(*args, "--out", tmp_path / "same")
+    assert result.returncode == 0, result.stderr[-2000:]
+    first = read_metrics(tmp_path / "same")[0]
+    assert (first["split"], first["step"], first["seq_len"]) == ("val", 0, 256)  # the checkpoint's length
+    checkpoint = th.from_pretrained(markov_model)
+    windows = data.Windows(data.Genome(data.prepare(markov[0], quiet=True)), 256, "valid")
+    expected = train.evaluate(checkpoint, windows, types.SimpleNamespace(eval_batches=4), torch.device("cpu"), 0, 1)
+    assert first["loss"] == pytest.approx(expected, rel=1e-6)
+    assert first["loss"] < np.log(4) - 0.2  # a trained model's loss, not a fresh one's
+    longer = run_script(*args, "--seq_len", 512, "--out", tmp_path / "longer")
+    assert longer.returncode == 0, longer.stderr[-2000:]
+    assert th.from_pretrained(tmp_path / "longer").cfg.l_max == 514
+    assert_one_line_error(run_script(*args, "--preset", "tiny", "--out", tmp_path / "x"), "--init_from", "--preset")
+
+
 def test_train_stopped_by_sigterm_and_resumed_matches_uninterrupted_run(markov, tmp_path):
     fasta, _ = markov
     args = [sys.executable, "train.py", "--fasta", fasta, "--seq_len", 64, "--min_seq_len", 32, "--batch_size", 2,

@@ -14,6 +14,7 @@ batches, its loss, its evaluation, its metrics). Pretraining adds sequence-lengt
 activation checkpointing when memory needs it, and ends with the loss on the held-out test split.
 """
 
+import dataclasses
 import json
 import math
 import os
@@ -28,6 +29,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+import checkpoints
 import cli
 import fast
 import tinyhyena as th
@@ -40,9 +42,12 @@ def parse_args(argv=None):
     p.add_argument("--bed", type=cli.existing_file,
                    help="intervals (3 columns, or Basenji's 4 with a train/valid/test split)")
     p.add_argument("--data", type=cli.existing_path, help="folder prepared by data.py (default: data/hg38 when prepared)")
-    p.add_argument("--preset", default="tiny", choices=["tiny", "large", *th.PRESETS],
-                   help="model size: tiny, large or a published name")
-    p.add_argument("--seq_len", type=cli.positive_int, default=1024)
+    p.add_argument("--preset", choices=["tiny", "large", *th.PRESETS],
+                   help="model size of a fresh model: tiny (default), large or a published name")
+    p.add_argument("--init_from", type=cli.existing_path, metavar="CHECKPOINT",
+                   help="start from a pretrained checkpoint folder (published, hub or tinyhyena) instead of random weights")
+    p.add_argument("--seq_len", type=cli.positive_int,
+                   help="training length (default 1024, or the --init_from checkpoint's: its l_max - 2)")
     p.add_argument("--min_seq_len", type=cli.positive_int, default=1024,
                    help="first length of the warm-up stages, which double up to --seq_len")
     p.add_argument("--batch_size", type=cli.positive_int, default=8, help="sequences per micro-batch at --seq_len")
@@ -69,7 +74,30 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.resume and args.overwrite:
         p.error("--resume and --overwrite exclude each other: continue the run in --out, or start over")
+    if args.init_from and args.preset:
+        p.error("--init_from takes the model's size from the checkpoint: drop --preset")
     return args
+
+
+def initial_model(args):
+    """The model a run starts from: a fresh one of --preset, or the --init_from checkpoint's weights. Training
+    longer than that checkpoint's l_max - 2 raises l_max to --seq_len + 2, and with it the filters' positional
+    features (they are scaled by l_max): the run starts from the checkpoint's weights computing a new function,
+    which its first steps adapt to. At or below the checkpoint's length, its l_max and function are kept."""
+    if not args.init_from:
+        args.seq_len = args.seq_len or 1024
+        cfg = th.preset_config(args.preset or "tiny", l_max=args.seq_len + 2, embed_dropout=args.dropout)
+        torch.manual_seed(args.seed)  # the same initial weights in every process
+        return th.HyenaDNA(cfg)
+    ckpt = checkpoints.read_checkpoint(args.init_from)
+    args.seq_len = args.seq_len or ckpt.cfg.l_max - 2
+    cfg = dataclasses.replace(ckpt.cfg, l_max=max(ckpt.cfg.l_max, args.seq_len + 2), embed_dropout=args.dropout)
+    model = th.HyenaDNA(cfg)
+    state = dict(ckpt.state)
+    if cfg.l_max != ckpt.cfg.l_max:  # the positional tables of the new l_max, the model's own
+        state.update({k: v for k, v in model.state_dict().items() if k.endswith((".filter.z", ".filter.t"))})
+    checkpoints.load_state_dict(model, state, ckpt.weights_path)
+    return model
 
 
 def length_stages(args):
@@ -415,15 +443,14 @@ def pretrain(args, rank, world, device):
     main_rank = rank == 0
     claim_out_dir(args.out, args.resume, args.overwrite, delete=main_rank)  # before anything is written
     cli.make_out_dir(args.out)  # up front: a folder that cannot be made fails now, not after loading the data
+    if args.dropout >= 1:
+        raise th.UserError(f"--dropout must be below 1, got {args.dropout}")
+    model = initial_model(args).to(device)  # (sets --seq_len where it was left to the checkpoint)
+    cfg = model.cfg
     genome, bed = load_data(args)
     stages = length_stages(args)
     train_sets = {L: Windows(genome, L, "train", bed, args.rc_aug) for L, _, _ in stages}
     val_set = Windows(genome, args.seq_len, "valid", bed)
-    if args.dropout >= 1:
-        raise th.UserError(f"--dropout must be below 1, got {args.dropout}")
-    cfg = th.preset_config(args.preset, l_max=args.seq_len + 2, embed_dropout=args.dropout)
-    torch.manual_seed(args.seed)  # the same initial weights in every process
-    model = th.HyenaDNA(cfg).to(device)
     model.gradient_checkpointing = want_checkpointing(args, cfg, args.batch_size, device)
     torch.manual_seed(args.seed * 1000 + rank)  # each process its own dropout and augmentation draws
     metrics_path = os.path.join(args.out, "metrics.jsonl")
@@ -439,7 +466,7 @@ def pretrain(args, rank, world, device):
         return next(stream["batches"])
 
     def tokens(step):
-        L, micro_batch, _ = [s for s in stages if s[2] <= step - 1][-1]
+        L, micro_batch, _ = [s for s in stages if s[2] <= max(step - 1, 0)][-1]
         return L, micro_batch * L * args.grad_accum * world
 
     def evaluate_val(step):
@@ -455,6 +482,8 @@ def pretrain(args, rank, world, device):
     job = Job(model=model, next_batch=next_batch, loss=lambda m, x, y: (lm_loss(m, x, y), None),
                        evaluate=evaluate_val, train_row=train_row,
                        save_model=lambda step: th.save_pretrained(model, args.out))
+    if args.init_from and not args.resume:
+        evaluate_val(0)  # where the run starts: the checkpoint's loss on the validation windows
     outcome = train_loop(job, args, device, rank, world)
     if outcome == "diverged":
         return 1
