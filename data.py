@@ -256,34 +256,53 @@ def reverse_complement(ids):
     return _COMPLEMENT[np.asarray(ids, dtype=np.uint8)][::-1]
 
 
+SPLITS = ("train", "valid", "test")
+
+
+def find_chrom(genome, name):
+    """The genome's name for a chromosome named elsewhere (a BED, a VCF), with or without the "chr" prefix;
+    None if absent."""
+    for candidate in (name, name[3:] if name.startswith("chr") else "chr" + name):
+        if candidate in genome.chroms:
+            return candidate
+    return None
+
+
 def read_bed(path, genome):
-    """[(chrom, start, end, split)] from a BED of 3 columns or Basenji's 4 (chrom, start, end, split)."""
+    """[(chrom, start, end, split)] from a BED: 3 columns, BED6 and wider (name, score, strand, ...: read past),
+    or Basenji's 4 (chrom, start, end, split), told apart by a 4th column that holds only train/valid/test.
+    Chromosomes match the FASTA's with or without "chr". Without a split column, split is None."""
     if not os.path.isfile(path):
         raise DataError(f"{path}: file not found")
-    rows = []
+    rows, fourth = [], []
     with open(path) as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip() or line.startswith(("#", "track", "browser")):
                 continue
-            cols = line.rstrip("\n").split("\t")
-            if len(cols) not in (3, 4):
-                raise DataError(f"{path}:{lineno}: expected 3 or 4 tab-separated columns, got {len(cols)}")
-            chrom, start, end = cols[0], cols[1], cols[2]
+            cols = line.rstrip("\r\n").split("\t")
+            if len(cols) < 3:
+                raise DataError(f"{path}:{lineno}: expected at least 3 tab-separated columns "
+                                f"(chrom, start, end), got {len(cols)}")
+            name, start, end = cols[0], cols[1], cols[2]
             if not (start.isdigit() and end.isdigit()) or int(start) >= int(end):
                 raise DataError(f"{path}:{lineno}: start and end must be integers with start < end, "
                                 f"got {start!r} {end!r}")
-            if chrom not in genome.chroms:
-                raise DataError(f"{path}:{lineno}: chromosome {chrom!r} is not in the FASTA")
+            chrom = find_chrom(genome, name)
+            if chrom is None:
+                raise DataError(f"{path}:{lineno}: chromosome {name!r} is not in the FASTA")
             if int(end) > genome.chroms[chrom]:
-                raise DataError(f"{path}:{lineno}: interval {chrom}:{start}-{end} lies outside the chromosome "
+                raise DataError(f"{path}:{lineno}: interval {name}:{start}-{end} lies outside the chromosome "
                                 f"(length {genome.chroms[chrom]})")
-            split = cols[3] if len(cols) == 4 else None
-            if split is not None and split not in ("train", "valid", "test"):
-                raise DataError(f"{path}:{lineno}: split must be train, valid or test, got {split!r}")
-            rows.append((chrom, int(start), int(end), split))
+            rows.append((chrom, int(start), int(end)))
+            fourth.append((lineno, len(cols), cols[3] if len(cols) > 3 else None))
     if not rows:
         raise DataError(f"{path}: no intervals")
-    return rows
+    if all(n == 4 for _, n, _ in fourth) and any(value in SPLITS for *_, value in fourth):  # Basenji's layout
+        bad = next(((lineno, value) for lineno, _, value in fourth if value not in SPLITS), None)
+        if bad:
+            raise DataError(f"{path}:{bad[0]}: split must be train, valid or test, got {bad[1]!r}")
+        return [row + (value,) for row, (*_, value) in zip(rows, fourth)]
+    return [row + (None,) for row in rows]
 
 
 def held_out_split(names, split):

@@ -24,7 +24,8 @@ import torch
 import cli
 import fast
 import tinyhyena as th
-from data import DataError, Genome, is_prepared_genome, open_maybe_gzipped, prepare, read_fasta, reverse_complement
+from data import (DataError, Genome, find_chrom, is_prepared_genome, open_maybe_gzipped, prepare, read_fasta,
+                  reverse_complement)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -73,14 +74,6 @@ def read_vcf(path):
     if not header_seen:
         raise DataError(f"{path}: no #CHROM header line (not a VCF?)")
     return variants
-
-
-def find_chrom(genome, name):
-    """The genome's name for a VCF chromosome, with or without the "chr" prefix; None if absent."""
-    for candidate in (name, name[3:] if name.startswith("chr") else "chr" + name):
-        if candidate in genome.chroms:
-            return candidate
-    return None
 
 
 # ---------------------------------------------------------------------------------------------------------

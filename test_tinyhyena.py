@@ -723,12 +723,28 @@ def test_windows_without_bed_hold_out_chromosomes(genome):
     assert {c for c, _ in data.Windows(genome, 7, "test").starts} == {"chr3"}
 
 
+def test_bed6_and_chromosome_names_without_chr(genome, tmp_path):
+    """A standard BED6 (name, score, strand) is read past its third column, and chromosomes match with or
+    without "chr"; Basenji's 4th column is a split only where it holds train/valid/test."""
+    (tmp_path / "peaks.bed").write_text("track name=peaks\n2\t40\t60\tpeak1\t500\t-\nchr1\t0\t4\tpeak2\t0\t+\n")
+    assert data.read_bed(str(tmp_path / "peaks.bed"), genome) == [("chr2", 40, 60, None), ("chr1", 0, 4, None)]
+    (tmp_path / "named.bed").write_text("chr2\t40\t60\tpeak1\n")
+    assert data.read_bed(str(tmp_path / "named.bed"), genome) == [("chr2", 40, 60, None)]
+    (tmp_path / "split.bed").write_text("chr2\t40\t60\ttrain\n3\t0\t8\tvalid\n")
+    assert data.read_bed(str(tmp_path / "split.bed"), genome) == [("chr2", 40, 60, "train"), ("chr3", 0, 8, "valid")]
+    peaks = str(tmp_path / "peaks.bed")  # no split column: by held-out chromosome (chr2 valid, chr3 test)
+    assert [c for c, _ in data.Windows(genome, 16, "train", peaks).starts] == ["chr1"]
+    assert [c for c, _ in data.Windows(genome, 16, "valid", peaks).starts] == ["chr2"]
+
+
 def test_data_errors(genome, tmp_path):
     def bed(text):
         (tmp_path / "b.bed").write_text(text)
         return str(tmp_path / "b.bed")
-    with pytest.raises(data.DataError, match=r"b.bed:2: expected 3 or 4 tab-separated columns"):
+    with pytest.raises(data.DataError, match=r"b.bed:2: expected at least 3 tab-separated columns"):
         data.read_bed(bed("chr1\t0\t4\nchr1 0 4\n"), genome)
+    with pytest.raises(data.DataError, match=r"b.bed:2: split must be train, valid or test, got 'trian'"):
+        data.read_bed(bed("chr1\t0\t4\ttrain\nchr1\t4\t8\ttrian\n"), genome)
     with pytest.raises(data.DataError, match=r"b.bed:1: start and end must be integers"):
         data.read_bed(bed("chr1\tx\t4\n"), genome)
     with pytest.raises(data.DataError, match=r"b.bed:1: chromosome 'chrX' is not in the FASTA"):
