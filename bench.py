@@ -3,6 +3,7 @@ Measured speed and memory of tinyhyena, against the floor and against attention.
 
     python bench.py [--device cpu|cuda] [--preset tiny] [--lengths 1024,32768,1048576] [--batch 1] [--train]
     python bench.py --published standalone_hyenadna.py --lengths 1024 --batch 32 --train    # side by side
+    python bench.py --generate                              # sampling speed: incremental against full forward
 
 Each measurement runs in a fresh subprocess, so its peak memory (RSS on CPU, allocated memory on CUDA) is its
 own. Per length it reports: tinyhyena inference (and with --train a training step: forward, backward, with
@@ -25,6 +26,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -86,7 +88,6 @@ def floor_step(cfg, L, device, batch):
 def onnx_step(cfg, L, device, batch):
     """The same model exported by export.py for this device (max_len = L), run by ONNX Runtime."""
     import tempfile
-    import numpy as np
     import onnxruntime as ort
     import export
     path = os.path.join(tempfile.mkdtemp(), "bench.onnx")
@@ -95,6 +96,23 @@ def onnx_step(cfg, L, device, batch):
     session = ort.InferenceSession(path, providers=[provider])
     ids = np.random.default_rng(0).integers(7, 12, size=(batch, L), dtype=np.int64)
     return lambda: session.run(None, {"input_ids": ids})
+
+
+def generation_speed(preset, device, prompt=1024, length=4096):
+    """Bases per second sampling `length` bases after a `prompt`-base prompt (generate.py), incremental decoding
+    against a whole forward pass per base; one line of JSON each."""
+    import generate
+    cfg = th.preset_config(preset, l_max=prompt + length + 2)
+    model = th.HyenaDNA(cfg).to(device).eval()
+    bases = "".join(np.random.default_rng(0).choice(list("ACGT"), prompt))
+    for incremental in (True, False):
+        start = time.perf_counter()
+        generate.generate(model, bases, length, incremental=incremental)
+        sync(device)
+        seconds = time.perf_counter() - start
+        print(json.dumps({"generate": "incremental" if incremental else "full forward", "prompt": prompt,
+                          "length": length, "seconds": round(seconds, 2), "bases_per_s": round(length / seconds, 1)}),
+              flush=True)
 
 
 def load_published(path):
@@ -222,6 +240,8 @@ def main(argv=None):
                    help="the published standalone_hyenadna.py: measure it side by side")
     p.add_argument("--rounds", type=cli.positive_int, default=3,
                    help="with --published: alternating rounds (medians reported)")
+    p.add_argument("--generate", action="store_true",
+                   help="time sampling 4,096 bases after a 1,024-base prompt, incremental against full forward")
     p.add_argument("--no_append", action="store_true", help="print the table without appending to BENCHMARKS.md")
     p.add_argument("--_measure", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -234,6 +254,9 @@ def main(argv=None):
     cli.pick_device(args.device)
     if args._measure:
         measure_one(args._measure, args.preset, lengths[0], args.device, args.train, args.batch, args.published)
+        return 0
+    if args.generate:
+        generation_speed(args.preset, torch.device(args.device))
         return 0
     if args.published:
         return side_by_side(args, lengths)

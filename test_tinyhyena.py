@@ -1019,16 +1019,24 @@ def assert_same_run(a, b, rtol=1e-5):
 def test_train_ddp_two_processes_equal_one_process_with_their_global_batch(markov, tmp_path):
     """Two DDP ranks of 2 sequences each take the steps one process takes on the same 4 sequences."""
     ddp = deterministic_run(markov, tmp_path / "ddp", "--batch_size", 2,
-                            launcher=("-m", "torch.distributed.run", "--nproc_per_node", 2, "--master_port", 29533))
+                            launcher=("-m", "torch.distributed.run", "--nproc_per_node", 2, "--master_port", free_port()))
     assert_same_run(ddp, deterministic_run(markov, tmp_path / "one", "--batch_size", 4))
 
 
-def two_nodes(fasta, out, port, *extra):
-    """Two torchrun agents on this machine, one process each, joined by a c10d rendezvous on 127.0.0.1: two
-    "nodes" of one run. Returns the agents' Popen objects."""
+def free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def two_nodes(fasta, out, *extra):
+    """Two torchrun agents on this machine, one process each, joined by a c10d rendezvous on 127.0.0.1 (a free
+    port, a fresh id): two "nodes" of one run. Returns the agents' Popen objects."""
+    port = free_port()
     args = ["-m", "torch.distributed.run", "--nnodes", 2, "--nproc_per_node", 1, "--rdzv_backend", "c10d",
-            "--rdzv_endpoint", f"127.0.0.1:{port}", "--rdzv_id", f"test{port}", "train.py", "--fasta", fasta,
-            "--seq_len", 64, "--min_seq_len", 64, "--batch_size", 2, "--max_steps", 12, "--eval_interval", 6,
+            "--rdzv_endpoint", f"127.0.0.1:{port}", "--rdzv_id", f"test{port}{os.getpid()}", "train.py", "--fasta", fasta,
+            "--seq_len", 64, "--min_seq_len", 64, "--batch_size", 2, "--max_steps", 8, "--eval_interval", 4,
             "--eval_batches", 2, "--rc_aug", "--device", "cpu", "--out", out, *extra]
     return [subprocess.Popen([sys.executable, *map(str, args)], cwd=ROOT, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
@@ -1052,9 +1060,9 @@ def test_two_nodes_stop_together_on_one_ranks_sigterm_and_resume_exactly(markov,
     prepared by rank 0 alone."""
     fasta = tmp_path / "g.fa"
     fasta.write_text(Path(markov[0]).read_text())
-    codes, outputs = finish(two_nodes(fasta, tmp_path / "full", 29541))
+    codes, outputs = finish(two_nodes(fasta, tmp_path / "full"))
     assert codes == [0, 0], [err[-2000:] for _, err in outputs]
-    cut = two_nodes(fasta, tmp_path / "cut", 29542)
+    cut = two_nodes(fasta, tmp_path / "cut")
     metrics = tmp_path / "cut" / "metrics.jsonl"
     deadline = time.time() + 240
     while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
@@ -1065,13 +1073,13 @@ def test_two_nodes_stop_together_on_one_ranks_sigterm_and_resume_exactly(markov,
     codes, outputs = finish(cut, timeout=60)
     assert codes == [0, 0], [err[-2000:] for _, err in outputs]
     state = torch.load(tmp_path / "cut" / "train_state.pt", weights_only=True)
-    assert 3 <= state["step"] < 12 and len(state["rng"]) == 2  # each rank's random state, its own
+    assert 3 <= state["step"] < 8 and len(state["rng"]) == 2  # each rank's random state, its own
     assert not torch.equal(state["rng"][0]["torch_rng"], state["rng"][1]["torch_rng"])
-    codes, outputs = finish(two_nodes(fasta, tmp_path / "cut", 29543, "--resume"))
+    codes, outputs = finish(two_nodes(fasta, tmp_path / "cut", "--resume"))
     assert codes == [0, 0], [err[-2000:] for _, err in outputs]
     drop = lambda rows: [{k: v for k, v in m.items() if k != "elapsed_s"} for m in rows]
     full, resumed = drop(read_metrics(tmp_path / "full")), drop(read_metrics(tmp_path / "cut"))
-    assert [m["step"] for m in resumed if m["split"] == "train"] == list(range(1, 13))  # each step logged once
+    assert [m["step"] for m in resumed if m["split"] == "train"] == list(range(1, 9))  # each step logged once
     assert resumed[-1]["split"] == "test" and resumed[-1]["loss"] == pytest.approx(full[-1]["loss"], rel=1e-5)
     for a, b in zip(resumed, full):
         assert a["step"] == b["step"] and a["loss"] == pytest.approx(b["loss"], rel=1e-5)
@@ -1079,7 +1087,7 @@ def test_two_nodes_stop_together_on_one_ranks_sigterm_and_resume_exactly(markov,
     assert set(index["chroms"]) == {"chr0", "chr1", "chr2", "chr3"}
     assert [p.name for p in tmp_path.iterdir() if ".tmp" in p.name] == []
     single = run_script("train.py", "--fasta", fasta, "--seq_len", 64, "--min_seq_len", 64, "--batch_size", 2,
-                        "--max_steps", 14, "--device", "cpu", "--out", tmp_path / "cut", "--resume")
+                        "--max_steps", 10, "--device", "cpu", "--out", tmp_path / "cut", "--resume")
     assert_one_line_error(single, "written by 2 process(es)", "same number")
 
 
@@ -1114,7 +1122,7 @@ def test_resume_after_sigkills_at_random_moments_and_a_torn_metrics_line(markov,
 def test_finetune_under_torchrun_is_one_data_parallel_run(tmp_path):
     write_table(tmp_path / "train.csv", labelled(200, 0))
     write_table(tmp_path / "test.csv", labelled(40, 1))
-    result = run_script("-m", "torch.distributed.run", "--nproc_per_node", 2, "--master_port", 29545, *FIT,
+    result = run_script("-m", "torch.distributed.run", "--nproc_per_node", 2, "--master_port", free_port(), *FIT,
                         "--preset", "tiny", "--seq_len", 100, "--data", tmp_path / "train.csv", "--test",
                         tmp_path / "test.csv", "--max_steps", 6, "--eval_interval", 3, "--batch_size", 8,
                         "--device", "cpu", "--out", tmp_path / "ft")
@@ -1367,6 +1375,64 @@ def test_readme_deploy_snippet_runs_without_torch(tmp_path):
     result = run_script(tmp_path / "app.py", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "next base" in result.stdout and "embedding" in result.stdout
+
+
+# --- generate.py -----------------------------------------------------------------------------------------
+
+import generate
+
+
+@settings(max_examples=10, deadline=None)
+@given(configs_and_lengths(max_len=400), st.integers(1, 40))
+def test_incremental_decoding_equals_the_full_forward_pass(case, steps):
+    """The decoder's next-base log-probabilities after the prompt and after every token it takes agree with a
+    whole forward pass over the sequence so far (orders 2-4, short filters of 1-4 taps, any prompt length)."""
+    cfg, P, B, seed, _ = case
+    model = random_model(cfg, seed).double()
+    total = min(cfg.l_max, P + steps)
+    ids = torch.randint(0, cfg.vocab_size, (B, total), generator=torch.Generator().manual_seed(seed))
+    decoder = generate.Decoder(model, total)
+    with torch.no_grad():
+        logits = decoder.prefill(ids[:, :P])
+        for t in range(P, total + 1):
+            full = model(ids[:, :t])[:, -1]
+            assert rel_err(torch.log_softmax(logits, -1), torch.log_softmax(full, -1)) <= 1e-9, t
+            if t < total:
+                logits = decoder.step(ids[:, t])
+
+
+def test_sampling_incremental_and_full_forward_agree():
+    cfg = th.HyenaConfig(d_model=16, n_layer=2, d_inner=32, filter_order=8, l_max=300, order=3)
+    model = random_model(cfg, 0)
+    incremental = generate.generate(model, "ACGTTGCA", 120, num=3, temperature=1.0, seed=5)
+    assert incremental.shape == (3, 120) and set(incremental.unique().tolist()) <= {7, 8, 9, 10}  # A, C, G, T only
+    assert torch.equal(incremental, generate.generate(model, "ACGTTGCA", 120, num=3, seed=5, incremental=False))
+    assert not torch.equal(incremental[0], incremental[1])  # rows are sampled, not copied
+    greedy = generate.generate(model, "ACGTTGCA", 40, temperature=0)
+    seq = torch.from_numpy(th.tokenize("ACGTTGCA"))[None]
+    with torch.no_grad():
+        for base in greedy[0]:  # temperature 0: the most probable base every time
+            assert base == generate.BASE_TOKENS[model(seq)[0, -1, generate.BASE_TOKENS].argmax()]
+            seq = torch.cat([seq, base.view(1, 1)], 1)
+    top1 = generate.generate(model, "ACGTTGCA", 40, temperature=1.5, top_k=1, seed=9)
+    assert torch.equal(top1, greedy)
+    with pytest.raises(th.UserError, match="over the model's l_max 300"):
+        generate.generate(model, "A" * 200, 101)
+    with pytest.raises(th.UserError, match="over the model's l_max 300"):
+        generate.generate(model, "A" * 301, 1)
+
+
+def test_generate_cli_writes_fasta_and_reports_bad_input(tmp_path):
+    (tmp_path / "p.fa").write_text(">prompt\nACGTACGTAC\n")
+    result = run_script("generate.py", "--checkpoint", FIXTURE, "--prompt_fasta", tmp_path / "p.fa", "--length", 150,
+                        "--num", 2, "--seed", 1, "--out", tmp_path / "gen.fa")
+    assert result.returncode == 0, result.stderr[-2000:]
+    records = data.read_fasta(str(tmp_path / "gen.fa"))
+    assert [name for name, _ in records] == ["sample1", "sample2"] and all(len(ids) == 150 for _, ids in records)
+    assert_one_line_error(run_script("generate.py", "--checkpoint", FIXTURE, "--prompt", "ACGT", "--length", 1100),
+                          "over the model's l_max 1026")
+    assert_one_line_error(run_script("generate.py", "--checkpoint", FIXTURE, "--prompt", "ACGT", "--length", 0),
+                          "--length")
 
 
 # --- bench.py --------------------------------------------------------------------------------------------
@@ -2044,6 +2110,13 @@ def bad_invocations(tmp):
          ["--device cuda:99"]),
         (["score.py", "sequences", "--checkpoint", fix, "--input", tmp / "a.fa", "--out", tmp / "no" / "s.tsv"],
          ["--out", "no/s.tsv", "does not exist"]),
+        # generate.py
+        (["generate.py", "--checkpoint", fix, "--prompt", "ACGT", "--length", "5", "--temperature", "-1"],
+         ["--temperature", "a number >= 0"]),
+        (["generate.py", "--checkpoint", fix, "--prompt_fasta", tmp / "missing.fa", "--length", "5"],
+         ["--prompt_fasta", "missing.fa: file not found"]),
+        (["generate.py", "--checkpoint", fix, "--prompt", "ACGT", "--length", "5", "--out", tmp / "no" / "g.fa"],
+         ["--out", "no/g.fa", "does not exist"]),
     ]
     if sys.platform.startswith("linux"):
         cases.append((["train.py", "--fasta", tmp / "a.fa", "--out", "/proc/x"], ["--out /proc/x"]))
