@@ -1107,7 +1107,7 @@ def test_resume_after_sigkills_at_random_moments_and_a_torn_metrics_line(markov,
         time.sleep(float(rng.uniform(0.2, 1.5)))
         run.kill()
         _, err = run.communicate()
-        assert "Traceback" not in err, err[-2000:]
+        assert run.returncode == -signal.SIGKILL, err[-2000:]  # still training when killed: the resume worked
         state = torch.load(out / "train_state.pt", weights_only=True)  # the last checkpoint is whole
         assert state["step"] >= 1
     with open(out / "metrics.jsonl", "a") as f:
