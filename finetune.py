@@ -40,7 +40,6 @@ import time
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 import cli
 import fast
@@ -48,7 +47,7 @@ import tinyhyena as th
 from classifier import (CLASSIFIER_FILE, HEAD_FILE, TASKS, SequenceClassifier, load_classifier, pad_left, readout,
                         save_classifier)
 from data import DataError, Genome, open_maybe_gzipped, read_fasta, reverse_complement
-from train import Job, barrier, batches, claim_out_dir, init_distributed, log_metrics, prepare_once, train_loop
+from train import Job, barrier, batches, claim_out_dir, log_metrics, prepare_once, run_distributed, train_loop
 
 SELECTION_METRIC = {"classify": "mcc", "regression": "pearson", "multilabel": "auroc"}  # picks the best model
 
@@ -425,12 +424,7 @@ def build_backbone(args):
 
 
 def fit(args):
-    rank, world, device = init_distributed(cli.pick_device(args.device))
-    try:
-        return fit_on(args, rank, world, device)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    return run_distributed(fit_on, args)
 
 
 def fit_on(args, rank, world, device):

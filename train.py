@@ -211,6 +211,16 @@ def init_distributed(device):
     return rank, world, device
 
 
+def run_distributed(work, args):
+    """work(args, rank, world, device) in the process group torchrun set up (if any), which it leaves at the end."""
+    rank, world, device = init_distributed(cli.pick_device(args.device))
+    try:
+        return work(args, rank, world, device)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
 def barrier():
     if dist.is_initialized():
         dist.barrier()
@@ -430,13 +440,7 @@ def train_loop(job, args, device, rank=0, world=1):
 
 def main(argv=None):
     fast.tune_cpu_memory()  # process-wide CPU memory settings, before any tensor (fast.py)
-    args = parse_args(argv)
-    rank, world, device = init_distributed(cli.pick_device(args.device))
-    try:
-        return pretrain(args, rank, world, device)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    return run_distributed(pretrain, parse_args(argv))
 
 
 def pretrain(args, rank, world, device):
