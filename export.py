@@ -226,19 +226,105 @@ def cpu_translation(l_max):
     return translate
 
 
+# ---------------------------------------------------------------------------------------------------------
+# Channel groups as ONNX Loops. ONNX Runtime plans a graph's memory itself, and on the whole-width graph it
+# held (B, (N+1)d, L) tensors past their last readers (20 GB at 2^20 against torch's 3 GB, BENCHMARKS.md).
+# As on tinyhyena's fast path, everything between in_proj and out_proj acts on each channel alone, so the graph
+# runs it one group of channels per Loop iteration, and the MLP one slice of its hidden units per iteration:
+# an iteration's tensors are gone before the next begins, and only (B, L, d) tensors live between them.
+
+CHANNEL_GROUP = 32  # channels per Loop iteration of the operator (at most; a divisor of d_model)
+HIDDEN_GROUP = 128  # hidden units per Loop iteration of the MLP (at most; a divisor of d_inner)
+
+
+def largest_divisor(n, at_most):
+    return max(g for g in range(1, min(n, at_most) + 1) if n % g == 0)
+
+
+def sum_over_groups(n_groups, term, start):
+    """start + term(0) + ... + term(n_groups - 1) as one ONNX Loop (torch.while_loop): the graph holds one
+    group's temporaries at a time. term(g, total) returns total plus group g's term (g a 0-dim int64 tensor),
+    so that a matrix product adds into the running total in the same pass (Gemm's C)."""
+    _, total = torch.while_loop(lambda g, total: g < n_groups, lambda g, total: (g + 1, term(g, total)),
+                                (torch.zeros((), dtype=torch.long), start))
+    return total
+
+
+def hyena_in_groups(op, u):
+    """HyenaOperator.forward (tinyhyena.py) with its channels in groups: u (B, L, d) -> (B, L, d). Per group
+    of G channels c: their rows of in_proj and the short convolution in each of the N+1 streams, their
+    filters (the filter MLP's shared features times their rows of its last layer, and their windows), the
+    recurrence, and their columns of out_proj, summed over groups."""
+    B, L, d = u.shape
+    N, G, filt = op.cfg.order, largest_divisor(op.cfg.d_model, CHANNEL_GROUP), op.filter
+    z, t = th.positional_features(filt.l_max, filt.emb_dim, L)
+    features = filt.mlp[:-1](z).t()  # (filter_order, L): all but the last layer, shared by every filter
+    u_t = u.transpose(1, 2)  # (B, d, L): channels first, as the convolutions want, transposed once
+    pick = lambda tensor, index, dim=0: tensor.index_select(dim, index)
+
+    def group(g, total):
+        c = g * G + torch.arange(G)  # this group's channels
+        rows = (torch.arange(N + 1)[:, None] * d + c).flatten()  # their rows in the N+1 streams
+        z = pick(op.in_proj.weight, rows) @ u_t + pick(op.in_proj.bias, rows)[:, None]  # (B, (N+1)G, L)
+        z = F.conv1d(F.pad(z, (op.cfg.short_filter_order - 1, 0)), pick(op.short_conv.weight, rows),
+                     pick(op.short_conv.bias, rows), groups=(N + 1) * G)
+        *x, v = z.split(G, dim=1)  # x_0 .. x_{N-1}, v: each (B, G, L)
+        f = rows[:(N - 1) * G]  # their filters, (N-1) per channel, ordered as the rows
+        window = torch.exp(-pick(filt.deltas, f).abs()[:, None] * t.t()) + 0.05  # ((N-1)G, L)
+        h = (pick(filt.mlp[-1].weight, f) @ features * window).view(N - 1, G, L)  # as ImplicitFilter.forward
+        bias = pick(filt.bias, f).view(N - 1, G, 1)
+        for o, x_i in enumerate(reversed(x[1:])):  # the recurrence, as in HyenaOperator.forward
+            v = v * x_i
+            v = op.conv(v, h[o]) + bias[o] * v
+        y = (v * x[0]).transpose(1, 2).reshape(-1, G)  # (B·L, G)
+        return torch.addmm(total, y, pick(op.out_proj.weight, c, 1).t())  # plus its part of out_proj
+
+    start = op.out_proj.bias.expand(B * L, d).contiguous()  # (B·L, d): the sum starts from the bias
+    return sum_over_groups(d // G, group, start).view(B, L, d)
+
+
+def mlp_in_groups(mlp, x):
+    """MLP.forward (tinyhyena.py) with its hidden units in groups: x (B, L, d) -> (B, L, d)."""
+    G = largest_divisor(mlp.fc1.out_features, HIDDEN_GROUP)
+    flat = x.reshape(-1, x.shape[-1])  # (B·L, d)
+
+    def group(g, total):
+        units = g * G + torch.arange(G)
+        hidden = F.gelu(F.linear(flat, mlp.fc1.weight.index_select(0, units), mlp.fc1.bias.index_select(0, units)),
+                        approximate="tanh")
+        return torch.addmm(total, hidden, mlp.fc2.weight.index_select(1, units).t())
+
+    return sum_over_groups(mlp.fc1.out_features // G, group, mlp.fc2.bias.expand_as(flat).contiguous()).view_as(x)
+
+
+class GroupedBlock(nn.Module):
+    """A tinyhyena Block (for inference) whose operator and MLP run in groups, each as an ONNX Loop."""
+
+    def __init__(self, block):
+        super().__init__()
+        self.block = block
+
+    def forward(self, x, checkpoint=False):  # x: (B, L, d)
+        b = self.block
+        x = x + hyena_in_groups(b.mixer, b.norm1(x))
+        return x + mlp_in_groups(b.mlp, b.norm2(x))
+
+
 class ExportedModel(nn.Module):
-    """The model on tinyhyena's plain path, with one target's long convolution (a causal_conv node) and filters
-    computed for the input's length. Inputs are not checked here: the graph's metadata tells an app the token
-    map and max_len. `model` is a HyenaDNA language model, or a fine-tuned model (classifier.SequenceClassifier)
-    whose graph outputs what its task reads out (classifier.readout)."""
+    """The model on tinyhyena's plain path, with one target's long convolution (a causal_conv node), filters
+    computed for the input's length, and each block in groups (GroupedBlock). Inputs are not checked here:
+    the graph's metadata tells an app the token map and max_len. `model` is a HyenaDNA language model, or a
+    fine-tuned model (classifier.SequenceClassifier) whose graph outputs what its task reads out
+    (classifier.readout)."""
 
     def __init__(self, model, outputs):
         super().__init__()
         self.task = getattr(model, "task", None)
         lm = model.backbone if self.task else model
-        plain = th.HyenaDNA(lm.cfg, fast=False, conv=torch.ops.tinyhyena.causal_conv)  # no Python loops, one
-        plain.load_state_dict(lm.state_dict())  # call per layer: ONNX Runtime plans the memory itself
+        plain = th.HyenaDNA(lm.cfg, fast=False, conv=torch.ops.tinyhyena.causal_conv)
+        plain.load_state_dict(lm.state_dict())
         self.model = classifier.with_backbone(model, plain) if self.task else plain.eval()
+        plain.blocks = nn.ModuleList(GroupedBlock(block) for block in plain.blocks)  # after the weights' copies
         self.outputs = outputs
 
     def forward(self, input_ids):  # (B, L) int64
@@ -249,8 +335,30 @@ class ExportedModel(nn.Module):
         return {"logits": logits, "hidden": hidden, "both": (logits, hidden)}[self.outputs]
 
 
+def strip_node_metadata(graph):
+    """Drop what the exporter notes on each node (the Python stack that made it, module names): 8 MB of the
+    large-1m file with Loops, and paths of the exporting machine."""
+    for node in graph.node:
+        del node.metadata_props[:]
+        node.doc_string = ""
+        for attr in node.attribute:
+            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                strip_node_metadata(sub)
+
+
+def graph_ops(graph):
+    """(domain, op_type) of every node in an onnx GraphProto, Loop bodies included."""
+    ops = set()
+    for node in graph.node:
+        ops.add((node.domain, node.op_type))
+        for attr in node.attribute:
+            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                ops |= graph_ops(sub)
+    return ops
+
+
 # Ops the CUDA graph may hold: each has a kernel in ONNX Runtime's CUDA provider (checked by the tests).
-CUDA_OPS = {"Add", "Sub", "Mul", "Div", "Pow", "Sqrt", "Tanh", "Sin", "Exp", "Neg", "Abs", "MatMul", "Gemm", "Gather",
+CUDA_OPS = {"Loop", "Add", "Sub", "Mul", "Div", "Pow", "Sqrt", "Tanh", "Sin", "Exp", "Neg", "Abs", "MatMul", "Gemm", "Gather",
             "Concat", "Split", "Slice", "Pad", "Reshape", "Transpose", "Unsqueeze", "Squeeze", "Expand", "Shape",
             "Cast", "Constant", "ReduceMean", "LayerNormalization", "Gelu", "Erf", "Where", "Equal", "Identity",
             "Conv", "ConstantOfShape", "Range", "Flatten", "Softmax", "Rfft", "Irfft", "FastGelu",
@@ -293,6 +401,7 @@ def export(model, path, target="cuda", max_len=None, outputs="logits"):
                                     dynamic_shapes=({0: batch, 1: length},), custom_translation_table=table,
                                     optimize=True, verbose=False)
     proto = program.model_proto
+    strip_node_metadata(proto.graph)
     meta = {"tokens": json.dumps({**th.SPECIAL_TOKENS, **th.BASE_IDS}), "pad_id": str(th.PAD_ID),
             "unknown_base_id": str(th.N_ID), "l_max": str(cfg.l_max), "max_len": str(max_len),
             "config": json.dumps(cfg.to_dict()), "target": target, "outputs": outputs,
@@ -313,8 +422,7 @@ def check_against_torch(model, path, outputs, lengths, batches=(1, 2, 3), provid
     """Relative error of ONNX Runtime against torch, ||ort - torch|| / ||torch||, each norm over all the given
     shapes (the worst of the graph's outputs). Not per shape: one regression value near zero would make its
     ratio measure float32 rounding alone (1 ulp of 1.0 against a value of 0.001 is 1e-4)."""
-    import onnxruntime as ort
-    session = ort.InferenceSession(path, providers=[provider])
+    session = ort_session(path, provider)
     if provider not in session.get_providers():
         raise RuntimeError(f"ONNX Runtime did not enable {provider}")
     diff, size = {}, {}  # squared norms, per output
@@ -338,6 +446,16 @@ def check_against_torch(model, path, outputs, lengths, batches=(1, 2, 3), provid
                 diff[i] = diff.get(i, 0.0) + float(np.sum((g - r) ** 2))
                 size[i] = size.get(i, 0.0) + float(np.sum(r ** 2))
     return max(math.sqrt(diff[i] / size[i]) for i in diff)
+
+
+def ort_session(path, provider="CPUExecutionProvider"):
+    """An ONNX Runtime session as apps should make one for these graphs: the memory pattern off (it plans for
+    repeated shapes; off, the peak at 1 x 2^20 fell from 7.1 to 5.4 GB at the same speed), the arena on
+    (off, 2^18 took 12-13 s against 7.2 s)."""
+    import onnxruntime as ort
+    options = ort.SessionOptions()
+    options.enable_mem_pattern = False
+    return ort.InferenceSession(path, options, providers=[provider])
 
 
 def cuda_provider_works():
@@ -392,7 +510,7 @@ def main(argv=None):
     if not 1 <= max_len <= limit:
         raise th.UserError(f"--max_len {max_len} is outside [1, {limit}] (the checkpoint's l_max)")
     proto = export(model, args.out, args.target, max_len, args.outputs)
-    ops = sorted({n.op_type for n in proto.graph.node})
+    ops = sorted({op for _, op in graph_ops(proto.graph)})
     print(f"wrote {args.out} ({os.path.getsize(args.out) / 1e6:.1f} MB, target {args.target}, max_len {max_len}); "
           f"ops: {', '.join(ops)}")
     if not args.check:

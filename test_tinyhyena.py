@@ -1220,10 +1220,27 @@ def test_export_holds_parameters_and_serves_any_length_up_to_max_len(tmp_path):
     graph = onnx.load(str(tmp_path / "m.onnx")).graph
     stored = sum(int(np.prod(t.dims)) for t in graph.initializer)
     assert stored <= 1.1 * model.num_params() + 200, (stored, model.num_params())  # no l_max-long tables
-    assert not any(n.op_type == "DFT" for n in graph.node)  # ONNX Runtime's CPU DFT is the slow kernel
+    assert not any(op == "DFT" for _, op in export.graph_ops(graph))  # ONNX Runtime's CPU DFT is the slow kernel
+    # the channel groups and the MLP's hidden groups are Loops: 2 per block, nothing else at the top level
+    assert [n.op_type for n in graph.node].count("Loop") == 2 * model.cfg.n_layer
     # lengths on both sides of where the matrix FFT's split changes (p doubles at L = 2·8^i)
     assert export.check_against_torch(model, str(tmp_path / "m.onnx"), "logits", [1, 2, 15, 16, 37, 1000, 1024, 9000],
                                       batches=(1, 2)) <= 1e-4
+
+
+@pytest.mark.parametrize("d_model,order,d_inner", [(12, 3, 40), (48, 2, 300), (7, 2, 8)])
+def test_export_groups_compute_the_model(d_model, order, d_inner, monkeypatch):
+    """The graph's blocks in groups (channels of the operator, hidden units of the MLP; each group a Loop
+    iteration) compute the model, in torch, for group sizes that divide the widths unevenly or not at all."""
+    monkeypatch.setattr(export, "CHANNEL_GROUP", 5)
+    monkeypatch.setattr(export, "HIDDEN_GROUP", 16)
+    cfg = th.HyenaConfig(d_model=d_model, n_layer=2, d_inner=d_inner, order=order, filter_order=8, l_max=300)
+    model = random_model(cfg, 3)
+    wrapper = export.ExportedModel(model, "both").eval()
+    ids = torch.randint(7, 12, (2, 257))
+    with torch.no_grad():
+        logits, hidden = wrapper(ids)
+        assert rel_err(logits, model(ids)) <= 1e-5 and rel_err(hidden, model.hidden_states(ids)) <= 1e-5
 
 
 @pytest.fixture(scope="module")
@@ -1281,7 +1298,7 @@ def test_export_cuda_graph_runs_on_the_cuda_provider_only_ops(tmp_path):
         None, {"input_ids": ref["input_ids"]})
     assert rel_err(logits, ref["logits"]) <= 1e-5
     graph = onnx.load(str(tmp_path / "m.onnx")).graph
-    ops = {(n.domain, n.op_type) for n in graph.node}
+    ops = export.graph_ops(graph)  # Loop bodies included
     assert not any(op == "DFT" for _, op in ops)
     assert {("com.microsoft", "Rfft"), ("com.microsoft", "Irfft")} <= ops
     assert {op for _, op in ops} <= export.CUDA_OPS, {op for _, op in ops} - export.CUDA_OPS
