@@ -66,6 +66,24 @@ def existing_path(text):
     return text
 
 
+def add_sequence_inputs(parser, input_help):
+    """The flags of a command that reads sequences: --input FILE, or --fasta GENOME --bed REGIONS (regions
+    cut from a genome; data.read_inputs reads either). check_sequence_inputs checks them after parsing."""
+    parser.add_argument("--input", type=existing_file, help=input_help + "; or use --fasta and --bed")
+    parser.add_argument("--fasta", type=existing_path, help="genome FASTA (plain or gzipped), or a prepared genome "
+                                                            "folder, to cut the --bed regions from")
+    parser.add_argument("--bed", type=existing_file, help="regions of --fasta (BED3 to BED12; the name column is "
+                                                          "the id; a - strand is read reverse-complemented)")
+
+
+def check_sequence_inputs(parser, args):
+    if args.input is not None and (args.bed is not None or args.fasta is not None):
+        parser.error("--input and --fasta/--bed exclude each other: give sequences, or regions of a genome")
+    if args.input is None and (args.bed is None or args.fasta is None):
+        parser.error("give --input FILE, or --fasta GENOME with --bed REGIONS" if args.bed is None and args.fasta is None
+                     else "--fasta and --bed go together: the genome, and the regions to cut from it")
+
+
 def make_out_dir(path, flag="--out"):
     """Create an output folder up front; UserError naming the flag and folder if it cannot be."""
     try:

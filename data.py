@@ -259,27 +259,33 @@ def reverse_complement(ids):
 SPLITS = ("train", "valid", "test")
 
 
+MITOCHONDRION = ("M", "MT")  # UCSC's chrM, Ensembl's MT
+
+
 def find_chrom(genome, name):
-    """The genome's name for a chromosome named elsewhere (a BED, a VCF), with or without the "chr" prefix;
-    None if absent."""
-    for candidate in (name, name[3:] if name.startswith("chr") else "chr" + name):
-        if candidate in genome.chroms:
-            return candidate
+    """The genome's name for a chromosome named elsewhere (a BED, a VCF), with or without the "chr" prefix,
+    and the mitochondrion as M or MT; None if absent."""
+    bare = name[3:] if name.startswith("chr") else name
+    for base in (bare,) + (MITOCHONDRION if bare in MITOCHONDRION else ()):
+        for candidate in (base, "chr" + base):
+            if candidate in genome.chroms:
+                return candidate
     return None
 
 
-def read_bed(path, genome):
-    """[(chrom, start, end, split)] from a BED: 3 columns, BED6 and wider (name, score, strand, ...: read past),
-    or Basenji's 4 (chrom, start, end, split), told apart by a 4th column that holds only train/valid/test.
-    Chromosomes match the FASTA's with or without "chr". Without a split column, split is None."""
+def bed_intervals(path, genome):
+    """[(line number, chrom, start, end, columns)] of a BED (3 to 12 tab-separated columns; headers, track
+    and browser lines skipped), chromosomes matched to the genome's names (find_chrom). An interval that is
+    malformed or lies outside its chromosome is a DataError naming the line."""
     if not os.path.isfile(path):
         raise DataError(f"{path}: file not found")
-    rows, fourth = [], []
-    with open(path) as f:
-        for lineno, line in enumerate(f, 1):
+    rows = []
+    with open_maybe_gzipped(path) as f:
+        for lineno, raw in enumerate(f, 1):
+            line = raw.decode("utf-8", "replace").rstrip("\r\n")
             if not line.strip() or line.startswith(("#", "track", "browser")):
                 continue
-            cols = line.rstrip("\r\n").split("\t")
+            cols = line.split("\t")
             if len(cols) < 3:
                 raise DataError(f"{path}:{lineno}: expected at least 3 tab-separated columns "
                                 f"(chrom, start, end), got {len(cols)}")
@@ -293,16 +299,54 @@ def read_bed(path, genome):
             if int(end) > genome.chroms[chrom]:
                 raise DataError(f"{path}:{lineno}: interval {name}:{start}-{end} lies outside the chromosome "
                                 f"(length {genome.chroms[chrom]})")
-            rows.append((chrom, int(start), int(end)))
-            fourth.append((lineno, len(cols), cols[3] if len(cols) > 3 else None))
+            rows.append((lineno, chrom, int(start), int(end), cols))
     if not rows:
         raise DataError(f"{path}: no intervals")
-    if all(n == 4 for _, n, _ in fourth) and any(value in SPLITS for *_, value in fourth):  # Basenji's layout
-        bad = next(((lineno, value) for lineno, _, value in fourth if value not in SPLITS), None)
-        if bad:
-            raise DataError(f"{path}:{bad[0]}: split must be train, valid or test, got {bad[1]!r}")
-        return [row + (value,) for row, (*_, value) in zip(rows, fourth)]
-    return [row + (None,) for row in rows]
+    return rows
+
+
+def read_bed(path, genome):
+    """[(chrom, start, end, split)] from a BED3 to BED12 for training: the 4th column is a split (Basenji's
+    layout) when every row holds train, valid or test there, and otherwise the name (ignored); without a
+    split column, split is None."""
+    rows = bed_intervals(path, genome)
+    fourth = [cols[3] if len(cols) > 3 else None for *_, cols in rows]
+    is_split = all(value in SPLITS for value in fourth)
+    odd = next(((lineno, value) for (lineno, *_), value in zip(rows, fourth) if value not in SPLITS), None)
+    if not is_split and any(value in SPLITS for value in fourth):  # a split column with a typo, most likely
+        print(f"warning: {path}:{odd[0]}: column 4 is {odd[1]!r}, not train, valid or test, so column 4 is read "
+              "as names and the split is by chromosome", file=sys.stderr)
+    return [(chrom, start, end, value if is_split else None) for (_, chrom, start, end, _), value in zip(rows, fourth)]
+
+
+def read_regions(bed, genome):
+    """[(id, token ids)] of every BED interval cut from the genome, as scoring, prediction and embedding read
+    them: the id is the name column (BED4 and wider, when not ".") or chrom:start-end, and an interval on
+    the "-" strand (6th column) is read as its reverse complement. A BED12's blocks are not spliced: the
+    whole interval is read."""
+    out = []
+    for _, chrom, start, end, cols in bed_intervals(bed, genome):
+        name = cols[3] if len(cols) > 3 and cols[3] not in ("", ".") else f"{cols[0]}:{start}-{end}"
+        ids = genome.fetch(chrom, start, end)
+        out.append((name, reverse_complement(ids) if len(cols) > 5 and cols[5] == "-" else ids))
+    return out
+
+
+def read_inputs(args, read_input):
+    """[(id, token ids)]: the sequences of a command's --input FILE, read by read_input, or its --bed regions
+    cut from --fasta (cli.add_sequence_inputs)."""
+    if args.bed is not None:
+        return read_regions(args.bed, load_genome(args.fasta))
+    return read_input(args.input)
+
+
+def load_genome(path):
+    """A prepared genome folder as it is; a FASTA prepared once into FASTA.tinyhyena (as train.py does)."""
+    if os.path.isdir(path) and is_prepared_genome(path):
+        return Genome(path)
+    if os.path.isdir(path):
+        raise DataError(f"{path}: a folder, but not a genome prepared by tinyhyena (pass the FASTA file)")
+    return Genome(prepare(path, quiet=True))
 
 
 def held_out_split(names, split):

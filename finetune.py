@@ -10,6 +10,7 @@ with the result; embed sequences.
     python finetune.py fit --checkpoint DIR --data chromatin.csv --task multilabel --label_columns 'dnase_*'
     python finetune.py predict --checkpoint ft --input seqs.fa [--out predictions.tsv]
     python finetune.py embed --checkpoint DIR --input seqs.fa --out embeddings.npy [--pool mean|last]
+    python finetune.py predict --checkpoint ft --fasta hg38.fa --bed promoters.bed     # regions of a genome
 
 Two ways to classify, both from the paper:
 - a head: the backbone's hidden states pooled over the sequence (`--pool mean`, padding excluded, or `last`,
@@ -46,7 +47,7 @@ import fast
 import tinyhyena as th
 from classifier import (CLASSIFIER_FILE, HEAD_FILE, TASKS, SequenceClassifier, load_classifier, pad_left, readout,
                         save_classifier)
-from data import DataError, Genome, open_maybe_gzipped, read_fasta, reverse_complement
+from data import DataError, Genome, open_maybe_gzipped, read_fasta, read_inputs, reverse_complement
 from train import Job, barrier, batches, claim_out_dir, log_metrics, prepare_once, run_distributed, train_loop
 
 SELECTION_METRIC = {"classify": "mcc", "regression": "pearson", "multilabel": "auroc"}  # picks the best model
@@ -547,13 +548,13 @@ def read_sequences(path):
 def predict(args):
     device = cli.pick_device(args.device)
     model = load_classifier(args.checkpoint, device)
-    records = read_sequences(args.input)
+    records = read_inputs(args, read_sequences)
     seqs = [cut(ids, model.max_len, model.truncate) for _, ids in records]
     n_cut = sum(len(ids) > model.max_len for _, ids in records)
     if n_cut:
         print(f"{n_cut} sequences longer than {model.max_len} were cut ({model.truncate})", file=sys.stderr)
     if any(len(s) == 0 for s in seqs):
-        raise DataError(f"{args.input}: record {records[[len(s) for s in seqs].index(0)][0]!r} is empty")
+        raise DataError(f"{args.input or args.bed}: record {records[[len(s) for s in seqs].index(0)][0]!r} is empty")
     outputs = predict_logits(model, seqs, args.batch_size, device)
     if model.task == "classify":  # the most probable class, then each class's probability
         probs = readout("classify", outputs).numpy()
@@ -573,14 +574,14 @@ def embed(args):
     from tqdm import tqdm
     device = cli.pick_device(args.device)
     model = th.from_pretrained(args.checkpoint, device)
-    records = read_sequences(args.input)
+    records = read_inputs(args, read_sequences)
     limit = model.cfg.l_max
     n_cut = sum(len(ids) > limit for _, ids in records)
     if n_cut:
         print(f"{n_cut} sequences longer than l_max {limit} were cut (--truncate {args.truncate})", file=sys.stderr)
     seqs = [cut(ids, limit, args.truncate) for _, ids in records]
     if any(len(s) == 0 for s in seqs):
-        raise DataError(f"{args.input}: record {records[[len(s) for s in seqs].index(0)][0]!r} is empty")
+        raise DataError(f"{args.input or args.bed}: record {records[[len(s) for s in seqs].index(0)][0]!r} is empty")
     out = np.zeros((len(seqs), model.cfg.d_model), dtype=np.float32)
     chunk = 16 * args.batch_size  # th.embed sorts each chunk by length; the bar moves chunk by chunk
     with tqdm(total=len(seqs), unit="seq", file=sys.stderr, disable=args.quiet) as bar:
@@ -644,7 +645,7 @@ def parse_args(argv=None):
                             ("embed", "one vector per sequence from any checkpoint")):
         q = sub.add_parser(name, help=help_text)
         q.add_argument("--checkpoint", required=True, type=cli.existing_path)
-        q.add_argument("--input", required=True, type=cli.existing_file, help="FASTA, CSV/TSV with a sequence column, or one sequence a line")
+        cli.add_sequence_inputs(q, "FASTA, CSV/TSV with a sequence column, or one sequence a line")
         q.add_argument("--out", required=name == "embed", type=cli.output_file, help="output file" + (" (.npy)" if name == "embed" else
                                                                                 " (TSV; default: standard output)"))
         q.add_argument("--batch_size", type=cli.positive_int, default=32)
@@ -655,6 +656,8 @@ def parse_args(argv=None):
             q.add_argument("--quiet", action="store_true")
     f.add_argument("--device", default="auto", help="auto (cuda when there is one), cpu, cuda, cuda:1, ...")
     args = p.parse_args(argv)
+    if args.command != "fit":
+        cli.check_sequence_inputs(sub.choices[args.command], args)
     if args.command == "fit":
         if args.resume and args.overwrite:
             p.error("--resume and --overwrite exclude each other: continue the run in --out, or start over")

@@ -2,6 +2,7 @@
 Score DNA with a pretrained model: sequence likelihoods and zero-shot variant effects.
 
     python score.py sequences --checkpoint DIR --input FASTA [--out FILE.tsv] [--per_base FILE.bedGraph]
+    python score.py sequences --checkpoint DIR --fasta GENOME --bed REGIONS.bed [--out FILE.tsv]
     python score.py variants --checkpoint DIR --fasta REF --vcf VCF [--window 1024] [--out FILE.tsv] [--both_strands]
 
 A causal language model is a density over sequences: log P(x) = sum_t log P(x_t | x_<t). `sequences` reports it
@@ -24,7 +25,7 @@ import torch
 import cli
 import fast
 import tinyhyena as th
-from data import (DataError, Genome, find_chrom, is_prepared_genome, open_maybe_gzipped, prepare, read_fasta,
+from data import (DataError, Genome, find_chrom, load_genome, open_maybe_gzipped, read_fasta, read_inputs,
                   reverse_complement)
 
 
@@ -167,15 +168,6 @@ def score_variants(model, genome, variants, window=1024, both_strands=False, bat
 # ---------------------------------------------------------------------------------------------------------
 # Command line
 
-def load_genome(path):
-    """A prepared genome folder as it is; a FASTA prepared once into FASTA.tinyhyena (as train.py does)."""
-    if os.path.isdir(path) and is_prepared_genome(path):
-        return Genome(path)
-    if os.path.isdir(path):
-        raise DataError(f"{path}: a folder, but not a genome prepared by tinyhyena (pass the FASTA file)")
-    return Genome(prepare(path, quiet=True))
-
-
 def fmt(x):
     return "NA" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.6f}"
 
@@ -191,7 +183,7 @@ def load_model(args):
 
 def cmd_sequences(args):
     from tqdm import tqdm
-    records = read_fasta(args.input)
+    records = read_inputs(args, read_fasta)
     model, window = load_model(args)
     context = window // 2 if args.context is None else args.context
     if not 0 <= context < window:
@@ -236,7 +228,7 @@ def main(argv=None):
     p = cli.ArgumentParser(description="Sequence likelihoods and zero-shot variant effects.")
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("sequences", help="nats and bits per base, perplexity, of every FASTA record")
-    s.add_argument("--input", required=True, type=cli.existing_file, help="FASTA (plain or gzipped)")
+    cli.add_sequence_inputs(s, "FASTA (plain or gzipped)")
     s.add_argument("--per_base", type=cli.output_file, help="also write every base's log-probability as bedGraph")
     s.add_argument("--context", type=cli.nonnegative_int, help="bases of context before each scored base in long records "
                                                "(default: half the window)")
@@ -253,6 +245,8 @@ def main(argv=None):
         q.add_argument("--device", default="auto", help="auto (cuda when there is one), cpu, cuda, cuda:1, ...")
         q.add_argument("--quiet", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
+    if args.command == "sequences":
+        cli.check_sequence_inputs(s, args)
     return cmd_sequences(args) if args.command == "sequences" else cmd_variants(args)
 
 

@@ -14,6 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import checkpoints
+import classifier
 import cli
 import fast
 import tinyhyena as th
@@ -737,14 +738,15 @@ def test_bed6_and_chromosome_names_without_chr(genome, tmp_path):
     assert [c for c, _ in data.Windows(genome, 16, "valid", peaks).starts] == ["chr2"]
 
 
-def test_data_errors(genome, tmp_path):
+def test_data_errors(genome, tmp_path, capsys):
     def bed(text):
         (tmp_path / "b.bed").write_text(text)
         return str(tmp_path / "b.bed")
     with pytest.raises(data.DataError, match=r"b.bed:2: expected at least 3 tab-separated columns"):
         data.read_bed(bed("chr1\t0\t4\nchr1 0 4\n"), genome)
-    with pytest.raises(data.DataError, match=r"b.bed:2: split must be train, valid or test, got 'trian'"):
-        data.read_bed(bed("chr1\t0\t4\ttrain\nchr1\t4\t8\ttrian\n"), genome)
+    # a 4th column is a split only where every row holds one: otherwise names, with a warning for a typo
+    assert data.read_bed(bed("chr1\t0\t4\ttrain\nchr1\t4\t8\ttrian\n"), genome) == [("chr1", 0, 4, None), ("chr1", 4, 8, None)]
+    assert "b.bed:2: column 4 is 'trian'" in capsys.readouterr().err
     with pytest.raises(data.DataError, match=r"b.bed:1: start and end must be integers"):
         data.read_bed(bed("chr1\tx\t4\n"), genome)
     with pytest.raises(data.DataError, match=r"b.bed:1: chromosome 'chrX' is not in the FASTA"):
@@ -1516,6 +1518,37 @@ def test_windowed_scoring_equals_a_single_pass_where_the_window_covers_the_recor
     assert (th.log_likelihood(model, padded, lengths)[0, 299:] == 0).all()
 
 
+def test_regions_of_a_genome_as_input(tmp_path, fixture_classifier):
+    """score.py sequences and finetune.py predict read --bed regions of --fasta as the sequences cut out by
+    hand: BED3 to BED6, the name or chrom:start-end as the id, a - strand reverse-complemented, chromosome
+    names with or without chr and the mitochondrion as M or MT."""
+    rng = np.random.default_rng(5)
+    chr1, chrM = ("".join(rng.choice(list("ACGT"), n)) for n in (300, 120))
+    (tmp_path / "g.fa").write_text(f">chr1\n{chr1}\n>chrM\n{chrM}\n")
+    (tmp_path / "r.bed").write_text("track name=peaks\n1\t10\t80\tpeakA\t0\t+\nchr1\t100\t170\tpeakB\t0\t-\n"
+                                    "MT\t5\t60\n")
+    complement = str.maketrans("ACGT", "TGCA")
+    by_hand = {"peakA": chr1[10:80], "peakB": chr1[100:170].translate(complement)[::-1], "MT:5-60": chrM[5:60]}
+    result = run_script("score.py", "sequences", "--checkpoint", FIXTURE, "--fasta", tmp_path / "g.fa",
+                        "--bed", tmp_path / "r.bed", "--out", tmp_path / "s.tsv", "--quiet")
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = [line.split("\t") for line in (tmp_path / "s.tsv").read_text().splitlines()[1:]]
+    assert [r[0] for r in rows] == list(by_hand)
+    model = th.from_pretrained(FIXTURE)
+    for row, seq in zip(rows, by_hand.values()):
+        logp = th.record_log_probs(model, th.tokenize(seq), model.cfg.l_max, model.cfg.l_max // 2, 32).numpy()
+        assert int(row[1]) == len(seq) and abs(float(row[2]) + logp.mean()) < 1e-5
+    result = run_script("finetune.py", "predict", "--checkpoint", fixture_classifier, "--fasta", tmp_path / "g.fa",
+                        "--bed", tmp_path / "r.bed", "--out", tmp_path / "p.tsv")
+    assert result.returncode == 0, result.stderr[-2000:]
+    clf = classifier.load_classifier(fixture_classifier)
+    expected = classifier.readout(clf.task, finetune.predict_logits(clf, [th.tokenize(s) for s in by_hand.values()], 8,
+                                                                    torch.device("cpu")))
+    rows = [line.split("\t") for line in (tmp_path / "p.tsv").read_text().splitlines()[1:]]
+    assert [r[0] for r in rows] == list(by_hand)
+    assert np.allclose([[float(x) for x in r[2:]] for r in rows], expected.numpy(), atol=1e-5)
+
+
 def test_score_sequence_by_hand_on_the_published_fixture(tmp_path):
     seq = "ACGTTGACCATGGCAATTGCCGATAGGCTA" * 5
     (tmp_path / "in.fa").write_text(f">s1 a record\n{seq[:70]}\n{seq[70:]}\n>s2\nA\n")
@@ -2080,6 +2113,7 @@ def bad_invocations(tmp):
     (tmp / "a.fa").write_text(">r\nACGT\n")
     (tmp / "plain.txt").write_text("not a folder")
     (tmp / "t.csv").write_text("sequence,label\nACGT,a\nACGA,b\n")
+    (tmp / "outside.bed").write_text("r\t0\t4\nr\t2\t9\tpeak\n")
     fix = str(FIXTURE)
     cases = [
         # train.py
@@ -2127,6 +2161,15 @@ def bad_invocations(tmp):
          ["--device cuda:99"]),
         (["score.py", "sequences", "--checkpoint", fix, "--input", tmp / "a.fa", "--out", tmp / "no" / "s.tsv"],
          ["--out", "no/s.tsv", "does not exist"]),
+        (["score.py", "sequences", "--checkpoint", fix, "--input", tmp / "a.fa", "--fasta", tmp / "a.fa", "--bed",
+          tmp / "outside.bed"], ["--input and --fasta/--bed exclude each other"]),
+        (["score.py", "sequences", "--checkpoint", fix], ["give --input FILE, or --fasta GENOME with --bed REGIONS"]),
+        (["score.py", "sequences", "--checkpoint", fix, "--fasta", tmp / "a.fa", "--bed", tmp / "outside.bed"],
+         ["outside.bed:2: interval r:2-9 lies outside the chromosome (length 4)"]),
+        (["finetune.py", "embed", "--checkpoint", fix, "--bed", tmp / "outside.bed", "--out", tmp / "e.npy"],
+         ["--fasta and --bed go together"]),
+        (["finetune.py", "predict", "--checkpoint", fix, "--fasta", tmp / "a.fa", "--bed", tmp / "missing.bed"],
+         ["--bed", "missing.bed: file not found"]),
         # generate.py
         (["generate.py", "--checkpoint", fix, "--prompt", "ACGT", "--length", "5", "--temperature", "-1"],
          ["--temperature", "a number >= 0"]),
