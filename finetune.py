@@ -4,6 +4,7 @@ with the result; embed sequences.
 
     python finetune.py fit --checkpoint hyenadna-tiny-1k-seqlen --data human_nontata_promoters --out ft
     python finetune.py fit --checkpoint DIR --data train.csv --test test.csv --out ft     # NT's tasks (MCC)
+    python finetune.py fit --checkpoint DIR --data train.fna --test test.fna --out ft     # NT's own files
     python finetune.py fit --checkpoint DIR --species human=hg38.fa.gz worm=ce11.fa.gz --seq_len 16384 --out ft
     python finetune.py fit --checkpoint DIR --data ... --soft_prompt 16 --out ft          # the model frozen
     python finetune.py fit --checkpoint DIR --data expr.csv --task regression --label_columns expression
@@ -134,16 +135,49 @@ def resolve_label_columns(spec, columns, path):
     return found
 
 
+def read_labelled_fasta(path, text, need_label, label_columns):
+    """The Nucleotide Transformer tasks' FASTA (train.fna, test.fna): each header ends in |label -> rows as
+    read_table gives them (name, sequence, label, line)."""
+    if label_columns not in (None, "label"):
+        raise DataError(f"{path}: a FASTA's label is the end of each header (>name|label); --label_columns is for CSV/TSV")
+    rows, lines = [], []
+    for lineno, line in enumerate(text, 1):
+        if line.startswith(">"):
+            name, bar, label = line[1:].strip().rpartition("|")
+            if need_label and (not bar or not label.strip()):
+                raise DataError(f"{path}:{lineno}: header has no label after a '|' (expected >name|label, as in the "
+                                "Nucleotide Transformer tasks' .fna files)")
+            rows.append({"name": name if bar else label, "label": label.strip() if bar else "", "line": lineno})
+            lines.append([])
+        elif line.strip():
+            if not rows:
+                raise DataError(f"{path}:{lineno}: sequence before the first '>' header")
+            lines[-1].append(line.strip())
+    for row, parts in zip(rows, lines):
+        row["sequence"] = "".join(parts)
+        if not row["sequence"]:
+            raise DataError(f"{path}:{row['line']}: empty sequence")
+    if not rows:
+        raise DataError(f"{path}: no sequences")
+    return rows, ["label"] if need_label else []
+
+
 def read_table(path, need_label=True, label_columns=None):
-    """CSV (.csv) or TSV (other names) with a header holding `sequence` (and `label`, or the --label_columns
-    spec; optional `split`, `name`) -> [dict], and the label columns. DataError naming the file and line."""
+    """Labelled sequences -> [dict] (`sequence`, the labels, `line`; `split` and `name` when given) and the
+    label columns, from CSV (.csv) or TSV (other names) with a header holding `sequence` or `seq` (and
+    `label`, or the --label_columns spec; optional `split`, `name`), or from FASTA whose headers end in
+    |label (read_labelled_fasta). DataError naming the file and line."""
     if not os.path.isfile(path):
         raise DataError(f"{path}: file not found")
     delimiter = "," if path.lower().removesuffix(".gz").endswith(".csv") else "\t"
     with open_maybe_gzipped(path) as raw:
         text = raw.read().decode("utf-8", errors="replace").splitlines()
+    if text and text[0].startswith(">"):
+        return read_labelled_fasta(path, text, need_label, label_columns)
     reader = csv.DictReader(text, delimiter=delimiter)
     columns = reader.fieldnames or []
+    if "sequence" not in columns and "seq" in columns:  # the hub copies of the genomic benchmarks
+        columns = reader.fieldnames = ["sequence" if c == "seq" else c for c in columns]
     need = ["sequence", "label"] if need_label and not label_columns else ["sequence"]
     missing = [c for c in need if c not in columns]
     if missing:
@@ -524,14 +558,14 @@ def fit_on(args, rank, world, device):
 # predict and embed
 
 def read_sequences(path):
-    """[(id, uint8 ids)] from FASTA, CSV/TSV with a `sequence` column (ids from `name` or `id`, else the row),
+    """[(id, uint8 ids)] from FASTA, CSV/TSV with a `sequence` or `seq` column (ids from `name` or `id`, else the row),
     or plain text with one sequence a line (ids are line numbers)."""
     with open_maybe_gzipped(path) as f:
         head = f.read(4096).lstrip()
     if head.startswith(b">"):
         return read_fasta(path)
     first = head.split(b"\n", 1)[0].decode("utf-8", "replace").lower()
-    if "sequence" in first.replace(",", "\t").split("\t"):
+    if {"sequence", "seq"} & set(first.replace(",", "\t").split("\t")):
         rows, _ = read_table(path, need_label=False)
         key = next((k for k in ("name", "id") if k in rows[0]), None)
         return [(row[key] if key else str(row["line"] - 1), th.tokenize(row["sequence"])) for row in rows]
@@ -604,11 +638,12 @@ def parse_args(argv=None):
     sub = p.add_subparsers(dest="command", required=True)
     f = sub.add_parser("fit", help="fine-tune a classifier")
     source = f.add_mutually_exclusive_group(required=True)
-    source.add_argument("--data", type=cli.existing_path, help="genomic-benchmarks folder (train/<class>/*.txt, test/...) or CSV/TSV "
-                                       "with sequence and label columns (optional split column)")
+    source.add_argument("--data", type=cli.existing_path, help="genomic-benchmarks folder (train/<class>/*.txt, test/...), CSV/TSV "
+                                       "with sequence (or seq) and label columns (optional split column), or FASTA "
+                                       "whose headers end in |label (the Nucleotide Transformer tasks' .fna)")
     source.add_argument("--species", nargs="+", metavar="NAME=FASTA", help="species classification: windows of "
                                                                            "--seq_len from each FASTA")
-    f.add_argument("--test", type=cli.existing_file, help="CSV/TSV test set for --data FILE")
+    f.add_argument("--test", type=cli.existing_file, help="test set for --data FILE, in the same formats")
     f.add_argument("--task", default="classify", choices=TASKS, help="classify (default): one class per "
                    "sequence; regression: numbers; multilabel: many 0/1 targets")
     f.add_argument("--label_columns", help="CSV/TSV columns holding the labels: a,b,c, or prefix* for all that "

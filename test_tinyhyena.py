@@ -1743,7 +1743,12 @@ def test_finetune_learns_each_data_format(tmp_path):
     with gzip.open(tmp_path / "b.fa.gz", "wt") as f:
         write_species_fasta(tmp_path / "b.fa", SOURCES[1], 3)
         f.write((tmp_path / "b.fa").read_text())
+    with open(tmp_path / "train.fna", "w") as f:  # the Nucleotide Transformer tasks' own files: >name|label
+        f.writelines(f">seq{i}|{c}\n{seq[:60]}\n{seq[60:]}\n" for i, (seq, c) in enumerate(train))
+    with open(tmp_path / "test_hub.csv", "w") as f:  # the hub copies of the genomic benchmarks: a seq column
+        f.writelines(["seq,label\n"] + [f"{seq},{c}\n" for seq, c in test])
     runs = {"csv": ["--data", tmp_path / "train.csv", "--test", tmp_path / "test.csv"],
+            "fna": ["--data", tmp_path / "train.fna", "--test", tmp_path / "test_hub.csv"],
             "tsv": ["--data", tmp_path / "all.tsv"],
             "benchmark": ["--data", tmp_path / "gb"],
             "species": ["--species", f"alpha={tmp_path / 'a.fa'}", f"beta={tmp_path / 'b.fa.gz'}", "--eval_windows", 50]}
@@ -1760,7 +1765,7 @@ def test_finetune_learns_each_data_format(tmp_path):
         assert [m["split"] for m in metrics if m["split"] != "train"] == ["valid", "valid", "test"]
         assert metrics[-1]["accuracy"] >= 0.9, (name, metrics[-1])
         classifier = finetune.load_classifier(out)
-        assert classifier.class_names == {"tsv": ["0", "1"], "benchmark": ["negative", "positive"],
+        assert classifier.class_names == {"tsv": ["0", "1"], "fna": ["0", "1"], "benchmark": ["negative", "positive"],
                                           "species": ["alpha", "beta"]}.get(name, ["neg", "pos"])
         with torch.no_grad():
             assert classifier(torch.from_numpy(th.tokenize(test[0][0]))[None]).shape == (1, 2)
@@ -1770,6 +1775,25 @@ def test_finetune_learns_each_data_format(tmp_path):
     result = run_script(*FIT, "--preset", "tiny", "--seq_len", 100, "--data", tmp_path / "long.csv",
                         "--max_steps", 1, "--out", tmp_path / "long", "--truncate", "left")
     assert result.returncode == 0 and "40 sequences longer than 100 were cut (--truncate left)" in result.stderr
+
+
+def test_labelled_fasta_and_seq_column_errors(tmp_path):
+    """The .fna and seq-column readers: ids, labels and sequences as written, errors naming file and line."""
+    (tmp_path / "a.fna").write_text(">chr1:5-9|promoter\nACGT\nAC\n>x|y|0\nGG\n")
+    rows, columns = finetune.read_table(str(tmp_path / "a.fna"))
+    assert columns == ["label"] and [(r["name"], r["sequence"], r["label"], r["line"]) for r in rows] == \
+        [("chr1:5-9", "ACGTAC", "promoter", 1), ("x|y", "GG", "0", 4)]
+    (tmp_path / "b.fna").write_text(">s1|1\nACGT\n>s2\nACGT\n")
+    with pytest.raises(data.DataError, match=r"b.fna:3: header has no label after a '\|'"):
+        finetune.read_table(str(tmp_path / "b.fna"))
+    assert [r["name"] for r in finetune.read_table(str(tmp_path / "b.fna"), need_label=False)[0]] == ["s1", "s2"]
+    with pytest.raises(data.DataError, match=r"--label_columns is for CSV/TSV"):
+        finetune.read_table(str(tmp_path / "b.fna"), label_columns="a,b")
+    (tmp_path / "c.tsv").write_text("seq\tlabel\nACGT\tx\n\tx\n")
+    with pytest.raises(data.DataError, match=r"c.tsv:3: empty sequence"):
+        finetune.read_table(str(tmp_path / "c.tsv"))
+    (tmp_path / "d.csv").write_text("id,seq\nr1,ACGT\n")
+    assert [(n, list(ids)) for n, ids in finetune.read_sequences(str(tmp_path / "d.csv"))] == [("r1", [7, 8, 9, 10])]
 
 
 def composition_rows(n, seed, length=100):
