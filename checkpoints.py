@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from cli import atomic_write, write_text
-from tinyhyena import HyenaConfig, HyenaDNA, MissingFileError, UserError
+from tinyhyena import BASES, SPECIAL_TOKENS, HyenaConfig, HyenaDNA, MissingFileError, UserError
 
 
 class _Opaque:
@@ -341,15 +341,36 @@ def load_model(path, device="cpu", fast=True):
     return model.to(device).eval()
 
 
-def hf_state_dict(model, prefix="hyena.backbone."):
-    """The model's tensors under the hub port's names and shapes, the tied LM head included."""
+def hf_state_dict(model, prefix="hyena.backbone.", lm_head=True):
+    """The model's tensors under the hub port's names and shapes, with the tied LM head unless lm_head is
+    False (a sequence classifier has none)."""
     out = {}
     for key, value in model.state_dict().items():
         value = value.detach().cpu()
         ones = next((n for suffix, n in _PUBLISHED_LEADING_ONES.items() if key.endswith(suffix)), 0)
         out[prefix + _published_name(key)] = value.reshape((1,) * ones + value.shape).clone()
-    out["lm_head.weight"] = model.embedding.weight.detach().cpu().clone()
+    if lm_head:
+        out["lm_head.weight"] = model.embedding.weight.detach().cpu().clone()
     return out
+
+
+HF_TOKENIZER_FILES = ("tokenizer_config.json", "special_tokens_map.json")
+
+
+def write_hf_tokenizer(path, cfg):
+    """The port's tokenizer files, so that AutoTokenizer.from_pretrained(path, trust_remote_code=True) loads
+    its HyenaDNATokenizer from the port's code, as config.json's auto_map does for the model: one id per
+    character (tinyhyena's token map), [SEP] ending each sequence, padding on the left."""
+    special = {"bos_token": "[BOS]", "eos_token": "[SEP]", "sep_token": "[SEP]", "cls_token": "[CLS]",
+               "pad_token": "[PAD]", "mask_token": "[MASK]", "unk_token": "[UNK]"}
+    added = {str(i): {"content": token, "lstrip": False, "normalized": False, "rstrip": False,
+                      "single_word": False, "special": True}
+             for token, i in SPECIAL_TOKENS.items()}
+    config = {"auto_map": {"AutoTokenizer": [f"{HF_CODE_REPO}--tokenization_hyena.HyenaDNATokenizer", None]},
+              "tokenizer_class": "HyenaDNATokenizer", "characters": list(BASES), "model_max_length": cfg.l_max,
+              "padding_side": "left", "added_tokens_decoder": added, "clean_up_tokenization_spaces": True, **special}
+    write_text(os.path.join(path, "tokenizer_config.json"), [json.dumps(config, indent=2)])
+    write_text(os.path.join(path, "special_tokens_map.json"), [json.dumps(special, indent=2)])
 
 
 def save_model(model, path, layout="tinyhyena"):
@@ -359,6 +380,7 @@ def save_model(model, path, layout="tinyhyena"):
     os.makedirs(path, exist_ok=True)
     if layout == "hf":
         write_safetensors(os.path.join(path, "model.safetensors"), hf_state_dict(model), {"format": "pt"})
+        write_hf_tokenizer(path, model.cfg)
         config = config_to_hf(model.cfg)
     else:
         state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}

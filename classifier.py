@@ -143,15 +143,53 @@ def readout(task, outputs):
     return torch.sigmoid(outputs) if task == "multilabel" else outputs
 
 
-def save_classifier(model, out, class_names, meta):
-    """config.json + model.pt (the backbone: from_pretrained and embed read it), head.pt, classifier.json,
-    each written atomically; classifier.json last, so the folder is a classifier only once complete."""
+def save_classifier(model, out, class_names, meta, layout="tinyhyena"):
+    """layout "tinyhyena": config.json + model.pt (the backbone: from_pretrained and embed read it), head.pt,
+    classifier.json, each written atomically; classifier.json last, so the folder is a classifier only once
+    complete. layout "hf": the hub's sequence-classification folder (save_hf_classifier)."""
+    if layout == "hf":
+        return save_hf_classifier(model, out, class_names, meta)
     th.save_pretrained(model.backbone, out)
     atomic_write(os.path.join(out, HEAD_FILE), lambda tmp: torch.save(
         {k: v.detach().cpu() for k, v in model.trained_state().items()}, tmp))
     info = {"task": model.task, "class_names": class_names, "pool": model.pool, "class_tokens": model.class_tokens,
             "soft_prompt": 0 if model.prompt is None else len(model.prompt), **meta}
     write_text(os.path.join(out, CLASSIFIER_FILE), [json.dumps(info, indent=2)])
+
+
+def fits_hf_layout(model):
+    """Why the hub's HyenaDNAForSequenceClassification cannot hold this classifier, or None: its head is a
+    linear map without bias (or target scale) on the hidden state at the [SEP] its tokenizer appends."""
+    if model.prompt is not None:
+        return "a soft prompt"
+    if model.pool != "last" or model.end_token != th.SPECIAL_TOKENS["[SEP]"]:
+        return "a pool other than the last token's, after an appended [SEP]"
+    if bool(model.head.bias.detach().any()):
+        return "a head with a bias"
+    if model.task == "regression" and (model.target_mean.any() or (model.target_std != 1).any()):
+        return "scaled regression targets"
+    return None
+
+
+def save_hf_classifier(model, out, class_names, meta):
+    """The hub port's sequence-classification folder: config.json (architectures HyenaDNAForSequenceClassification,
+    the labels, problem_type; `meta` under "tinyhyena"), model.safetensors (the backbone under the port's
+    names and score.weight) and the tokenizer's files; config.json last. load_classifier reads it back."""
+    why = fits_hf_layout(model)
+    if why:
+        raise th.UserError(f"the hub's sequence classifier cannot hold {why}; fine-tune with --layout hf, or save "
+                           "in tinyhyena's layout")
+    os.makedirs(out, exist_ok=True)
+    tensors = checkpoints.hf_state_dict(model.backbone, lm_head=False)
+    tensors["score.weight"] = model.head.weight.detach().cpu().clone()
+    checkpoints.write_safetensors(os.path.join(out, "model.safetensors"), tensors, {"format": "pt"})
+    checkpoints.write_hf_tokenizer(out, model.backbone.cfg)
+    problem = {task: problem for problem, task in HF_PROBLEM_TYPES.items()}[model.task]
+    config = checkpoints.config_to_hf(model.backbone.cfg, architectures=["HyenaDNAForSequenceClassification"],
+                                      num_labels=len(class_names), problem_type=problem,
+                                      id2label={str(i): c for i, c in enumerate(class_names)},
+                                      label2id={c: i for i, c in enumerate(class_names)}, tinyhyena=meta)
+    write_text(os.path.join(out, "config.json"), [json.dumps(config, indent=2)])
 
 
 def read_classifier_info(path):

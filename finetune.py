@@ -43,6 +43,7 @@ import time
 import numpy as np
 import torch
 
+import checkpoints
 import cli
 import fast
 import tinyhyena as th
@@ -446,7 +447,8 @@ def evaluate(model, examples, batch_size, device):
 # ---------------------------------------------------------------------------------------------------------
 # fit
 
-RUN_FILES = ("metrics.jsonl", "train_state.pt", "model.pt", "config.json", HEAD_FILE, CLASSIFIER_FILE)
+RUN_FILES = ("metrics.jsonl", "train_state.pt", "model.pt", "config.json", HEAD_FILE, CLASSIFIER_FILE,
+             "model.safetensors", *checkpoints.HF_TOKENIZER_FILES)
 
 
 def build_backbone(args):
@@ -469,17 +471,21 @@ def fit_on(args, rank, world, device):
     claim_out_dir(args.out, args.resume, args.overwrite, RUN_FILES, delete=main_rank)  # before anything is written
     cli.make_out_dir(args.out)  # up front: a folder that cannot be made fails before any work
     backbone = build_backbone(args)  # first: its l_max bounds the sequences
-    max_len = backbone.cfg.l_max - args.soft_prompt
+    hub = args.layout == "hf"  # the hub's classifier: the last token's state after an appended [SEP], no bias
+    max_len = backbone.cfg.l_max - args.soft_prompt - hub
     if max_len < 1:
         raise th.UserError(f"--soft_prompt {args.soft_prompt} leaves no room for a sequence within l_max {backbone.cfg.l_max}")
     max_len = min(max_len, args.seq_len or max_len)
     splits, names = prepare_splits(args, max_len)
     torch.manual_seed(args.seed)  # the same head in every process
     model = SequenceClassifier(backbone, len(names), args.pool, args.soft_prompt, args.class_tokens,
-                               args.freeze, args.task).to(device)
+                               args.freeze, args.task, end_token=th.SPECIAL_TOKENS["[SEP]"] if hub else None).to(device)
+    if hub:
+        torch.nn.init.zeros_(model.head.bias)
+        model.head.bias.requires_grad_(False)
     torch.manual_seed(args.seed * 1000 + rank)  # each process its own dropout and augmentation draws
     train_set = splits["train"]
-    if args.task == "regression":
+    if args.task == "regression" and not hub:  # (the hub's head has no scale: it learns the raw targets)
         targets = torch.as_tensor(np.asarray(train_set.labels))
         model.target_mean.copy_(targets.mean(0))
         model.target_std.copy_(targets.std(0).clamp(min=1e-6) if len(targets) > 1 else torch.ones(len(names)))
@@ -530,7 +536,8 @@ def fit_on(args, rank, world, device):
         if main_rank:
             log_metrics(metrics_path, {"step": step, "split": "valid", **val, "elapsed_s": round(time.time() - start, 3)})
             if improved:  # the model folder holds the best model on validation
-                save_classifier(model, args.out, names, {**meta, "step": step, f"valid_{metric}": val[metric]})
+                save_classifier(model, args.out, names, {**meta, "step": step, f"valid_{metric}": val[metric]},
+                                args.layout)
         barrier()
 
     job = Job(model=model, next_batch=next_batch, loss=loss, evaluate=validate, train_row=train_row,
@@ -653,12 +660,15 @@ def parse_args(argv=None):
     model.add_argument("--preset", choices=["tiny", "large", *th.PRESETS],
                        help="train from scratch at a published size (with --seq_len)")
     f.add_argument("--seq_len", type=cli.positive_int, help="longest sequence / species window (default: the model's l_max)")
-    f.add_argument("--pool", default="mean", choices=["mean", "last"])
+    f.add_argument("--pool", choices=["mean", "last"], help="mean (default) or last token's hidden state")
     f.add_argument("--freeze", action="store_true", help="train the head only")
     f.add_argument("--soft_prompt", type=cli.nonnegative_int, default=0, metavar="K", help="train K prompt vectors only")
     f.add_argument("--class_tokens", help="soft prompting: one nucleotide per class (default ACGTN in order)")
-    f.add_argument("--truncate", default="center", choices=["left", "right", "center"],
-                   help="where to cut sequences longer than the model takes")
+    f.add_argument("--truncate", choices=["left", "right", "center"],
+                   help="where to cut sequences longer than the model takes (default: center; right with --layout hf)")
+    f.add_argument("--layout", default="tinyhyena", choices=["tinyhyena", "hf"],
+                   help="hf: write the Hugging Face hub's HyenaDNAForSequenceClassification folder (the head reads "
+                        "the last token after an appended [SEP], without bias), with the tokenizer's files")
     f.add_argument("--val_fraction", type=cli.open_fraction, default=0.1)
     f.add_argument("--eval_windows", type=cli.positive_int, default=256, help="species: validation/test windows per species")
     f.add_argument("--batch_size", type=cli.positive_int, default=32)
@@ -704,6 +714,11 @@ def parse_args(argv=None):
             p.error(f"--task {args.task} reads its targets from a CSV/TSV (--data FILE --label_columns ...)")
         if args.task != "classify" and (args.soft_prompt or args.class_tokens):
             p.error("--soft_prompt reads classes as next tokens: it goes with --task classify only")
+        if args.layout == "hf" and (args.soft_prompt or args.pool == "mean"):
+            p.error("--layout hf writes the hub's classifier, which reads the last token (after [SEP]) through a "
+                    "linear head: drop " + ("--soft_prompt" if args.soft_prompt else "--pool mean"))
+        args.pool = args.pool or ("last" if args.layout == "hf" else "mean")
+        args.truncate = args.truncate or ("right" if args.layout == "hf" else "center")
         if args.test and (args.species or os.path.isdir(args.data)):
             p.error("--test goes with --data FILE (a folder has its own test/, species their held-out 5%)")
     return args

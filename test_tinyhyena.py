@@ -2130,6 +2130,55 @@ def test_finetune_errors(fixture_classifier, tmp_path):
 
 # --- the command-line convention: a bad invocation is one line, `error: ...`, exit 1 ---------------------
 
+def test_hub_folders_hold_the_tokenizer_and_the_classifier(tmp_path, monkeypatch):
+    """save_pretrained(layout="hf") writes the port's tokenizer files beside config.json, pointing at the
+    port's tokenizer as config.json points at its model. A classifier fine-tuned with --layout hf is written
+    as the hub's HyenaDNAForSequenceClassification folder, which finetune.py predict and export.py read back
+    with the same predictions."""
+    model = th.from_pretrained(FIXTURE)
+    th.save_pretrained(model, tmp_path / "lm", layout="hf")
+    tokenizer = json.loads((tmp_path / "lm" / "tokenizer_config.json").read_text())
+    config = json.loads((tmp_path / "lm" / "config.json").read_text())
+    assert tokenizer["auto_map"]["AutoTokenizer"][0] == config["auto_map"]["AutoModel"].split("--")[0] + \
+        "--tokenization_hyena.HyenaDNATokenizer"
+    assert tokenizer["padding_side"] == "left" and tokenizer["characters"] == list("ACGTN")
+    assert tokenizer["model_max_length"] == model.cfg.l_max and tokenizer["eos_token"] == "[SEP]"
+    assert {int(i): t["content"] for i, t in tokenizer["added_tokens_decoder"].items()} == \
+        {i: t for t, i in th.SPECIAL_TOKENS.items()}
+    assert json.loads((tmp_path / "lm" / "special_tokens_map.json").read_text())["pad_token"] == "[PAD]"
+    # a hub classifier, fine-tuned a step from the command line, read back by predict and by export
+    write_table(tmp_path / "train.csv", labelled(64, 0))
+    result = run_script(*FIT, "--checkpoint", FIXTURE, "--data", tmp_path / "train.csv", "--max_steps", 2,
+                        "--layout", "hf", "--out", tmp_path / "clf")
+    assert result.returncode == 0, result.stderr[-2000:]
+    config = json.loads((tmp_path / "clf" / "config.json").read_text())
+    assert config["architectures"] == ["HyenaDNAForSequenceClassification"] and config["id2label"] == {"0": "neg", "1": "pos"}
+    assert config["problem_type"] == "single_label_classification" and config["tinyhyena"]["truncate"] == "right"
+    assert (tmp_path / "clf" / "tokenizer_config.json").is_file() and not (tmp_path / "clf" / "model.pt").exists()
+    clf = classifier.load_classifier(tmp_path / "clf")
+    assert clf.pool == "last" and clf.end_token == th.SPECIAL_TOKENS["[SEP]"] and not clf.head.bias.any()
+    seqs = [seq for seq, _ in labelled(5, 1)]
+    (tmp_path / "in.txt").write_text("\n".join(seqs) + "\n")
+    result = run_script("finetune.py", "predict", "--checkpoint", tmp_path / "clf", "--input", tmp_path / "in.txt")
+    assert result.returncode == 0, result.stderr[-2000:]
+    got = np.array([[float(x) for x in line.split("\t")[2:]] for line in result.stdout.splitlines()[1:]])
+    expected = classifier.readout("classify", finetune.predict_logits(clf, [th.tokenize(s) for s in seqs], 8,
+                                                                      torch.device("cpu"))).numpy()
+    assert np.allclose(got, expected, atol=1e-5)
+    export.export(clf, str(tmp_path / "clf.onnx"), "cpu")
+    assert export.check_against_torch(clf, str(tmp_path / "clf.onnx"), "probabilities", [5, 40]) <= 1e-4
+    # the same folder written in-process from a classifier built the hub's way, and refusals
+    clf.head.weight.data.normal_()
+    classifier.save_classifier(clf, tmp_path / "again", clf.class_names, {}, layout="hf")
+    again = classifier.load_classifier(tmp_path / "again")
+    ids = classifier.pad_left([th.tokenize(s) for s in seqs])
+    with torch.no_grad():
+        assert torch.allclose(again(ids), clf(ids), atol=1e-5)
+    plain = classifier.SequenceClassifier(model, 2)  # mean pooling, a bias
+    with pytest.raises(th.UserError, match="cannot hold a pool other than the last token's"):
+        classifier.save_classifier(plain, tmp_path / "plain", ["a", "b"], {}, layout="hf")
+
+
 def bad_invocations(tmp):
     """(script and arguments, what the one line must name) for every script."""
     (tmp / "user_folder").mkdir()
@@ -2177,6 +2226,9 @@ def bad_invocations(tmp):
           "--batch_size", "0"], ["--batch_size", "positive integer"]),
         (["finetune.py", "embed", "--checkpoint", fix, "--input", tmp / "a.fa", "--out", tmp / "no" / "e.npy"],
          ["--out", "no/e.npy", "does not exist"]),
+        (["finetune.py", "fit", "--checkpoint", fix, "--data", tmp / "t.csv", "--layout", "hf", "--soft_prompt", "4"],
+         ["--layout hf", "drop --soft_prompt"]),
+        (["finetune.py", "fit", "--checkpoint", fix, "--data", tmp / "t.csv", "--layout", "hub"], ["--layout", "'hub'"]),
         # score.py
         (["score.py", "sequences", "--checkpoint", fix, "--input", tmp / "missing.fa"], ["--input", "missing.fa"]),
         (["score.py", "variants", "--checkpoint", fix, "--fasta", tmp / "a.fa", "--vcf", tmp / "a.fa", "--window", "0"],
