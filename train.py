@@ -40,7 +40,7 @@ def parse_args(argv=None):
     p = cli.ArgumentParser(description="Pretrain HyenaDNA by next-nucleotide prediction.")
     p.add_argument("--fasta", type=cli.existing_file, help="FASTA file (plain or gzipped); prepared on first use")
     p.add_argument("--bed", type=cli.existing_file,
-                   help="intervals: BED3, BED6 and wider, or Basenji's 4 columns with a train/valid/test split")
+                   help="intervals: BED3 to BED12; a 4th column of train/valid/test in every row is the split")
     p.add_argument("--data", type=cli.existing_path, help="folder prepared by data.py (default: data/hg38 when prepared)")
     p.add_argument("--preset", choices=["tiny", "large", *th.PRESETS],
                    help="model size of a fresh model: tiny (default), large or a published name")
