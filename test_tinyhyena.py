@@ -1547,6 +1547,10 @@ def test_regions_of_a_genome_as_input(tmp_path, fixture_classifier):
     rows = [line.split("\t") for line in (tmp_path / "p.tsv").read_text().splitlines()[1:]]
     assert [r[0] for r in rows] == list(by_hand)
     assert np.allclose([[float(x) for x in r[2:]] for r in rows], expected.numpy(), atol=1e-5)
+    result = run_script("finetune.py", "embed", "--checkpoint", FIXTURE, "--fasta", tmp_path / "g.fa",
+                        "--bed", tmp_path / "r.bed", "--out", tmp_path / "e.npy", "--quiet")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert np.allclose(np.load(tmp_path / "e.npy"), th.embed(model, list(by_hand.values())), atol=1e-5)
 
 
 def test_score_sequence_by_hand_on_the_published_fixture(tmp_path):
