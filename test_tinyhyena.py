@@ -586,7 +586,8 @@ def hf_folder(tmp_path, name="hf", drop=(), weights="safetensors", **config_chan
 def test_hf_folder_round_trips_bitwise_and_computes_the_published_function(tmp_path):
     model = th.from_pretrained(FIXTURE)
     th.save_pretrained(model, tmp_path / "hf", layout="hf")
-    assert sorted(os.listdir(tmp_path / "hf")) == ["config.json", "model.safetensors"]
+    assert sorted(os.listdir(tmp_path / "hf")) == ["config.json", "model.safetensors", "special_tokens_map.json",
+                                                   "tokenizer_config.json"]
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert config["max_seq_len"] == 1026 and config["hyena_order"] == 2 and config["activation_freq"] == 10
     assert config["model_type"] == "hyenadna" and "AutoModelForCausalLM" in config["auto_map"]
