@@ -122,7 +122,20 @@ def cuda_translation(l_max):
     return translate
 
 
-def cpu_translation(l_max):
+CPU_FFT_STAGES = 4  # S, the size-p stages of the cpu graph's FFT (see cpu_translation)
+
+
+def fft_radix_lengths(l_max, stages=CPU_FFT_STAGES):
+    """{p: the shortest L whose cpu-graph FFT uses radix p}, for the powers of two an input up to l_max reaches:
+    p doubles where the multiply-adds n·(n1 + 4·S·p)/2, with n1 about 2L/p^S, drop by doubling it, at
+    L = 2S/(1 - 2^-S)·(p/2)^(S+1)."""
+    S, out, p = stages, {1: 1}, 2
+    while (need := math.ceil(2 * S / (1 - 2 ** -S) * (p // 2) ** (S + 1))) <= max(l_max, 1):
+        out[p], p = need, 2 * p
+    return out
+
+
+def cpu_translation(l_max, stages=CPU_FFT_STAGES):
     """onnxscript function for causal_conv on the CPU provider: the FFT written as matrix products.
 
     ONNX Runtime's CPU DFT kernel was the gap (measured: 54% of the graph's time at batch 16 x 1,000, 77% at
@@ -132,10 +145,10 @@ def cpu_translation(l_max):
         X[k1 + n1·k2] = sum_j2 w_n2^(j2·k2) · w_n^(j2·k1) · sum_j1 w_n1^(j1·k1) · x[n2·j1 + j2]
 
     with w_m = e^(-2πi/m), that is: a DFT of size n1 over j1 (x viewed as (n1, n2·M) rows: a plain MatMul),
-    the twiddle factors w_n^(j2·k1), and a DFT of size n2 over j2, itself split the same way into two DFTs of
-    size p = sqrt(n2), whose inner twiddles fold into the second one's matrices (one per output bin of the
-    first, p matrices of 2p x 2p). Complex DFTs run as one real MatMul on stacked real and imaginary parts.
-    Three facts make it cheap:
+    the twiddle factors w_n^(j2·k1), and a DFT of size n2 = p^S over j2, itself split the same way into S
+    DFTs of size p, one per base-p digit of j2, whose inner twiddles fold into the later stages' matrices
+    (stage t has one 2p x 2p matrix per value of the earlier stages' outputs). Complex DFTs run as one real
+    MatMul on stacked real and imaginary parts. Three facts make it cheap:
     - the spectrum is left in the order the stages produce it. The product with the filter's spectrum is
       elementwise and the inverse runs the stages backwards, so no reordering is ever needed;
     - the signal is real: bins k1 > n1/2 mirror those below (conjugate symmetry), so only n1/2 + 1 rows of k1
@@ -143,15 +156,15 @@ def cpu_translation(l_max):
       part in the same MatMul;
     - the causal convolution pads to n >= 2L, and x[j] = 0 for j >= n/2: with n1 = 2h the first stage reads
       only h rows of j1, and the last computes only the L outputs' h rows.
-    Any even n1 works, so n = 2h·p² with h = ceil(L / p²) exceeds 2L by less than 2·p²: no rounding up to a
-    power of two. Per signal the multiply-adds are about n·(n1 + 8·p)/2, least near n1 = 4·p: p is the largest
-    power of two with 2·p³ <= L. (With n2 as one dense DFT the cost is about n·(n1 + 4·n2)/2: the tiny model
-    took 105 s at 2^20 against 59 s with the n2 stage split.) The DFT matrices are computed in the graph for
-    the input's L (cos and sin of exact integer phases, reduced mod n before rounding): they cost
-    O(h² + p² + n), and the graph holds no length-sized constant."""
+    Any even n1 works, so n = 2h·p^S with h = ceil(L / p^S) exceeds 2L by less than 2·p^S: no rounding up to
+    a power of two. Per signal the multiply-adds are about n·(n1 + 4·S·p)/2, and p is the power of two that
+    makes that least for the input's L (fft_radix_lengths). More stages cost fewer multiply-adds at long L:
+    at 2^20 S = 2 takes n·512, S = 4 n·144, and the tiny model's graph ran 25 s against 30 s (S = 3) and 35 s
+    (S = 2; 59 s with n2 as one dense DFT, BENCHMARKS.md). The DFT matrices are computed in the graph for the
+    input's L (cos and sin of exact integer phases, reduced mod their period before rounding): they cost
+    O(h² + p^(S+1) + n), and the graph holds no length-sized constant."""
     from onnxscript import opset18 as op
     ints = lambda *values: op.Constant(value_ints=list(values))
-    exponents = range(max(1, l_max).bit_length())
 
     def shape(*dims):  # a shape from ints and [1] tensors
         return op.Concat(*[ints(d) if isinstance(d, int) else d for d in dims], axis=0)
@@ -169,13 +182,16 @@ def cpu_translation(l_max):
 
     def translate(u, k):  # u (B, C, L), k (C, L)
         L = op.Shape(u, start=2, end=3)
-        min_length = ints(*[2 << (3 * i) for i in exponents])  # p = 2^i once L >= 2·8^i
-        p = op.ReduceMax(op.Where(op.GreaterOrEqual(L, min_length), ints(*[1 << i for i in exponents]), ints(1)),
-                         keepdims=1)
-        n2 = op.Mul(p, p)
+        S, needs = stages, fft_radix_lengths(l_max, stages)
+        p = op.ReduceMax(op.Where(op.GreaterOrEqual(L, ints(*needs.values())), ints(*needs), ints(1)), keepdims=1)
+        powers = [ints(1)]  # p^0 .. p^S
+        for _ in range(S):
+            powers.append(op.Mul(powers[-1], p))
+        n2 = powers[S]
         h = op.Div(op.Sub(op.Add(L, n2), ints(1)), n2)  # ceil(L / n2): rows j1 < h hold the signal
         n1, K1 = op.Add(h, h), op.Add(h, ints(1))  # K1 bins of k1: 0 .. n1/2
-        n, two_p, two_K1, K1_p = op.Mul(n1, n2), op.Add(p, p), op.Add(K1, K1), op.Mul(K1, p)
+        n, two_p, two_K1 = op.Mul(n1, n2), op.Add(p, p), op.Add(K1, K1)
+        rows = op.Mul(K1, powers[S - 1])  # the spectrum's rows: k1 and the first S-1 stages' output digits
         a = phases(K1, h, n1)
         first = op.Concat(op.Cos(a), op.Neg(op.Sin(a)), axis=0)  # (2K1, h): real rows, imaginary rows
         a = phases(h, K1, n1)
@@ -187,39 +203,46 @@ def cpu_translation(l_max):
         a = phases(K1, n2, n)
         twiddle = op.Concat(op.Cos(a), op.Neg(op.Sin(a)), axis=0)  # (2K1, n2)
         twiddle_conj = op.Concat(op.Cos(a), op.Sin(a), axis=1)  # (K1, 2n2)
-        # the DFT over a (to c), rows (c, real|imaginary), columns (real|imaginary, a)
-        a = phases(p, p, p)
-        c, s = op.Cos(a), op.Sin(a)
-        middle = op.Concat(op.Unsqueeze(op.Concat(c, s, axis=1), ints(1)),
-                           op.Unsqueeze(op.Concat(op.Neg(s), c, axis=1), ints(1)), axis=1)
-        middle = op.Reshape(middle, shape(two_p, two_p))  # (2p, 2p)
-        # per c, the twiddles w_n2^(c·b) and the DFT over b (to d) in one matrix: w_n2^(b·(p·d + c))
-        a = phase(op.Unsqueeze(op.Add(op.Unsqueeze(op.Mul(count(p), p), ints(0)), op.Unsqueeze(count(p), ints(1))),
-                               ints(2)), op.Unsqueeze(count(p), ints(0)), n2)  # (c, d, b)
-        c, s = op.Cos(a), op.Sin(a)
-        twisted = op.Concat(op.Concat(c, s, axis=2), op.Concat(op.Neg(s), c, axis=2), axis=1)  # (p, 2p, 2p)
+        # The DFT of size n2 = p^S over j2 = its S base-p digits x_1 (most significant) .. x_S: stage t maps x_t to
+        # an output digit y_t, for each value of the earlier outputs' C = y_1 + p·y_2 + ... (as they are laid
+        # out, y_1 outermost), with the inner twiddles folded in: w_(p^t)^(x_t·(p^(t-1)·y_t + C)). Stages before
+        # the last put (y, real|imaginary) in rows, the last (real|imaginary, y); columns are (real|imaginary, x).
+        matrices, C, x = [], ints(0), op.Unsqueeze(count(p), ints(0, 1))  # x (1, 1, p)
+        for t in range(1, S + 1):
+            y = op.Unsqueeze(count(p), ints(0, 2))  # (1, p, 1)
+            a = phase(x, op.Add(op.Mul(powers[t - 1], y), op.Unsqueeze(C, ints(1, 2))), powers[t])  # (C, y, x)
+            c, s = op.Cos(a), op.Sin(a)
+            re, im = op.Concat(c, s, axis=2), op.Concat(op.Neg(s), c, axis=2)  # (C, p, 2p) each
+            if t < S:
+                m = op.Reshape(op.Concat(op.Unsqueeze(re, ints(2)), op.Unsqueeze(im, ints(2)), axis=2),
+                               shape(powers[t - 1], two_p, two_p))
+            else:
+                m = op.Concat(re, im, axis=1)
+            matrices.append(m)  # (p^(t-1), 2p, 2p)
+            C = op.Reshape(op.Add(op.Unsqueeze(C, ints(1)), op.Unsqueeze(op.Mul(powers[t - 1], count(p)), ints(0))),
+                           ints(-1))
         # their inverses are the transposes (the real forms of conjugate transposes)
-        middle_inverse, twisted_inverse = op.Transpose(middle, perm=[1, 0]), op.Transpose(twisted, perm=[0, 2, 1])
+        inverses = [op.Transpose(m, perm=[0, 2, 1]) for m in matrices]
 
-        def spectrum(x):  # x (h·n2, M) -> (K1·p, 2p, M): bin k1 + n1·(c + p·d) at row k1·p + c, column d
+        def spectrum(x):  # x (h·n2, M) -> (K1·p^(S-1), 2p, M): rows (k1, y_1 .. y_(S-1)), columns (real|imaginary, y_S)
             A = op.MatMul(first, op.Reshape(x, shape(h, -1)))  # (2K1, n2·M)
             A = complex_product(op, op.Reshape(A, shape(2, K1, 1, n2, -1)), op.Reshape(twiddle, shape(2, K1, 1, n2, 1)),
-                                axis=0, out_axis=2)  # (1, K1, 2, n2, M), j2 = p·a + b
-            A = op.MatMul(middle, op.Reshape(A, shape(K1, two_p, -1)))  # (K1, 2p, p·M): rows (c, real|imaginary)
-            A = op.MatMul(twisted, op.Reshape(A, shape(K1, p, two_p, -1)))  # (K1, p, 2p, M): columns (b, M) to d
-            return op.Reshape(A, shape(K1_p, two_p, -1))
+                                axis=0, out_axis=2)  # (1, K1, 2, n2, M)
+            for t, m in enumerate(matrices, 1):  # (K1, y_1..y_(t-1), real|imaginary, x_t, x_(t+1).., M)
+                A = op.MatMul(m, op.Reshape(A, shape(K1, powers[t - 1], two_p, -1)))
+            return op.Reshape(A, shape(rows, two_p, -1))
 
         signal_length = op.Mul(h, n2)  # the zero-padded signal, n/2 long
         x = op.Pad(op.Transpose(u, perm=[2, 0, 1]), shape(0, 0, 0, op.Sub(signal_length, L), 0, 0))  # (h·n2, B, C)
-        U = op.Reshape(spectrum(op.Reshape(x, shape(signal_length, -1))), shape(K1_p, 2, p, op.Shape(u, end=2)))
+        U = op.Reshape(spectrum(op.Reshape(x, shape(signal_length, -1))), shape(rows, 2, p, op.Shape(u, end=2)))
         x = op.Pad(op.Transpose(k, perm=[1, 0]), shape(0, 0, op.Sub(signal_length, L), 0))  # (h·n2, C)
-        K = op.Reshape(spectrum(x), shape(K1_p, 2, p, 1, -1))  # (K1·p, 2, p, 1, C): the same for every batch row
-        Y = op.Reshape(complex_product(op, U, K, axis=1), shape(K1_p, two_p, -1))  # (K1·p, 2p, M)
-        # the inverse, stages backwards: d to b (with the conjugate twiddles), c to a, the conjugate twiddles
-        # w_n^(-j2·k1), and k1 to j1 taking the real part
-        Y = op.MatMul(twisted_inverse, op.Reshape(Y, shape(K1, p, two_p, -1)))  # (K1, p, 2p, M): d to b
-        Y = op.Reshape(op.MatMul(middle_inverse, op.Reshape(Y, shape(K1, two_p, -1))), shape(K1, 2, n2, -1))  # c to a
-        Y = complex_product(op, Y, op.Reshape(twiddle_conj, shape(K1, 2, n2, 1)), axis=1, out_axis=0)  # (2K1, 1, n2, M)
+        K = op.Reshape(spectrum(x), shape(rows, 2, p, 1, -1))  # the same for every batch row
+        Y = complex_product(op, U, K, axis=1)  # (rows, 2, p, B, C)
+        # the inverse, stages backwards, then the conjugate twiddles w_n^(-j2·k1), and k1 to j1 taking the real part
+        for t in range(S, 0, -1):
+            Y = op.MatMul(inverses[t - 1], op.Reshape(Y, shape(K1, powers[t - 1], two_p, -1)))
+        Y = complex_product(op, op.Reshape(Y, shape(K1, 2, n2, -1)), op.Reshape(twiddle_conj, shape(K1, 2, n2, 1)),
+                            axis=1, out_axis=0)  # (2K1, 1, n2, M)
         y = op.MatMul(last, op.Reshape(Y, shape(two_K1, -1)))  # (h, n2·M)
         y = op.Reshape(y, shape(signal_length, op.Shape(u, end=2)))  # (h·n2, B, C)
         return op.Transpose(op.Slice(y, ints(0), L, ints(0)), perm=[1, 2, 0])  # (B, C, L)

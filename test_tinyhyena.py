@@ -1226,9 +1226,11 @@ def test_export_holds_parameters_and_serves_any_length_up_to_max_len(tmp_path):
     assert not any(op == "DFT" for _, op in export.graph_ops(graph))  # ONNX Runtime's CPU DFT is the slow kernel
     # the channel groups and the MLP's hidden groups are Loops: 2 per block, nothing else at the top level
     assert [n.op_type for n in graph.node].count("Loop") == 2 * model.cfg.n_layer
-    # lengths on both sides of where the matrix FFT's split changes (p doubles at L = 2·8^i)
-    assert export.check_against_torch(model, str(tmp_path / "m.onnx"), "logits", [1, 2, 15, 16, 37, 1000, 1024, 9000],
-                                      batches=(1, 2)) <= 1e-4
+    # lengths on both sides of every length where the matrix FFT's radix p doubles
+    changes = list(export.fft_radix_lengths(model.cfg.l_max).values())[1:]
+    assert len(changes) == 3  # p = 2, 4, 8
+    lengths = sorted({1, 37, 1000} | {L + side for L in changes for side in (-1, 0)})
+    assert export.check_against_torch(model, str(tmp_path / "m.onnx"), "logits", lengths, batches=(1, 2)) <= 1e-4
 
 
 @pytest.mark.parametrize("d_model,order,d_inner", [(12, 3, 40), (48, 2, 300), (7, 2, 8)])
