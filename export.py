@@ -22,7 +22,10 @@ measured on version 1.31):
   FFT is written with the contrib ops com.microsoft.Rfft / Irfft, which run on cuFFT. Their Irfft infers an
   output length of 2m-1 from m frequency bins, so the sizes are odd (3^a 5^b 7^c);
 - `--target cpu`: the FFT written as matrix products (a Cooley-Tukey split into small DFTs, see cpu_translation):
-  ONNX Runtime's CPU DFT kernel ran 10x slower than torch's FFT, its MatMul runs near the machine's peak.
+  ONNX Runtime's CPU DFT kernel ran 10x slower than torch's FFT, its MatMul runs near the machine's peak;
+- each block is two ONNX Loops, over channel groups and over the MLP's hidden units (GroupedBlock): ONNX
+  Runtime held the whole-width graph's tensors past their last use (20 GB at 2^20; 5.4 GB with the Loops).
+Apps should make their session as ort_session does (memory pattern off).
 """
 
 import json
