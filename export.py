@@ -350,6 +350,8 @@ class ExportedModel(nn.Module):
         plain = th.HyenaDNA(lm.cfg, fast=False, conv=torch.ops.tinyhyena.causal_conv)
         plain.load_state_dict(lm.state_dict())
         self.model = classifier.with_backbone(model, plain) if self.task else plain.eval()
+        for block in plain.blocks:  # the graph computes the positional features: free the l_max-long tables
+            block.mixer.filter.z, block.mixer.filter.t = torch.empty(0, lm.cfg.emb_dim), torch.empty(0, 1)
         plain.blocks = nn.ModuleList(GroupedBlock(block) for block in plain.blocks)  # after the weights' copies
         self.outputs = outputs
 
