@@ -257,8 +257,6 @@ def reverse_complement(ids):
 
 
 SPLITS = ("train", "valid", "test")
-
-
 MITOCHONDRION = ("M", "MT")  # UCSC's chrM, Ensembl's MT
 
 
@@ -311,12 +309,13 @@ def read_bed(path, genome):
     split column, split is None."""
     rows = bed_intervals(path, genome)
     fourth = [cols[3] if len(cols) > 3 else None for *_, cols in rows]
-    is_split = all(value in SPLITS for value in fourth)
-    odd = next(((lineno, value) for (lineno, *_), value in zip(rows, fourth) if value not in SPLITS), None)
-    if not is_split and any(value in SPLITS for value in fourth):  # a split column with a typo, most likely
-        print(f"warning: {path}:{odd[0]}: column 4 is {odd[1]!r}, not train, valid or test, so column 4 is read "
+    if all(value in SPLITS for value in fourth):
+        return [(chrom, start, end, value) for (_, chrom, start, end, _), value in zip(rows, fourth)]
+    if any(value in SPLITS for value in fourth):  # a split column with a typo, most likely
+        lineno, value = next((row[0], value) for row, value in zip(rows, fourth) if value not in SPLITS)
+        print(f"warning: {path}:{lineno}: column 4 is {value!r}, not train, valid or test, so column 4 is read "
               "as names and the split is by chromosome", file=sys.stderr)
-    return [(chrom, start, end, value if is_split else None) for (_, chrom, start, end, _), value in zip(rows, fourth)]
+    return [(chrom, start, end, None) for _, chrom, start, end, _ in rows]
 
 
 def read_regions(bed, genome):

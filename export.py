@@ -210,10 +210,10 @@ def cpu_translation(l_max, stages=CPU_FFT_STAGES):
         # an output digit y_t, for each value of the earlier outputs' C = y_1 + p·y_2 + ... (as they are laid
         # out, y_1 outermost), with the inner twiddles folded in: w_(p^t)^(x_t·(p^(t-1)·y_t + C)). Stages before
         # the last put (y, real|imaginary) in rows, the last (real|imaginary, y); columns are (real|imaginary, x).
-        matrices, C, x = [], ints(0), op.Unsqueeze(count(p), ints(0, 1))  # x (1, 1, p)
+        matrices, C = [], ints(0)
+        x_digit, y_digit = op.Unsqueeze(count(p), ints(0, 1)), op.Unsqueeze(count(p), ints(0, 2))  # (1, 1, p), (1, p, 1)
         for t in range(1, S + 1):
-            y = op.Unsqueeze(count(p), ints(0, 2))  # (1, p, 1)
-            a = phase(x, op.Add(op.Mul(powers[t - 1], y), op.Unsqueeze(C, ints(1, 2))), powers[t])  # (C, y, x)
+            a = phase(x_digit, op.Add(op.Mul(powers[t - 1], y_digit), op.Unsqueeze(C, ints(1, 2))), powers[t])  # (C, y, x)
             c, s = op.Cos(a), op.Sin(a)
             re, im = op.Concat(c, s, axis=2), op.Concat(op.Neg(s), c, axis=2)  # (C, p, 2p) each
             if t < S:
@@ -330,7 +330,7 @@ class GroupedBlock(nn.Module):
         super().__init__()
         self.block = block
 
-    def forward(self, x, checkpoint=False):  # x: (B, L, d)
+    def forward(self, x):  # x: (B, L, d)
         b = self.block
         x = x + hyena_in_groups(b.mixer, b.norm1(x))
         return x + mlp_in_groups(b.mlp, b.norm2(x))
@@ -363,26 +363,26 @@ class ExportedModel(nn.Module):
         return {"logits": logits, "hidden": hidden, "both": (logits, hidden)}[self.outputs]
 
 
+def all_nodes(graph):
+    """Every node of an onnx GraphProto, those of its Loop bodies (and any other subgraph) included."""
+    for node in graph.node:
+        yield node
+        for attr in node.attribute:
+            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                yield from all_nodes(sub)
+
+
 def strip_node_metadata(graph):
     """Drop what the exporter notes on each node (the Python stack that made it, module names): 8 MB of the
     large-1m file with Loops, and paths of the exporting machine."""
-    for node in graph.node:
+    for node in all_nodes(graph):
         del node.metadata_props[:]
         node.doc_string = ""
-        for attr in node.attribute:
-            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
-                strip_node_metadata(sub)
 
 
 def graph_ops(graph):
     """(domain, op_type) of every node in an onnx GraphProto, Loop bodies included."""
-    ops = set()
-    for node in graph.node:
-        ops.add((node.domain, node.op_type))
-        for attr in node.attribute:
-            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
-                ops |= graph_ops(sub)
-    return ops
+    return {(node.domain, node.op_type) for node in all_nodes(graph)}
 
 
 # Ops the CUDA graph may hold: each has a kernel in ONNX Runtime's CUDA provider (checked by the tests).

@@ -470,6 +470,10 @@ def fit_on(args, rank, world, device):
     main_rank = rank == 0
     claim_out_dir(args.out, args.resume, args.overwrite, RUN_FILES, delete=main_rank)  # before anything is written
     cli.make_out_dir(args.out)  # up front: a folder that cannot be made fails before any work
+    written = "hf" if os.path.isfile(os.path.join(args.out, "model.safetensors")) else \
+        "tinyhyena" if os.path.isfile(os.path.join(args.out, CLASSIFIER_FILE)) else None
+    if args.resume and written not in (None, args.layout):  # one folder, one layout: no stale weights beside
+        raise th.UserError(f"{args.out} holds a run written with --layout {written}; resume it with --layout {written}")
     backbone = build_backbone(args)  # first: its l_max bounds the sequences
     hub = args.layout == "hf"  # the hub's classifier: the last token's state after an appended [SEP], no bias
     max_len = backbone.cfg.l_max - args.soft_prompt - hub
@@ -703,7 +707,7 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.command != "fit":
         cli.check_sequence_inputs(sub.choices[args.command], args)
-    if args.command == "fit":
+    else:
         if args.resume and args.overwrite:
             p.error("--resume and --overwrite exclude each other: continue the run in --out, or start over")
         if not args.checkpoint and not args.preset:

@@ -15,7 +15,6 @@ written atomically to --out, or to standard output without it; progress and coun
 """
 
 import math
-import os
 import sys
 from dataclasses import dataclass
 
@@ -25,7 +24,7 @@ import torch
 import cli
 import fast
 import tinyhyena as th
-from data import (DataError, Genome, find_chrom, load_genome, open_maybe_gzipped, read_fasta, read_inputs,
+from data import (DataError, find_chrom, load_genome, open_maybe_gzipped, read_fasta, read_inputs,
                   reverse_complement)
 
 

@@ -1601,7 +1601,7 @@ def test_vcf_parsing_and_variant_windows(tmp_path):
     variants = score.read_vcf(str(tmp_path / "v.vcf.gz"))
     assert [(v.chrom, v.pos, v.ref, v.alt) for v in variants][:3] == [("chr1", 100, "A", "C"), ("chr1", 100, "A", "G"),
                                                                      ("1", 200, "C", "CTT")]
-    genome = score.load_genome(str(tmp_path / "ref.fa"))
+    genome = data.load_genome(str(tmp_path / "ref.fa"))
     windows = [score.variant_windows(genome, v, 64, 66) for v in variants]
     r, a = windows[0]
     assert len(r) == len(a) == 64 and (r != a).sum() == 1 and th.detokenize(r[32]) == "A" and th.detokenize(a[32]) == "C"
@@ -1628,7 +1628,7 @@ def test_long_alleles_keep_both_windows_within_l_max_or_say_why(tmp_path):
     rng = np.random.default_rng(2)
     ref = "".join(rng.choice(list("ACGT"), 400))
     (tmp_path / "ref.fa").write_text(">chr1\n" + ref + "\n")
-    genome = score.load_genome(str(tmp_path / "ref.fa"))
+    genome = data.load_genome(str(tmp_path / "ref.fa"))
     insertion = "".join(rng.choice(list("ACGT"), 20))
     v = score.Variant("chr1", 200, ".", ref[199], ref[199] + insertion, 0)
     r, a = score.variant_windows(genome, v, 64, 70)  # the ALT window would be 84 bases: 14 over l_max
@@ -1679,7 +1679,7 @@ def test_variants_cli_and_its_errors(tmp_path):
 def test_variant_scores_rank_snps_like_the_true_source(markov_model, markov):
     """The model trained on an order-2 Markov source ranks SNPs as the source's exact log-likelihood ratios do."""
     probs = np.log(markov_table(0))
-    genome = score.load_genome(markov[0])
+    genome = data.load_genome(markov[0])
     chrom = genome.array("chr3")
     rng = np.random.default_rng(1)
     variants, truth = [], []
@@ -2162,6 +2162,8 @@ def test_hub_folders_hold_the_tokenizer_and_the_classifier(tmp_path, monkeypatch
     assert config["architectures"] == ["HyenaDNAForSequenceClassification"] and config["id2label"] == {"0": "neg", "1": "pos"}
     assert config["problem_type"] == "single_label_classification" and config["tinyhyena"]["truncate"] == "right"
     assert (tmp_path / "clf" / "tokenizer_config.json").is_file() and not (tmp_path / "clf" / "model.pt").exists()
+    assert_one_line_error(run_script(*FIT, "--checkpoint", FIXTURE, "--data", tmp_path / "train.csv", "--resume",
+                                     "--out", tmp_path / "clf"), "written with --layout hf")
     clf = classifier.load_classifier(tmp_path / "clf")
     assert clf.pool == "last" and clf.end_token == th.SPECIAL_TOKENS["[SEP]"] and not clf.head.bias.any()
     seqs = [seq for seq, _ in labelled(5, 1)]
