@@ -1,7 +1,7 @@
 """
 The fast paths of tinyhyena's model: the same function as the plain code in tinyhyena.py, computed in less
 time and memory. `tinyhyena.HyenaDNA(cfg)` takes them by default; `HyenaDNA(cfg, fast=False)` builds the same
-model (same parameters, same state_dict) on the plain path alone. test_tinyhyena.py holds the two paths to each
+model (same parameters, same state_dict) on the plain path alone. tests/test_fast.py holds the two paths to each
 other (outputs, and the gradients of every parameter and input); BENCHMARKS.md has the measurements behind
 each trick below.
 

@@ -14,6 +14,7 @@ batches, its loss, its evaluation, its metrics). Pretraining adds sequence-lengt
 activation checkpointing when memory needs it, and ends with the loss on the held-out test split.
 """
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -332,6 +333,44 @@ def adamw(model, args):
                               {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.95))
 
 
+def accumulate_gradients(ddp, job, step, grad_accum, device, world=1):
+    """One optimizer step's gradients, in the parameters' .grad: grad_accum micro-batches of job.next_batch(step),
+    each loss divided by grad_accum, and (under DDP, ddp being the wrapped model) averaged over the processes
+    once, at the last micro-batch. The gradient is that of the mean loss over every sequence of the step, in
+    all processes. Returns (that mean loss, job.loss's records)."""
+    total, records = torch.zeros((), device=device), []
+    for micro in range(grad_accum):
+        x, y = job.next_batch(step)
+        x, y = x.to(device), y.to(device)
+        last = micro == grad_accum - 1
+        with ddp.no_sync() if world > 1 and not last else contextlib.nullcontext():
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                loss, record = job.loss(ddp, x, y)
+            (loss / grad_accum).backward()
+        total += loss.detach().float() / grad_accum
+        records.append(record)
+    if world > 1:
+        dist.all_reduce(total)
+        total /= world
+    return total.item(), records
+
+
+@contextlib.contextmanager
+def stop_requests():
+    """While the loop runs, SIGTERM or SIGINT asks it to stop at the end of the step (stop["signal"] is set); the
+    caller's own handlers are back afterwards."""
+    stop = {"signal": None}
+
+    def request_stop(signum, frame):
+        stop["signal"] = signum
+    previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield stop
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def train_loop(job, args, device, rank=0, world=1):
     """Train job.model for args.max_steps optimizer steps (args: lr, weight_decay, warmup_steps, grad_accum,
     eval_interval, ckpt_interval, out, resume). Returns "done", "stopped" (by a signal: checkpoint saved) or
@@ -370,69 +409,50 @@ def train_loop(job, args, device, rank=0, world=1):
             job.save_model(step)
         barrier()
 
-    stop = {"signal": None}
+    with stop_requests() as stop:
+        def stop_requested():  # a stop asked of any process stops them all at the same step
+            flag = torch.tensor([float(stop["signal"] is not None)], device=device)
+            if world > 1:
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            return flag.item() > 0
 
-    def request_stop(signum, frame):
-        stop["signal"] = signum
-    signal.signal(signal.SIGTERM, request_stop)
-    signal.signal(signal.SIGINT, request_stop)
-
-    def stop_requested():  # a stop asked of any process stops them all at the same step
-        flag = torch.tensor([float(stop["signal"] is not None)], device=device)
-        if world > 1:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return flag.item() > 0
-
-    from tqdm import tqdm
-    bar = tqdm(total=args.max_steps, initial=step, disable=not main_rank, dynamic_ncols=True, file=sys.stderr)
-    start_time = time.time()
-    model.train()
-    outcome = "done"
-    while step < args.max_steps:
-        if stop_requested():
-            outcome = "stopped"
-            break
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, args)
-        total, records = torch.zeros((), device=device), []
-        for micro in range(args.grad_accum):
-            x, y = job.next_batch(step)
-            x, y = x.to(device), y.to(device)
-            last = micro == args.grad_accum - 1
-            with ddp.no_sync() if world > 1 and not last else torch.enable_grad():
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                    loss, record = job.loss(ddp, x, y)
-                (loss / args.grad_accum).backward()
-            total += loss.detach().float() / args.grad_accum
-            records.append(record)
-        if world > 1:
-            dist.all_reduce(total)
-            total /= world
-        loss = total.item()
-        if not math.isfinite(loss):
-            print(f"error: loss is {loss} at step {step}; stopping. The last good checkpoint in {args.out} "
-                  "is kept (try a lower --lr)", file=sys.stderr)
-            outcome = "diverged"
-            break
-        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        if main_rank:
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4f}")
-            log_metrics(metrics_path, {"step": step, "split": "train", "loss": loss, **job.train_row(step, records),
-                                       "lr": lr_at(step - 1, args), "elapsed_s": round(time.time() - start_time, 3)})
-        if step % args.eval_interval == 0 or step == args.max_steps:
-            job.evaluate(step)
-        if step % args.ckpt_interval == 0 and step < args.max_steps:
+        from tqdm import tqdm
+        bar = tqdm(total=args.max_steps, initial=step, disable=not main_rank, dynamic_ncols=True, file=sys.stderr)
+        start_time = time.time()
+        model.train()
+        outcome = "done"
+        while step < args.max_steps:
+            if stop_requested():
+                outcome = "stopped"
+                break
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step, args)
+            loss, records = accumulate_gradients(ddp, job, step, args.grad_accum, device, world)
+            if not math.isfinite(loss):
+                print(f"error: loss is {loss} at step {step}; stopping. The last good checkpoint in {args.out} "
+                      "is kept (try a lower --lr)", file=sys.stderr)
+                outcome = "diverged"
+                break
+            grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0).item()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            if main_rank:
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.4f}")
+                log_metrics(metrics_path, {"step": step, "split": "train", "loss": loss, **job.train_row(step, records),
+                                           "lr": lr_at(step - 1, args), "grad_norm": grad_norm,
+                                           "elapsed_s": round(time.time() - start_time, 3)})
+            if step % args.eval_interval == 0 or step == args.max_steps:
+                job.evaluate(step)
+            if step % args.ckpt_interval == 0 and step < args.max_steps:
+                checkpoint()
+        bar.close()
+        if outcome != "diverged":
             checkpoint()
-    bar.close()
-    if outcome != "diverged":
-        checkpoint()
-    if outcome == "stopped" and main_rank:
-        print(f"stopped by a signal at step {step}; checkpoint saved in {args.out} (continue with --resume)")
-    return outcome
+        if outcome == "stopped" and main_rank:
+            print(f"stopped by a signal at step {step}; checkpoint saved in {args.out} (continue with --resume)")
+        return outcome
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -1,0 +1,126 @@
+"""cli"""
+
+import sys
+
+import pytest
+
+import cli
+import tinyhyena as th
+from concurrent.futures import ThreadPoolExecutor
+
+from helpers import run_process, FIXTURE, ROOT, run_script
+
+
+def bad_invocations(tmp):
+    """(script and arguments, what the one line must name) for every script."""
+    (tmp / "user_folder").mkdir()
+    (tmp / "user_folder" / "thesis.txt").write_text("precious")
+    (tmp / "a.fa").write_text(">r\nACGT\n")
+    (tmp / "plain.txt").write_text("not a folder")
+    (tmp / "t.csv").write_text("sequence,label\nACGT,a\nACGA,b\n")
+    (tmp / "outside.bed").write_text("r\t0\t4\nr\t2\t9\tpeak\n")
+    fix = str(FIXTURE)
+    cases = [
+        # train.py
+        (["train.py", "--device", "cuda:99", "--fasta", tmp / "a.fa"], ["--device cuda:99"]),
+        (["train.py", "--fasta", tmp / "a.fa", "--out", tmp / "plain.txt" / "run"], ["--out", "plain.txt/run"]),
+        (["train.py", "--seq_len", "0"], ["--seq_len", "positive integer", "'0'"]),
+        (["train.py", "--lr", "-1"], ["--lr", "positive number"]),
+        (["train.py", "--fasta", tmp / "missing.fa"], ["--fasta", "missing.fa: file not found"]),
+        (["train.py", "--preset", "huge"], ["--preset", "huge"]),
+        (["train.py", "--resume", "--overwrite"], ["--resume and --overwrite"]),
+        # data.py
+        (["data.py", "prepare", tmp / "missing.fa"], ["missing.fa: file not found"]),
+        (["data.py", "prepare", tmp / "a.fa", "--out", tmp / "user_folder"], ["user_folder"]),
+        (["data.py", "unpack"], ["invalid choice: 'unpack'"]),
+        (["data.py", "hg38", "--dir", tmp / "user_folder"], ["user_folder"]),
+        # export.py
+        (["export.py", "--checkpoint", fix, "--max_len", "0"], ["--max_len", "positive integer"]),
+        (["export.py", "--checkpoint", fix, "--out", "/nonexistent/dir/x.onnx"], ["--out", "/nonexistent/dir/x.onnx", "does not exist"]),
+        (["export.py", "--checkpoint", fix, "--max_len", "5000", "--out", tmp / "x.onnx"], ["--max_len 5000", "l_max"]),
+        (["export.py", "--checkpoint", fix, "--target", "tpu"], ["--target", "'tpu'"]),
+        (["export.py", "--checkpoint", tmp / "nowhere"], ["--checkpoint", "nowhere: not found"]),
+        # bench.py
+        (["bench.py", "--batch", "0"], ["--batch", "positive integer"]),
+        (["bench.py", "--lengths", "1024,x"], ["--lengths", "1024,x"]),
+        (["bench.py", "--published", tmp / "missing.py"], ["--published", "missing.py: file not found"]),
+        (["bench.py", "--timeout", "-5"], ["--timeout", "positive number"]),
+        # finetune.py
+        (["finetune.py", "fit", "--preset", "tiny", "--seq_len", "10", "--data", tmp / "t.csv", "--val_fraction", "1.5"],
+         ["--val_fraction", "between 0 and 1"]),
+        (["finetune.py", "fit", "--checkpoint", fix, "--data", tmp / "missing.csv"], ["--data", "missing.csv: not found"]),
+        (["finetune.py", "fit", "--checkpoint", fix, "--data", tmp / "t.csv", "--device", "cuda:99",
+          "--out", tmp / "ft"], ["--device cuda:99"]),
+        (["finetune.py", "fit", "--checkpoint", fix, "--data", tmp / "t.csv", "--out", tmp / "plain.txt" / "ft"],
+         ["--out", "plain.txt/ft"]),
+        (["finetune.py", "predict", "--checkpoint", fix, "--input", tmp / "a.fa"], ["not a fine-tuned classifier"]),
+        (["finetune.py", "embed", "--checkpoint", fix, "--input", tmp / "a.fa", "--out", tmp / "e.npy",
+          "--batch_size", "0"], ["--batch_size", "positive integer"]),
+        (["finetune.py", "embed", "--checkpoint", fix, "--input", tmp / "a.fa", "--out", tmp / "no" / "e.npy"],
+         ["--out", "no/e.npy", "does not exist"]),
+        (["finetune.py", "fit", "--checkpoint", fix, "--data", tmp / "t.csv", "--layout", "hf", "--soft_prompt", "4"],
+         ["--layout hf", "drop --soft_prompt"]),
+        (["finetune.py", "fit", "--checkpoint", fix, "--data", tmp / "t.csv", "--layout", "hub"], ["--layout", "'hub'"]),
+        # score.py
+        (["score.py", "sequences", "--checkpoint", fix, "--input", tmp / "missing.fa"], ["--input", "missing.fa"]),
+        (["score.py", "variants", "--checkpoint", fix, "--fasta", tmp / "a.fa", "--vcf", tmp / "a.fa", "--window", "0"],
+         ["--window", "positive integer"]),
+        (["score.py", "sequences", "--checkpoint", fix, "--input", tmp / "a.fa", "--device", "cuda:99"],
+         ["--device cuda:99"]),
+        (["score.py", "sequences", "--checkpoint", fix, "--input", tmp / "a.fa", "--out", tmp / "no" / "s.tsv"],
+         ["--out", "no/s.tsv", "does not exist"]),
+        (["score.py", "sequences", "--checkpoint", fix, "--input", tmp / "a.fa", "--fasta", tmp / "a.fa", "--bed",
+          tmp / "outside.bed"], ["--input and --fasta/--bed exclude each other"]),
+        (["score.py", "sequences", "--checkpoint", fix], ["give --input FILE, or --fasta GENOME with --bed REGIONS"]),
+        (["score.py", "sequences", "--checkpoint", fix, "--fasta", tmp / "a.fa", "--bed", tmp / "outside.bed"],
+         ["outside.bed:2: interval r:2-9 lies outside the chromosome (length 4)"]),
+        (["finetune.py", "embed", "--checkpoint", fix, "--bed", tmp / "outside.bed", "--out", tmp / "e.npy"],
+         ["--fasta and --bed go together"]),
+        (["finetune.py", "predict", "--checkpoint", fix, "--fasta", tmp / "a.fa", "--bed", tmp / "missing.bed"],
+         ["--bed", "missing.bed: file not found"]),
+        # generate.py
+        (["generate.py", "--checkpoint", fix, "--prompt", "ACGT", "--length", "5", "--temperature", "-1"],
+         ["--temperature", "a number >= 0"]),
+        (["generate.py", "--checkpoint", fix, "--prompt_fasta", tmp / "missing.fa", "--length", "5"],
+         ["--prompt_fasta", "missing.fa: file not found"]),
+        (["generate.py", "--checkpoint", fix, "--prompt", "ACGT", "--length", "5", "--out", tmp / "no" / "g.fa"],
+         ["--out", "no/g.fa", "does not exist"]),
+    ]
+    if sys.platform.startswith("linux"):
+        cases.append((["train.py", "--fasta", tmp / "a.fa", "--out", "/proc/x"], ["--out /proc/x"]))
+    return cases
+
+
+def one_line_error(result, shown, needles):
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 1, (shown, result.returncode, result.stderr[-2000:])
+    assert "Traceback" not in result.stderr and len(lines) == 1, (shown, result.stderr[-2000:])
+    assert lines[0].startswith("error: ") and all(n in lines[0] for n in needles), (shown, lines[0])
+
+
+def test_every_script_reports_a_bad_command_line_in_one_line(tmp_path):
+    cases = bad_invocations(tmp_path)
+    for args, needles in cases:  # each script's main, in this process
+        one_line_error(run_script(ROOT / args[0], *args[1:], cwd=tmp_path), " ".join(map(str, args)), needles)
+    assert (tmp_path / "user_folder" / "thesis.txt").read_text() == "precious"
+    assert not (tmp_path / "ft").exists() and not list(tmp_path.glob("**/*.tmp*"))
+    # and each script's __main__, in a process of its own: one case per script
+    firsts = {args[0]: (args, needles) for args, needles in reversed(cases)}
+    with ThreadPoolExecutor(2) as pool:  # each run is mostly importing torch
+        results = list(pool.map(lambda case: run_process(ROOT / case[0][0], *case[0][1:], cwd=tmp_path),
+                                firsts.values()))
+    assert len(results) == 7
+    for (args, needles), result in zip(firsts.values(), results):
+        one_line_error(result, " ".join(map(str, args)), needles)
+
+
+def test_bugs_keep_their_traceback():
+    """Only UserError becomes one line: anything else is a bug, and the user should see where it is."""
+    def buggy(argv):
+        raise KeyError("a bug")
+
+    def wrong_flag(argv):
+        raise th.UserError("--x 3: bad")
+    with pytest.raises(KeyError):
+        cli.run_command(buggy)
+    assert cli.run_command(wrong_flag) == 1

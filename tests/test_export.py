@@ -1,0 +1,211 @@
+"""export"""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import tinyhyena as th
+from helpers import run_process
+from onnx.reference import ReferenceEvaluator
+import export
+import finetune
+import onnx
+import onnxruntime as ort
+from helpers import FIXTURE, Irfft, ROOT, Rfft, assert_one_line_error, direct_causal_conv, labelled, property_settings, random_model, rel_err, run_script
+
+
+def test_export_cpu_matches_published_outputs(tmp_path):
+    model = th.from_pretrained(FIXTURE)
+    export.export(model, str(tmp_path / "m.onnx"), "cpu", outputs="both")
+    ref = np.load(FIXTURE / "reference.npz")
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    logits, hidden = session.run(None, {"input_ids": ref["input_ids"]})
+    assert rel_err(logits, ref["logits"]) <= 1e-4 and rel_err(hidden, ref["hidden"]) <= 1e-4
+    # dynamic batch and length, against torch
+    assert export.check_against_torch(model, str(tmp_path / "m.onnx"), "both", [1, 37, 1000]) <= 1e-4
+    meta = {p.key: p.value for p in onnx.load(str(tmp_path / "m.onnx")).metadata_props}
+    assert json.loads(meta["tokens"])["A"] == 7 and meta["pad_id"] == "4" and meta["l_max"] == "1026"
+    assert meta["target"] == "cpu" and json.loads(meta["config"])["d_model"] == 128
+
+
+def test_export_holds_parameters_and_serves_any_length_up_to_max_len(tmp_path):
+    """The filters are computed in the graph for the input's length and the FFT size follows that length, so
+    a graph exported for a long max_len holds about the parameters and is exact on short inputs too."""
+    model = random_model(th.HyenaConfig(d_model=8, n_layer=2, d_inner=16, filter_order=8, l_max=20000), 0)
+    export.export(model, str(tmp_path / "m.onnx"), "cpu")
+    graph = onnx.load(str(tmp_path / "m.onnx")).graph
+    stored = sum(int(np.prod(t.dims)) for t in graph.initializer)
+    assert stored <= 1.1 * model.num_params() + 200, (stored, model.num_params())  # no l_max-long tables
+    assert not any(op == "DFT" for _, op in export.graph_ops(graph))  # ONNX Runtime's CPU DFT is the slow kernel
+    # the channel groups and the MLP's hidden groups are Loops: 2 per block, nothing else at the top level
+    assert [n.op_type for n in graph.node].count("Loop") == 2 * model.cfg.n_layer
+    # lengths on both sides of every length where the matrix FFT's radix p doubles
+    changes = list(export.fft_radix_lengths(model.cfg.l_max).values())[1:]
+    assert len(changes) == 3  # p = 2, 4, 8
+    lengths = sorted({1, 37, 1000} | {L + side for L in changes for side in (-1, 0)})
+    assert export.check_against_torch(model, str(tmp_path / "m.onnx"), "logits", lengths, batches=(1, 2)) <= 1e-4
+
+
+@pytest.mark.parametrize("d_model,order,d_inner", [(12, 3, 40), (48, 2, 300), (7, 2, 8)])
+def test_export_groups_compute_the_model(d_model, order, d_inner, monkeypatch):
+    """The graph's blocks in groups (channels of the operator, hidden units of the MLP; each group a Loop
+    iteration) compute the model, in torch, for group sizes that divide the widths unevenly or not at all."""
+    monkeypatch.setattr(export, "CHANNEL_GROUP", 5)
+    monkeypatch.setattr(export, "HIDDEN_GROUP", 16)
+    cfg = th.HyenaConfig(d_model=d_model, n_layer=2, d_inner=d_inner, order=order, filter_order=8, l_max=300)
+    model = random_model(cfg, 3)
+    wrapper = export.ExportedModel(model, "both").eval()
+    ids = torch.randint(7, 12, (2, 257))
+    with torch.no_grad():
+        logits, hidden = wrapper(ids)
+        assert rel_err(logits, model(ids)) <= 1e-5 and rel_err(hidden, model.hidden_states(ids)) <= 1e-5
+
+
+@pytest.fixture(scope="module")
+def cpu_conv_session(tmp_path_factory):
+    """The cpu target's long convolution (the FFT as matrix products) alone, as ONNX Runtime runs it."""
+    class Conv(torch.nn.Module):
+        def forward(self, u, k):
+            return torch.ops.tinyhyena.causal_conv(u, k)
+    dims = {name: torch.export.Dim(name, max=5000) for name in ("B", "C", "L")}
+    program = torch.onnx.export(Conv(), (torch.randn(2, 3, 40), torch.randn(3, 40)), dynamo=True,
+                                dynamic_shapes=({0: dims["B"], 1: dims["C"], 2: dims["L"]}, {0: dims["C"], 1: dims["L"]}),
+                                custom_translation_table={torch.ops.tinyhyena.causal_conv.default:
+                                                          export.cpu_translation(5000)}, verbose=False)
+    path = tmp_path_factory.mktemp("conv") / "conv.onnx"
+    onnx.save(program.model_proto, str(path))
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+@property_settings
+@given(st.integers(1, 3), st.integers(1, 4), st.one_of(st.integers(1, 300), st.integers(1000, 5000)),
+       st.integers(0, 2**31 - 1))
+def test_exported_cpu_conv_equals_direct_conv(cpu_conv_session, B, C, L, seed):
+    g = torch.Generator().manual_seed(seed)
+    u, k = torch.randn(B, C, L, generator=g, dtype=torch.float64), torch.randn(C, L, generator=g, dtype=torch.float64)
+    (y,) = cpu_conv_session.run(None, {"u": u.float().numpy(), "k": k.float().numpy()})
+    assert rel_err(y, direct_causal_conv(u, k).numpy()) <= 1e-5
+
+
+def test_export_cuda_graph_runs_on_the_cuda_provider_only_ops(tmp_path):
+    export.export(th.from_pretrained(FIXTURE), str(tmp_path / "m.onnx"), "cuda")
+    ref = np.load(FIXTURE / "reference.npz")
+    (logits,) = ReferenceEvaluator(str(tmp_path / "m.onnx"), new_ops=[Rfft, Irfft]).run(
+        None, {"input_ids": ref["input_ids"]})
+    assert rel_err(logits, ref["logits"]) <= 1e-5
+    graph = onnx.load(str(tmp_path / "m.onnx")).graph
+    ops = export.graph_ops(graph)  # Loop bodies included
+    assert not any(op == "DFT" for _, op in ops)
+    assert {("com.microsoft", "Rfft"), ("com.microsoft", "Irfft")} <= ops
+    assert {op for _, op in ops} <= export.CUDA_OPS, {op for _, op in ops} - export.CUDA_OPS
+    assert [d.dim_param for d in graph.input[0].type.tensor_type.shape.dim] == ["batch", "length"]
+
+
+def test_export_cuda_graph_arithmetic_at_several_lengths(tmp_path):
+    model = random_model(th.HyenaConfig(d_model=8, n_layer=2, d_inner=16, filter_order=8, l_max=5000), 1)
+    export.export(model, str(tmp_path / "m.onnx"), "cuda", outputs="hidden")
+    evaluator = ReferenceEvaluator(str(tmp_path / "m.onnx"), new_ops=[Rfft, Irfft])
+    rng = np.random.default_rng(0)
+    for L in (1, 2, 37, 1000, 4321):
+        ids = rng.integers(7, 12, size=(2, L))
+        (hidden,) = evaluator.run(None, {"input_ids": ids})
+        with torch.no_grad():
+            assert rel_err(hidden, model.hidden_states(torch.from_numpy(ids))) <= 1e-4, L
+
+
+def test_large_1m_shape_exports_within_memory(tmp_path):
+    """A model of large-1m's shape (d_model 256, l_max 1,000,002; 2 of its 8 layers, random weights) exports
+    for both targets in a subprocess whose peak RSS and file size are checked."""
+    torch.manual_seed(0)
+    th.save_pretrained(th.HyenaDNA(th.preset_config("large-1m", n_layer=2)), tmp_path / "large")
+    wrapper = ("import resource, runpy, sys\nsys.argv = ['export.py'] + sys.argv[1:]\n"
+               "try:\n    runpy.run_path('export.py', run_name='__main__')\nexcept SystemExit as e:\n    assert not e.code\n"
+               "print('peak_rss_kb', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n")
+    for target in ("cpu", "cuda"):
+        out = tmp_path / f"{target}.onnx"
+        result = run_process("-c", wrapper, "--checkpoint", tmp_path / "large", "--target", target, "--no-check",
+                            "--out", out)
+        assert result.returncode == 0, result.stderr[-2000:]
+        peak_gb = int(result.stdout.split("peak_rss_kb")[1]) / 2**20
+        assert peak_gb < 4, peak_gb  # the issue's bound is 8 GB for all 8 layers; 0.8 GB measured for 8
+        assert os.path.getsize(out) < 20e6  # 2 layers: about 3.5M parameters, 14 MB
+
+
+def test_odd_fft_sizes():
+    for n in [1, 2, 100, 2051, 2 * 1_000_002 - 1]:
+        sizes = export.odd_fft_sizes(n)
+        m = sizes[-1]  # the graph's largest choice: the first size that fits n
+        assert m >= n and m % 2 == 1 and m < 1.3 * n + 3
+        assert sizes == sorted(sizes) and all(s % 2 == 1 for s in sizes) and (len(sizes) == 1 or sizes[-2] < n)
+
+
+def test_export_default_out_never_replaces_a_file_that_is_not_onnx(tmp_path):
+    (tmp_path / "tinyhyena.onnx").write_text("not a model")
+    result = run_script(ROOT / "export.py", "--checkpoint", FIXTURE, "--target", "cpu", "--no-check", cwd=tmp_path)
+    assert_one_line_error(result, "tinyhyena.onnx exists and is not an ONNX model", "--out")
+    assert (tmp_path / "tinyhyena.onnx").read_text() == "not a model"
+    (tmp_path / "tinyhyena.onnx").unlink()
+    for _ in range(2):  # an earlier export is the kind of file export.py writes: replaced
+        result = run_script(ROOT / "export.py", "--checkpoint", FIXTURE, "--target", "cpu", "--no-check", cwd=tmp_path)
+        assert result.returncode == 0, result.stderr[-2000:]
+    assert sorted(os.listdir(tmp_path)) == ["tinyhyena.onnx"]
+
+
+@pytest.fixture(scope="module")
+def trained_checkpoint(markov, tmp_path_factory):
+    out = tmp_path_factory.mktemp("trained") / "out"
+    result = run_script("train.py", "--fasta", markov[0], "--seq_len", 64, "--min_seq_len", 64, "--batch_size", 2,
+                        "--max_steps", 2, "--eval_batches", 1, "--out", out)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return out
+
+
+def test_export_cli_from_train_checkpoint_both_targets(trained_checkpoint, tmp_path):
+    # the default checkpoint is the newest under out/ of the working directory
+    work = trained_checkpoint.parent
+    result = run_script(ROOT / "export.py", "--target", "cpu", "--out", tmp_path / "cpu.onnx", cwd=work)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "max relative error" in result.stdout
+    result = run_script(ROOT / "export.py", "--checkpoint", trained_checkpoint, "--out", tmp_path / "cuda.onnx")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (tmp_path / "cuda.onnx").exists()
+
+
+def test_export_cli_errors(trained_checkpoint, tmp_path):
+    assert_one_line_error(run_script(ROOT / "export.py", cwd=tmp_path), "no checkpoint in out/", "train.py")
+    assert_one_line_error(run_script("export.py", "--checkpoint", trained_checkpoint, "--max_len", 100000),
+                          "--max_len 100000 is outside [1, 66]")
+    assert_one_line_error(run_script("export.py", "--checkpoint", trained_checkpoint, "--target", "tpu"),
+                          "--target", "invalid choice: 'tpu'")
+    assert_one_line_error(run_script("export.py", "--checkpoint", tmp_path / "none"), "--checkpoint", "none: not found")
+
+
+def test_readme_deploy_snippet_runs_without_torch(tmp_path):
+    readme = (ROOT / "README.md").read_text()
+    snippet = readme.split("<!-- deploy-snippet -->")[1].split("```python")[1].split("```")[0]
+    export.export(th.from_pretrained(FIXTURE), str(tmp_path / "tinyhyena.onnx"), "cpu", outputs="both")
+    (tmp_path / "app.py").write_text("import sys\nsys.modules['torch'] = None  # importing torch now fails\n" + snippet)
+    result = run_process(tmp_path / "app.py", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "next base" in result.stdout and "embedding" in result.stdout
+
+
+def test_exported_classifier_matches_torch(fixture_classifier, tmp_path):
+    result = run_script("export.py", "--checkpoint", fixture_classifier, "--target", "cpu", "--out", tmp_path / "c.onnx")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "max relative error" in result.stdout
+    clf = finetune.load_classifier(fixture_classifier)
+    session = ort.InferenceSession(str(tmp_path / "c.onnx"), providers=["CPUExecutionProvider"])
+    ids = finetune.pad_left([th.tokenize(s) for s, _ in labelled(4, 9)])  # left-padded, as in fine-tuning
+    (probs,) = session.run(["probabilities"], {"input_ids": ids.numpy()})
+    with torch.no_grad():
+        assert rel_err(probs, torch.softmax(clf(ids), -1)) <= 1e-4
+    meta = {p.key: p.value for p in onnx.load(str(tmp_path / "c.onnx")).metadata_props}
+    assert json.loads(meta["class_names"]) == ["neg", "pos"] and meta["outputs"] == "probabilities"
+    assert_one_line_error(run_script("export.py", "--checkpoint", fixture_classifier, "--outputs", "hidden",
+                                     "--out", tmp_path / "x.onnx"), "fine-tuned model")

@@ -1,0 +1,260 @@
+"""fast"""
+
+import os
+import types
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import fast
+import tinyhyena as th
+from helpers import run_process
+from helpers import configs_and_lengths, direct_causal_conv, property_settings, random_model, rel_err, run_script
+
+
+def fast_and_plain(cfg, seed, group):
+    """The same weights in the default model (fast paths, `group` channels per group) and the plain one."""
+    fast_model = random_model(cfg, seed, True, group).double()
+    plain = th.HyenaDNA(cfg, fast=False).double().eval()
+    plain.load_state_dict(fast_model.state_dict())
+    return fast_model, plain
+
+
+def outputs_and_gradients(model, x, grad_out):
+    """Hidden states of embeddings x and the gradients of every parameter and of x, for a given grad_out."""
+    x = x.clone().requires_grad_(True)
+    out = model.hidden_states_from_embeddings(x)
+    names, params = zip(*[(n, p) for n, p in model.named_parameters() if n != "embedding.weight"])  # (unused)
+    grads = torch.autograd.grad(out, (x, *params), grad_out)
+    return out.detach(), dict(zip(("input",) + names, grads))
+
+
+@property_settings
+@given(configs_and_lengths(), st.booleans(), st.data())
+def test_fast_path_equals_plain_path_with_gradients(case, checkpointing, data):
+    """HyenaDNA(cfg) and HyenaDNA(cfg, fast=False) with the same weights: the same outputs, and the same
+    gradients of every parameter and of the input, with several channel groups, with gradient checkpointing
+    (the fast path then recomputes each group, and the MLP in slices of positions, alone), and without a
+    gradient (the kept spectra, read twice)."""
+    cfg, L, B, seed, group = case
+    fast_model, plain = fast_and_plain(cfg, seed, group)
+    chunk = data.draw(st.one_of(st.just(1 << 16), st.integers(1, max(1, L))))  # MLP slices of `chunk` positions
+    for block in fast_model.blocks:
+        block.fast.mlp_chunk = chunk
+    fast_model.gradient_checkpointing = plain.gradient_checkpointing = checkpointing
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, L, cfg.d_model, generator=g, dtype=torch.float64)
+    grad_out = torch.randn(B, L, cfg.d_model, generator=g, dtype=torch.float64)
+    out, grads = outputs_and_gradients(fast_model, x, grad_out)
+    plain_out, plain_grads = outputs_and_gradients(plain, x, grad_out)
+    assert rel_err(out, plain_out) <= 1e-10
+    for name, grad in plain_grads.items():
+        # float64; some gradients are sums that cancel (to 1e-13 through a LayerNorm of 2 channels)
+        assert torch.linalg.norm(grads[name] - grad) <= 1e-6 * torch.linalg.norm(grad) + 1e-12, name
+    with torch.no_grad():
+        for _ in range(2):
+            assert rel_err(fast_model.hidden_states_from_embeddings(x), plain_out) <= 1e-10
+
+
+def test_memory_budgets_split_long_sequences_into_groups_and_slices():
+    """Where a sequence is long for the memory budgets, the fast path runs the operator in several channel groups
+    (group_size, from group_budget) and the MLP in slices of positions (mlp_chunk): in place without a gradient,
+    recomputed one group and one slice at a time under checkpointing. The same values and gradients as the
+    plain path. (The budgets are shrunk here so that 3,000 positions are "long".)"""
+    cfg = th.HyenaConfig(d_model=40, n_layer=2, d_inner=16, filter_order=4, l_max=3_002)
+    model, plain = fast_and_plain(cfg, 0, None)
+    for block in model.blocks:
+        block.mixer.fast.group_budget = 3 * 3_000  # one channel's projections: the 16-channel floor decides
+        block.fast.mlp_chunk = 700  # 5 slices, the last short
+    assert model.blocks[0].mixer.fast.group_size(1, 3_000, 40, 2) == 14  # 3 equal groups of at most 16
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 3_000, 40, generator=g, dtype=torch.float64)
+    grad_out = torch.randn(1, 3_000, 40, generator=g, dtype=torch.float64)
+    for checkpointing in (True, False):
+        model.gradient_checkpointing = plain.gradient_checkpointing = checkpointing
+        out, grads = outputs_and_gradients(model, x, grad_out)
+        plain_out, plain_grads = outputs_and_gradients(plain, x, grad_out)
+        assert rel_err(out, plain_out) <= 1e-10
+        for name, grad in plain_grads.items():
+            assert rel_err(grads[name], grad) <= 1e-8, (name, checkpointing)
+    with torch.no_grad():
+        assert rel_err(model.hidden_states_from_embeddings(x), plain_out) <= 1e-10
+
+
+@property_settings
+@given(st.integers(1, 3), st.integers(1, 5), st.integers(1, 200), st.integers(0, 2**31 - 1))
+def test_fft_conv_equals_direct_conv(B, C, L, seed):
+    g = torch.Generator().manual_seed(seed)
+    v, x = torch.randn(2, B, C, L, generator=g, dtype=torch.float64)
+    k, bias = torch.randn(C, L, generator=g, dtype=torch.float64), torch.randn(C, generator=g, dtype=torch.float64)
+    a = v * x
+    torch.testing.assert_close(fast.GatedCausalConv.apply(v, x, k, bias), direct_causal_conv(a, k) + bias[:, None] * a,
+                               rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("L", [1, 2, 5, 16, 33])
+def test_fft_conv_gradcheck(L):
+    """GatedCausalConv's own backward, for every subset of inputs that need a gradient: its branches compute
+    the gradients of (v, x) and of (k, bias) apart."""
+    v, x = torch.randn(2, 2, 3, L, dtype=torch.float64)
+    k, bias = torch.randn(3, L, dtype=torch.float64), torch.randn(3, dtype=torch.float64)
+    for wanted in ((True, True, True, True), (True, True, False, False), (False, False, True, True),
+                   (False, True, False, True), (True, False, True, False)):
+        inputs = [t.clone().requires_grad_(w) for t, w in zip((v, x, k, bias), wanted)]
+        assert torch.autograd.gradcheck(fast.GatedCausalConv.apply, inputs), wanted
+
+
+@property_settings
+@given(st.integers(1, 3), st.integers(1, 4), st.integers(1, 60), st.integers(1, 5), st.integers(0, 2**31 - 1))
+def test_short_conv_equals_conv1d_with_gradients(B, C, L, K, seed):
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(B, C, L, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(C, K, generator=g, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(C, generator=g, dtype=torch.float64, requires_grad=True)
+    ours = fast.causal_short_conv(z, weight, bias)
+    grad_out = torch.randn(ours.shape, generator=g, dtype=torch.float64)  # a different weight on every output
+    grads = torch.autograd.grad(ours, (z, weight, bias), grad_out)
+    left_padded = torch.nn.functional.pad(z, (K - 1, 0))  # causal: out[t] sees z[t-K+1 .. t]
+    reference = torch.nn.functional.conv1d(left_padded, weight[:, None, :], bias, groups=C)
+    reference_grads = torch.autograd.grad(reference, (z, weight, bias), grad_out)
+    torch.testing.assert_close(ours, reference, rtol=1e-9, atol=1e-9)
+    for mine, theirs in zip(grads, reference_grads):
+        torch.testing.assert_close(mine, theirs, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("L, K", [(1, 1), (1, 3), (2, 3), (7, 3), (9, 4)])
+def test_short_conv_gradcheck(L, K):
+    z, weight, bias = (torch.randn(*shape, dtype=torch.float64, requires_grad=True) for shape in ((2, 3, L), (3, K), (3,)))
+    assert torch.autograd.gradcheck(fast.causal_short_conv, (z, weight, bias))
+
+
+@property_settings
+@given(st.integers(1, 3), st.integers(1, 6), st.lists(st.integers(1, 5), min_size=1, max_size=4), st.integers(1, 40),
+       st.integers(0, 2**31 - 1))
+def test_grouped_projection_equals_one_linear_layer_with_gradients(B, d, sizes, L, seed):
+    """GroupedProjection's groups are the rows of one linear layer, transposed to (B, rows, L), and its own
+    backward gives autograd's gradients, whatever the gradients of the groups."""
+    g = torch.Generator().manual_seed(seed)
+    u = torch.randn(B, L, d, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(sum(sizes), d, generator=g, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(sum(sizes), generator=g, dtype=torch.float64, requires_grad=True)
+    ours = fast.GroupedProjection.apply(u, weight, bias, sizes)
+    reference = torch.nn.functional.linear(u, weight, bias).transpose(1, 2).split(sizes, dim=1)
+    grads_out = [torch.randn(r.shape, generator=g, dtype=torch.float64) for r in reference]
+    for mine, theirs in zip(ours, reference):
+        torch.testing.assert_close(mine, theirs, rtol=1e-12, atol=1e-12)
+    for mine, theirs in zip(torch.autograd.grad(ours, (u, weight, bias), grads_out),
+                            torch.autograd.grad(reference, (u, weight, bias), grads_out)):
+        torch.testing.assert_close(mine, theirs, rtol=1e-10, atol=1e-10)
+    assert torch.autograd.gradcheck(lambda *a: fast.GroupedProjection.apply(*a, sizes), (u, weight, bias))
+
+
+def test_freed_heap_memory_kept_only_when_the_user_set_no_malloc_variable(monkeypatch):
+    """tune_cpu_memory calls mallopt on glibc, never over a variable the user set, and not when switched off."""
+    calls = []
+    fake_libc = types.SimpleNamespace(mallopt=lambda param, value: calls.append((param, value)) or 1)
+    monkeypatch.setattr(fast.ctypes, "CDLL", lambda name: fake_libc)
+    monkeypatch.setattr(fast.sys, "platform", "linux")
+    monkeypatch.setenv("THP_MEM_ALLOC_ENABLE", "0")  # the user's choice stays
+    for name in [k for k in os.environ if k.startswith("MALLOC_") or k == "GLIBC_TUNABLES"]:
+        monkeypatch.delenv(name)
+    fast.tune_cpu_memory()
+    assert calls == [(-3, 32 << 20), (-1, (1 << 31) - 1)]  # M_MMAP_THRESHOLD, M_TRIM_THRESHOLD
+    assert os.environ["THP_MEM_ALLOC_ENABLE"] == "0"
+    calls.clear()
+    monkeypatch.setenv("TINYHYENA_KEEP_FREED_MEMORY", "0")
+    fast.tune_cpu_memory()
+    assert calls == []
+    monkeypatch.delenv("TINYHYENA_KEEP_FREED_MEMORY")
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "2")
+    fast.tune_cpu_memory()
+    assert calls == []
+
+
+def test_importing_changes_nothing_outside_the_module():
+    """Importing the project's modules sets no environment variable and calls no mallopt (the CPU memory settings
+    are fast.tune_cpu_memory, which scripts call in main); importing export loads no training code."""
+    code = """
+import ctypes, os, sys
+calls = []
+real_cdll = ctypes.CDLL
+class Spy:  # records every mallopt asked of the C library
+    def __init__(self, *args, **kwargs):
+        self.lib = real_cdll(*args, **kwargs)
+    def __getattr__(self, name):
+        if name == "mallopt":
+            return lambda *args: calls.append(args)
+        return getattr(self.lib, name)
+ctypes.CDLL = Spy
+before = dict(os.environ)
+import tinyhyena, export
+training = sorted({"finetune", "train", "data"} & set(sys.modules))
+import torch
+torch.ones(1 << 20)  # a first tensor: anything deferred to it happens now
+import bench, checkpoints, classifier, cli, data, fast, finetune, score, train
+changed = sorted(set(os.environ.items()) ^ set(before.items()))
+print(training, changed, calls)
+"""
+    result = run_process("-c", code, env={k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["[]", "[]", "[]"], result.stdout
+
+
+def test_mlp_in_pieces_equals_whole(monkeypatch):
+    """The CPU's MLP over pieces of positions (fast.HEAP_BUFFER_FLOATS) is the same function, same gradients."""
+    mlp = th.MLP(th.preset_config("tiny")).double()
+    x = torch.randn(2, 300, 128, dtype=torch.float64, requires_grad=True)
+    whole = mlp(x)  # the plain MLP, one call
+    monkeypatch.setattr(fast, "HEAP_BUFFER_FLOATS", 512 * 70)  # pieces of 70 rows: 9 pieces, the last short
+    assert len(fast.cpu_pieces(x.reshape(600, 128), 512)) == 9
+    pieces = fast.mlp_in_pieces(mlp, x)
+    torch.testing.assert_close(pieces, whole, rtol=1e-12, atol=1e-12)
+    g = torch.randn_like(whole)
+    for a, b in zip(torch.autograd.grad(pieces, [x, *mlp.parameters()], g),
+                    torch.autograd.grad(whole, [x, *mlp.parameters()], g)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_filter_spectra_kept_without_gradient_follow_the_weights():
+    """Without a gradient the filters' spectra are kept between calls (FastHyena.cached_spectrum); every
+    call must still compute the model's current function: after an in-place update, a load_state_dict, at
+    another length, and with the cache switched off."""
+    torch.manual_seed(0)
+    model = th.HyenaDNA(th.HyenaConfig(d_model=16, n_layer=2, d_inner=32, filter_order=8, l_max=300)).eval()
+    ids = torch.randint(7, 12, (2, 200))
+
+    def check(ids):  # the no-gradient path (twice: the second call reads the kept spectra) against the other
+        with torch.enable_grad():
+            reference = model.hidden_states(ids).detach()
+        with torch.no_grad():
+            for _ in range(2):
+                torch.testing.assert_close(model.hidden_states(ids), reference, rtol=1e-5, atol=1e-6)
+
+    check(ids)
+    filters = [block.mixer.fast for block in model.blocks]
+    assert all(f.spectrum_cache is not None for f in filters)
+    with torch.no_grad():
+        model.blocks[1].mixer.filter.mlp[0].weight.mul_(1.5)  # as an optimizer step would: in place
+    check(ids)
+    model.load_state_dict(th.HyenaDNA(model.cfg).state_dict())
+    check(ids)
+    check(ids[:, :37])
+    for f in filters:
+        f.spectrum_cache, f.spectrum_cache_bytes = None, 0
+    check(ids)
+    assert all(f.spectrum_cache is None for f in filters)
+
+
+def test_fft_size_is_smooth_and_large_enough():
+    for n in range(1, 3000):
+        m = fast.fft_size(n)
+        assert m >= n
+        r = m
+        for p in (2, 3, 5):
+            while r % p == 0:
+                r //= p
+        assert r == 1
+    assert fast.fft_size(2 * 1000 - 1) == 2000
+    assert fast.fft_size(1000, radices=(2,)) == 1024

@@ -1,0 +1,273 @@
+"""train"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import data
+import tinyhyena as th
+from helpers import run_process
+import train
+from helpers import ROOT, assert_one_line_error, free_port, read_metrics, run_script
+
+
+def test_train_learns_markov_source(markov, markov_model):
+    _, entropy = markov
+    metrics = read_metrics(markov_model)
+    assert {m["seq_len"] for m in metrics if m["split"] == "train"} == {128, 256}  # the length warm-up ran
+    assert all({"step", "split", "loss", "tokens", "seq_len", "elapsed_s"} <= set(m) for m in metrics)
+    assert [(m["split"], m["step"]) for m in metrics[-3:]] == [("train", 120), ("val", 120), ("test", 120)]
+    assert metrics[-2]["loss"] < entropy + 0.05 < np.log(4)  # near the source's entropy rate, far below chance
+    test = metrics[-1]  # the held-out chromosome, reported at the end
+    assert test["loss"] < entropy + 0.05 and test["bits_per_base"] == pytest.approx(test["loss"] / np.log(2))
+    model = th.from_pretrained(markov_model)
+    assert model.cfg.l_max == 258
+
+
+def test_init_from_starts_where_the_checkpoint_is(markov, markov_model, tmp_path):
+    """--init_from: the run's first evaluation (step 0) is the checkpoint's own loss on the same validation
+    windows; a longer --seq_len raises l_max and trains on; --preset beside it is an error."""
+    args = ["train.py", "--fasta", markov[0], "--init_from", markov_model, "--max_steps", 2, "--eval_batches", 4,
+            "--batch_size", 2, "--min_seq_len", 64]
+    result = run_script(*args, "--out", tmp_path / "same")
+    assert result.returncode == 0, result.stderr[-2000:]
+    first = read_metrics(tmp_path / "same")[0]
+    assert (first["split"], first["step"], first["seq_len"]) == ("val", 0, 256)  # the checkpoint's length
+    checkpoint = th.from_pretrained(markov_model)
+    windows = data.Windows(data.Genome(data.prepare(markov[0], quiet=True)), 256, "valid")
+    expected = train.evaluate(checkpoint, windows, types.SimpleNamespace(eval_batches=4), torch.device("cpu"), 0, 1)
+    assert first["loss"] == pytest.approx(expected, rel=1e-6)
+    assert first["loss"] < np.log(4) - 0.2  # a trained model's loss, not a fresh one's
+    longer = run_script(*args, "--seq_len", 512, "--out", tmp_path / "longer")
+    assert longer.returncode == 0, longer.stderr[-2000:]
+    assert th.from_pretrained(tmp_path / "longer").cfg.l_max == 514
+    assert_one_line_error(run_script(*args, "--preset", "tiny", "--out", tmp_path / "x"), "--init_from", "--preset")
+
+
+def test_train_stopped_by_sigterm_and_resumed_matches_uninterrupted_run(markov, tmp_path):
+    fasta, _ = markov
+    args = [sys.executable, "train.py", "--fasta", fasta, "--seq_len", 64, "--min_seq_len", 32, "--batch_size", 2,
+            "--max_steps", 40, "--eval_interval", 15, "--eval_batches", 2, "--rc_aug", "--lr", 1e-3]
+    full = subprocess.run(list(map(str, args + ["--out", tmp_path / "full"])), cwd=ROOT, capture_output=True, text=True)
+    assert full.returncode == 0, full.stderr[-2000:]
+    run = subprocess.Popen(list(map(str, args + ["--out", tmp_path / "cut"])), cwd=ROOT, stderr=subprocess.PIPE,
+                           stdout=subprocess.PIPE, text=True)
+    metrics = tmp_path / "cut" / "metrics.jsonl"
+    while run.poll() is None and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+        time.sleep(0.02)
+    run.send_signal(signal.SIGTERM)
+    out, err = run.communicate(timeout=120)
+    assert run.returncode == 0 and "continue with --resume" in out, err[-2000:]
+    stopped_at = torch.load(tmp_path / "cut" / "train_state.pt", weights_only=True)["step"]
+    assert 3 <= stopped_at < 40
+    resumed = subprocess.run(list(map(str, args + ["--out", tmp_path / "cut", "--resume"])), cwd=ROOT,
+                             capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    drop = lambda rows: [{k: v for k, v in m.items() if k != "elapsed_s"} for m in rows]
+    assert drop(read_metrics(tmp_path / "cut")) == drop(read_metrics(tmp_path / "full"))  # every row, in order
+    cut, full = (torch.load(tmp_path / run / "model.pt", weights_only=True) for run in ("cut", "full"))
+    assert cut.keys() == full.keys() and all(torch.equal(cut[k], full[k]) for k in full)
+
+
+def test_train_refuses_an_out_holding_another_run(markov, tmp_path):
+    fasta, _ = markov
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")  # an unrelated file: used beside, never deleted
+    args = ["train.py", "--fasta", fasta, "--seq_len", 32, "--min_seq_len", 32, "--batch_size", 2, "--max_steps", 2,
+            "--eval_batches", 1, "--out", out]
+    assert run_script(*args).returncode == 0
+    first = {name: (out / name).read_bytes() for name in ("model.pt", "train_state.pt", "metrics.jsonl")}
+    again = run_script(*args, "--max_steps", 3)  # the shell-history slip: same command, no --resume
+    assert_one_line_error(again, str(out), "--resume", "--overwrite")
+    assert {name: (out / name).read_bytes() for name in first} == first  # byte-identical: nothing touched
+    resumed = run_script(*args, "--max_steps", 3, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert [m["step"] for m in read_metrics(out) if m["split"] == "train"] == [1, 2, 3]
+    over = run_script(*args, "--max_steps", 1, "--overwrite")
+    assert over.returncode == 0, over.stderr[-2000:]
+    assert [m["step"] for m in read_metrics(out) if m["split"] == "train"] == [1]  # started over
+    assert (out / "notes.txt").read_text() == "mine"
+    assert_one_line_error(run_script(*args, "--resume", "--overwrite"), "exclude each other")
+
+
+def test_train_without_data_says_how_to_get_it(tmp_path):
+    result = run_script(ROOT / "train.py", "--max_steps", 1, cwd=tmp_path)
+    assert_one_line_error(result, "python data.py hg38", "--fasta")
+
+
+def test_train_stops_on_non_finite_loss(markov, tmp_path):
+    fasta, _ = markov
+    result = run_script("train.py", "--fasta", fasta, "--seq_len", 32, "--min_seq_len", 32, "--batch_size", 2,
+                        "--max_steps", 20, "--lr", 1e30, "--warmup_steps", 0, "--ckpt_interval", 1,
+                        "--out", tmp_path / "nan")
+    assert result.returncode == 1 and "last good checkpoint" in result.stderr
+    metrics = read_metrics(tmp_path / "nan")
+    assert metrics and all(np.isfinite(m["loss"]) for m in metrics)  # the bad step logged nothing
+    last = metrics[-1]["step"]
+    assert last < 20 and f"at step {last};" in result.stderr  # stopped at the first non-finite loss
+    state = torch.load(tmp_path / "nan" / "train_state.pt", weights_only=True)
+    assert state["step"] == last  # the checkpoint of the last step that completed, not the bad one
+    model = th.from_pretrained(tmp_path / "nan")
+    assert all(torch.equal(v, state["model"][k]) for k, v in model.state_dict().items())
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def deterministic_run(markov, out, *extra, launcher=()):
+    """A short train.py run without dropout (so that its steps depend only on its batches): (train losses,
+    final weights)."""
+    result = (run_process if launcher else run_script)(*launcher, "train.py", "--fasta", markov[0], "--seq_len", 64, "--min_seq_len", 64,
+                        "--max_steps", 3, "--eval_batches", 2, "--dropout", 0, "--lr", 3e-3, "--warmup_steps", 1,
+                        "--device", "cpu", "--out", out, *extra)
+    assert result.returncode == 0, result.stderr[-3000:]
+    losses = [m["loss"] for m in read_metrics(out) if m["split"] == "train"]
+    return losses, torch.load(Path(out) / "model.pt", weights_only=True)
+
+
+def assert_same_run(a, b, rtol=1e-5):
+    (losses_a, weights_a), (losses_b, weights_b) = a, b
+    assert len(losses_a) == len(losses_b) == 3
+    np.testing.assert_allclose(losses_a, losses_b, rtol=rtol)
+    for k in weights_a:
+        torch.testing.assert_close(weights_a[k], weights_b[k], rtol=1e-4, atol=2e-5)  # Adam: rounding of tiny gradients
+
+
+def test_train_ddp_two_processes_equal_one_process_with_their_global_batch(markov, tmp_path):
+    """Two DDP ranks of 2 sequences each take the steps one process takes on the same 4 sequences."""
+    ddp = deterministic_run(markov, tmp_path / "ddp", "--batch_size", 2,
+                            launcher=("-m", "torch.distributed.run", "--nproc_per_node", 2, "--master_port", free_port()))
+    assert_same_run(ddp, deterministic_run(markov, tmp_path / "one", "--batch_size", 4))
+
+
+def two_nodes(fasta, out, *extra):
+    """Two torchrun agents on this machine, one process each, joined by a c10d rendezvous on 127.0.0.1 (a free
+    port, a fresh id): two "nodes" of one run. Returns the agents' Popen objects."""
+    port = free_port()
+    args = ["-m", "torch.distributed.run", "--nnodes", 2, "--nproc_per_node", 1, "--rdzv_backend", "c10d",
+            "--rdzv_endpoint", f"127.0.0.1:{port}", "--rdzv_id", f"test{port}{os.getpid()}", "train.py", "--fasta", fasta,
+            "--seq_len", 64, "--min_seq_len", 64, "--batch_size", 2, "--max_steps", 8, "--eval_interval", 4,
+            "--eval_batches", 2, "--rc_aug", "--device", "cpu", "--out", out, *extra]
+    return [subprocess.Popen([sys.executable, *map(str, args)], cwd=ROOT, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True) for _ in range(2)]
+
+
+def finish(agents, timeout=240):
+    """(exit codes, outputs) of the agents; a run that hangs past `timeout` seconds is killed and fails."""
+    try:
+        results = [agent.communicate(timeout=timeout) for agent in agents]
+    except subprocess.TimeoutExpired:
+        for agent in agents:
+            subprocess.run(["pkill", "-9", "-P", str(agent.pid)])
+            agent.kill()
+        pytest.fail(f"the run did not end within {timeout} s")
+    return [agent.returncode for agent in agents], results
+
+
+def test_two_nodes_stop_together_on_one_ranks_sigterm_and_resume_exactly(markov, tmp_path):
+    """A SIGTERM to one rank's process stops both ranks at the same step: one checkpoint, every process exits 0.
+    --resume then ends where an uninterrupted two-node run ends. Each run starts from an unprepared FASTA,
+    prepared by rank 0 alone."""
+    fasta = tmp_path / "g.fa"
+    fasta.write_text(Path(markov[0]).read_text())
+    codes, outputs = finish(two_nodes(fasta, tmp_path / "full"))
+    assert codes == [0, 0], [err[-2000:] for _, err in outputs]
+    cut = two_nodes(fasta, tmp_path / "cut")
+    metrics = tmp_path / "cut" / "metrics.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+        time.sleep(0.05)
+    workers = subprocess.run(["pgrep", "-P", str(cut[1].pid)], capture_output=True, text=True).stdout.split()
+    assert len(workers) == 1, workers
+    os.kill(int(workers[0]), signal.SIGTERM)  # one rank's process, as a preempted node's agent would
+    codes, outputs = finish(cut, timeout=60)
+    assert codes == [0, 0], [err[-2000:] for _, err in outputs]
+    state = torch.load(tmp_path / "cut" / "train_state.pt", weights_only=True)
+    assert 3 <= state["step"] < 8 and len(state["rng"]) == 2  # each rank's random state, its own
+    assert not torch.equal(state["rng"][0]["torch_rng"], state["rng"][1]["torch_rng"])
+    codes, outputs = finish(two_nodes(fasta, tmp_path / "cut", "--resume"))
+    assert codes == [0, 0], [err[-2000:] for _, err in outputs]
+    drop = lambda rows: [{k: v for k, v in m.items() if k != "elapsed_s"} for m in rows]
+    full, resumed = drop(read_metrics(tmp_path / "full")), drop(read_metrics(tmp_path / "cut"))
+    assert [m["step"] for m in resumed if m["split"] == "train"] == list(range(1, 9))  # each step logged once
+    assert resumed[-1]["split"] == "test" and resumed[-1]["loss"] == pytest.approx(full[-1]["loss"], rel=1e-5)
+    for a, b in zip(resumed, full):
+        assert a["step"] == b["step"] and a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+    index = json.loads((Path(str(fasta) + ".tinyhyena") / "index.json").read_text())  # prepared once, in place
+    assert set(index["chroms"]) == {"chr0", "chr1", "chr2", "chr3"}
+    assert [p.name for p in tmp_path.iterdir() if ".tmp" in p.name] == []
+    single = run_script("train.py", "--fasta", fasta, "--seq_len", 64, "--min_seq_len", 64, "--batch_size", 2,
+                        "--max_steps", 10, "--device", "cpu", "--out", tmp_path / "cut", "--resume")
+    assert_one_line_error(single, "written by 2 process(es)", "same number")
+
+
+def test_resume_after_sigkills_at_random_moments_and_a_torn_metrics_line(markov, tmp_path):
+    """A run that checkpoints every step, killed with SIGKILL at random moments (checkpoint writing included),
+    resumes each time; a torn last line in metrics.jsonl is dropped with a warning."""
+    out = tmp_path / "run"
+    args = [sys.executable, "train.py", "--fasta", markov[0], "--seq_len", 32, "--min_seq_len", 32, "--batch_size",
+            2, "--max_steps", 400, "--ckpt_interval", 1, "--eval_interval", 1000, "--eval_batches", 1, "--out", out]
+    rng = np.random.default_rng(0)
+    for attempt in range(3):
+        run = subprocess.Popen(list(map(str, args + (["--resume"] if attempt else []))), cwd=ROOT,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 120
+        while time.time() < deadline and run.poll() is None and not (out / "train_state.pt").exists():
+            time.sleep(0.01)
+        time.sleep(float(rng.uniform(0.2, 1.5)))
+        run.kill()
+        _, err = run.communicate()
+        assert run.returncode == -signal.SIGKILL, err[-2000:]  # still training when killed: the resume worked
+        state = torch.load(out / "train_state.pt", weights_only=True)  # the last checkpoint is whole
+        assert state["step"] >= 1
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"step": 99999, "split": "tr')  # a write cut short
+    done = run_script(*args[1:-4], "--max_steps", state["step"] + 2, "--out", out, "--resume")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "dropped a torn last line" in done.stderr
+    steps = [m["step"] for m in read_metrics(out) if m["split"] == "train"]
+    assert steps == list(range(1, state["step"] + 3))
+
+
+def test_grad_accum_equals_the_bigger_batch(markov, tmp_path):
+    """Accumulating 2 micro-batches of 2 takes the steps of one batch of 4 (same sequences, same mean loss)."""
+    accumulated = deterministic_run(markov, tmp_path / "accum", "--batch_size", 2, "--grad_accum", 2)
+    assert_same_run(accumulated, deterministic_run(markov, tmp_path / "whole", "--batch_size", 4))
+    different = deterministic_run(markov, tmp_path / "half", "--batch_size", 2)  # the check can tell batches apart
+    assert not np.allclose(different[0][1:], accumulated[0][1:], rtol=1e-5)
+
+
+def test_learning_rate_schedule():
+    """Linear warm-up to the peak, then a cosine that falls monotonically to 10% of it at max_steps."""
+    args = types.SimpleNamespace(lr=1e-3, warmup_steps=10, max_steps=110)
+    lrs = [train.lr_at(step, args) for step in range(120)]
+    np.testing.assert_allclose(lrs[:10], [1e-3 * (s + 1) / 10 for s in range(10)])
+    assert lrs[10] == pytest.approx(1e-3)
+    assert lrs[60] == pytest.approx(1e-3 * (0.1 + 0.9 * 0.5))  # half way through the decay
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+    assert lrs[110] == pytest.approx(1e-4) and lrs[119] == pytest.approx(1e-4)  # held at the floor after
+
+
+def test_weight_decay_only_on_matrices_outside_the_filter():
+    """AdamW decays the embedding and the projections' and MLP's matrices; never biases, norms, or the implicit
+    filter (a function of position); frozen parameters are not handed to the optimizer at all."""
+    model = th.HyenaDNA(th.HyenaConfig(d_model=8, n_layer=2, d_inner=16, filter_order=8, l_max=20))
+    decayed, plain = train.adamw(model, types.SimpleNamespace(lr=1e-3, weight_decay=0.1)).param_groups
+    assert decayed["weight_decay"] == 0.1 and plain["weight_decay"] == 0.0
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed_names = {names[id(p)] for p in decayed["params"]}
+    expected = {"embedding.weight"} | {f"blocks.{i}.{m}.weight" for i in range(2)
+                                       for m in ("mixer.in_proj", "mixer.short_conv", "mixer.out_proj", "mlp.fc1", "mlp.fc2")}
+    assert decayed_names == expected
+    assert {names[id(p)] for p in plain["params"]} == set(names.values()) - expected
+    model.blocks[0].requires_grad_(False)
+    groups = train.adamw(model, types.SimpleNamespace(lr=1e-3, weight_decay=0.1)).param_groups
+    assert not {names[id(p)] for g in groups for p in g["params"]} & {n for n in names.values() if n.startswith("blocks.0.")}
