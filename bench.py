@@ -3,7 +3,7 @@ Measured speed and memory of tinyhyena, against the floor and against attention.
 
     python bench.py [--device cpu|cuda] [--preset tiny] [--lengths 1024,32768,1048576] [--batch 1] [--train]
     python bench.py --published standalone_hyenadna.py --lengths 1024 --batch 32 --train    # side by side
-    python bench.py --generate                              # sampling speed: incremental against full forward
+    python bench.py --generate                              # sampling speed of each decoding method
 
 Each measurement runs in a fresh subprocess, so its peak memory (RSS on CPU, allocated memory on CUDA) is its
 own. Per length it reports: tinyhyena inference (and with --train a training step: forward, backward, with
@@ -104,21 +104,65 @@ def onnx_step(cfg, L, device, batch):
     return lambda: session.run_with_iobinding(binding)
 
 
-def generation_speed(preset, device, prompt=1024, length=4096):
-    """Bases per second sampling `length` bases after a `prompt`-base prompt (generate.py), incremental decoding
-    against a whole forward pass per base; one line of JSON each."""
+GENERATE_PROMPT = 64  # bases of prompt before the generated ones
+
+
+def generation_time(method, preset, L, device, budget):
+    """Runs in a subprocess: seconds to sample L bases (greedy) after a GENERATE_PROMPT-base prompt with
+    generate.py's `method`. A method whose cost per base grows with t (cache, forward) is first timed at
+    position L/2; where L times that (its time for L bases if the cost grows linearly) is over `budget`, the
+    run is not made, and (L/2) times it is reported as a lower bound: the second half's bases each cost at least
+    as much."""
     import generate
-    cfg = th.preset_config(preset, l_max=prompt + length + 2)
+    cfg = th.preset_config(preset, l_max=GENERATE_PROMPT + L + 2)
+    torch.manual_seed(0)
     model = th.HyenaDNA(cfg).to(device).eval()
-    bases = "".join(np.random.default_rng(0).choice(list("ACGT"), prompt))
-    for incremental in (True, False):
-        start = time.perf_counter()
-        generate.generate(model, bases, length, incremental=incremental)
-        sync(device)
-        seconds = time.perf_counter() - start
-        print(json.dumps({"generate": "incremental" if incremental else "full forward", "prompt": prompt,
-                          "length": length, "seconds": round(seconds, 2), "bases_per_s": round(length / seconds, 1)}),
-              flush=True)
+    bases = torch.randint(7, 11, (GENERATE_PROMPT + L,), generator=torch.Generator().manual_seed(0))
+    if method != "online":
+        half = GENERATE_PROMPT + L // 2
+        times = []
+        with torch.no_grad():
+            if method == "cache":
+                decoder = generate.Decoder(model, GENERATE_PROMPT + L, "cache")
+                decoder.prefill(bases[None, :half].to(device))
+            for i in range(8 if method == "cache" else 2):
+                start = time.perf_counter()
+                if method == "cache":
+                    decoder.step(bases[half + i:half + i + 1].to(device))
+                else:
+                    model(bases[None, :half + i].to(device))
+                sync(device)
+                times.append(time.perf_counter() - start)
+        per_base = sorted(times)[len(times) // 2]
+        if L * per_base > budget:
+            return {"seconds": L // 2 * per_base, "lower_bound": True}
+    start = time.perf_counter()
+    generate.generate(model, bases[:GENERATE_PROMPT], L, temperature=0, method=method)
+    sync(device)
+    return {"seconds": time.perf_counter() - start, "lower_bound": False}
+
+
+def generation_table(args, lengths):
+    """Bases per second of each decoding method at each length, one fresh process per measurement."""
+    lines = [f"\n## Generation: {args.preset}, {args.device}, {datetime.date.today()}",
+             f"torch {torch.__version__}, batch 1, greedy, after a {GENERATE_PROMPT}-base prompt; each run a fresh "
+             "process (peak = its peak memory). A time marked >= is a lower bound: the run would take longer than "
+             "--timeout, and (L/2) times the cost of one base at position L/2 is shown.\n",
+             "| bases | method | seconds | bases per second | peak GB |", "|---|---|---|---|---|"]
+    for L in lengths:
+        for method in ("online", "cache", "forward"):
+            result, err = measure(f"generate-{method}", args.preset, L, args.device, False, args.timeout + 60,
+                                  1, budget=args.timeout)
+            if result is None:
+                line = f"| {L:,} | {method} | {err} | - | - |"
+            else:
+                bound = ">= " if result["lower_bound"] else ""
+                rate = ("<= " if bound else "") + f"{L / result['seconds']:,.1f}"
+                line = f"| {L:,} | {method} | {bound}{result['seconds']:.2f} | {rate} | {result['peak_gb']:.2f} |"
+            lines.append(line)
+            print(line, flush=True)
+    emit(lines, args.no_append)
+    return 0
 
 
 def load_published(path):
@@ -165,10 +209,16 @@ def published_model(path, cfg):
     return model, lambda ids: model(ids) @ embedding.T
 
 
-def measure_one(kind, preset, L, device_name, train, batch, published_path=None):
+def measure_one(kind, preset, L, device_name, train, batch, published_path=None, budget=None):
     """Runs in a subprocess: time a call (after a warm-up call where it is cheap; the median of three up to
     2^17) and report peak memory."""
     device = torch.device(device_name)
+    if kind.startswith("generate-"):
+        result = generation_time(kind.split("-", 1)[1], preset, L, device, budget)
+        peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else \
+            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        print(json.dumps({**result, "peak_gb": peak / 1e9}))
+        return
     torch.manual_seed(0)
     cfg = th.preset_config(preset, l_max=L + 2)
     ids = torch.randint(7, 12, (batch, L), device=device)
@@ -217,10 +267,10 @@ def measure_one(kind, preset, L, device_name, train, batch, published_path=None)
     print(json.dumps({"seconds": seconds, "peak_gb": peak / 1e9}))
 
 
-def measure(kind, preset, L, device, train, timeout, batch, published=None):
+def measure(kind, preset, L, device, train, timeout, batch, published=None, budget=None):
     cmd = [sys.executable, os.path.abspath(__file__), "--_measure", kind, "--preset", preset, "--lengths", str(L),
            "--device", device, "--batch", str(batch)] + (["--train"] if train else []) + \
-          (["--published", published] if published else [])
+          (["--published", published] if published else []) + (["--timeout", str(budget)] if budget else [])
     try:
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -236,7 +286,8 @@ def main(argv=None):
     p = cli.ArgumentParser(description=__doc__.strip().splitlines()[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
     p.add_argument("--preset", default="tiny", choices=["tiny", "large", *th.PRESETS])
-    p.add_argument("--lengths", default="1024,32768,131072,1048576")
+    p.add_argument("--lengths", help="comma-separated (default 1024,32768,131072,1048576; with --generate "
+                                     "4096,16384,65536,262144)")
     p.add_argument("--batch", type=cli.positive_int, default=1, help="sequences per call")
     p.add_argument("--train", action="store_true", help="also time a training step")
     p.add_argument("--timeout", type=cli.positive_float, default=600, help="seconds allowed to one measurement")
@@ -247,10 +298,11 @@ def main(argv=None):
     p.add_argument("--rounds", type=cli.positive_int, default=3,
                    help="with --published: alternating rounds (medians reported)")
     p.add_argument("--generate", action="store_true",
-                   help="time sampling 4,096 bases after a 1,024-base prompt, incremental against full forward")
+                   help="time sampling --lengths bases (default 4096,16384,65536,262144) with each decoding method")
     p.add_argument("--no_append", action="store_true", help="print the table without appending to BENCHMARKS.md")
     p.add_argument("--_measure", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    args.lengths = args.lengths or ("4096,16384,65536,262144" if args.generate else "1024,32768,131072,1048576")
     try:
         lengths = [int(x) for x in args.lengths.split(",")]
     except ValueError:
@@ -259,11 +311,11 @@ def main(argv=None):
         p.error(f"--lengths {args.lengths!r}: expected positive integers, comma-separated")
     cli.pick_device(args.device)
     if args._measure:
-        measure_one(args._measure, args.preset, lengths[0], args.device, args.train, args.batch, args.published)
+        measure_one(args._measure, args.preset, lengths[0], args.device, args.train, args.batch, args.published,
+                    args.timeout)
         return 0
     if args.generate:
-        generation_speed(args.preset, torch.device(args.device))
-        return 0
+        return generation_table(args, lengths)
     if args.published:
         return side_by_side(args, lengths)
 

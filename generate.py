@@ -7,9 +7,18 @@ Sample DNA from a pretrained model: continuations of a prompt, one base at a tim
 A causal model predicts each base from the ones before it, so it can write a sequence base by base. Running the
 whole forward pass again for every new base would cost O(t log t) per base at length t. Hyena is a recurrence
 over positions as well: each layer's short convolution reads its last K projected inputs, and each long
-convolution output at t is sum_s h[t-s] a[s] over the gated stream a it reads. So a `Decoder` keeps, per layer,
-those K-1 last inputs and the gated streams so far, and a new base costs O(t * d) per layer and order: the sum
-at one position, with no FFT. The prompt is read in one pass (`prefill`), which computes the same streams.
+convolution's output at t is y[t] = sum_{s<=t} h[t-s] a[s] over the gated stream a it reads. A `Decoder` keeps,
+per layer, the short convolution's K-1 last inputs and, per long convolution, an `OnlineConv`.
+
+The online convolution is exact, and costs O(L log^2 L) for L positions instead of the O(L^2) of summing the
+whole history at every step. It is the tiled "relaxed" convolution of Flash Inference (Oncescu et al. 2024,
+arXiv 2410.12982). y[t] = h[0] a[t] + (what a[0..t-1] contribute), and the second part can be computed ahead
+of time. After the i-th input (i = 1, 2, ...), with U the largest power of two dividing i, the block of the last
+U inputs adds its contribution to the next U outputs, by one FFT of size 2U. Each pair (s, t), s < t, falls in
+exactly one such block: blocks of size U come every U steps, so L steps cost sum_U (L/U) * O(U log U).
+`method="cache"` keeps the whole history and sums it at each step instead (O(t d) per base, the reference the
+tests hold the online convolution to); `method="forward"` runs the whole forward pass for every base.
+The prompt is read in one pass (`prefill`), by FFT as the model's forward pass does.
 
 Sampling draws bases only (A, C, G, T): the other tokens' probabilities are set to zero. --temperature 0 takes
 the most probable base at each step.
@@ -26,22 +35,87 @@ import fast
 import tinyhyena as th
 
 BASE_TOKENS = torch.tensor([th.BASE_IDS[b] for b in "ACGT"])  # what sampling may choose
+METHODS = ("online", "cache", "forward")
+DIRECT_BLOCK = 16  # blocks up to this size are summed directly (a small Toeplitz product): faster than an FFT
+
+
+class OnlineConv:
+    """The causal convolution y[t] = sum_{s<=t} h[..., t-s] a[..., s] of a stream a that arrives one position at a
+    time (see the top of this file). h: (C, total) filters; `prefill(a)` takes the first P positions (B, C, P)
+    at once and returns their outputs; then `past(t)` gives what a[0..t-1] contribute to y[t] (B, C), and
+    `append(a_t)` takes the input at t (B, C). method "online" adds each block's contribution ahead by FFT;
+    "cache" sums the whole history at each position."""
+
+    def __init__(self, h, method):
+        self.h, self.method = h, method
+        self.C, self.total = h.shape
+        self.spectra, self.toeplitz = {}, {}  # per block size U: the filter's lags 1 .. 2U-1
+
+    def prefill(self, a):
+        B, _, P = a.shape
+        self.a = a.new_zeros(B, self.C, self.total)  # the inputs so far
+        self.a[..., :P] = a
+        self.start = self.t = P
+        if self.method == "cache":
+            return th.fft_conv(a, self.h[:, :P])
+        # one FFT convolution gives the prompt's outputs and what it contributes to every later position
+        n = fast.fft_size(P + self.total - 1)
+        y = torch.fft.irfft(torch.fft.rfft(a, n=n) * torch.fft.rfft(self.h, n=n), n=n)[..., :self.total]
+        self.ahead = y  # (B, C, total): at t >= P, the contributions of the inputs already added in
+        return y[..., :P]
+
+    def past(self, t):
+        if self.method == "cache":  # the whole history at once
+            return (self.a[..., :t] * self.h[:, 1:t + 1].flip(-1)).sum(-1)
+        return self.ahead[..., t]
+
+    def append(self, a_t):
+        t = self.t
+        self.a[..., t] = a_t
+        self.t = t + 1
+        if self.method == "cache" or t + 1 >= self.total:
+            return
+        i = t + 1 - self.start  # inputs appended so far
+        U = i & -i  # the largest power of two dividing i: the block a[t-U+1 .. t] reaches y[t+1 .. t+U]
+        stop = min(t + 1 + U, self.total)
+        self.ahead[..., t + 1:stop] += self.block_contribution(self.a[..., t + 1 - U:t + 1], U)[..., :stop - t - 1]
+
+    def block_contribution(self, block, U):
+        """out[j] = sum_m h[U + j - m] block[m], j, m in 0..U-1: a block of U inputs (B, C, U) on the next U
+        outputs, through the filter's lags 1 .. 2U-1."""
+        if U <= DIRECT_BLOCK:
+            if U not in self.toeplitz:
+                lags = U + torch.arange(U)[:, None] - torch.arange(U)[None, :]  # (U, U): j, m -> U + j - m
+                self.toeplitz[U] = self.lag(lags.to(self.h.device))  # (C, U, U)
+            return torch.einsum("bcm,cjm->bcj", block, self.toeplitz[U])
+        if U not in self.spectra:  # a linear convolution of lengths U and 2U-1, of which entries U-1 .. 2U-2
+            self.spectra[U] = torch.fft.rfft(self.lag(torch.arange(1, 2 * U, device=self.h.device)), n=2 * U)
+        # ... are kept: a circular one of size 2U wraps only onto entries below U-1
+        return torch.fft.irfft(torch.fft.rfft(block, n=2 * U) * self.spectra[U], n=2 * U)[..., U - 1:2 * U - 1]
+
+    def lag(self, lags):
+        """h at the given lags (any shape), zero past the filter's end: (C, *lags.shape)."""
+        padded = F.pad(self.h, (0, 1))  # lag `total` and beyond read the appended zero
+        return padded[:, lags.clamp(max=self.total)]
 
 
 class Decoder:
     """The model as a recurrence: prefill(ids) reads a prompt (B, P), then step(ids) (B,) takes one more token
     per row; each returns the next-token logits (B, V) at the last position read. `total` is the longest
-    sequence it will see (at most l_max): the filters are computed for it once."""
+    sequence it will see (at most l_max): the filters are computed for it once. method: "online" or "cache"
+    (see OnlineConv)."""
 
-    def __init__(self, model, total):
+    def __init__(self, model, total, method="online"):
         if not 1 <= total <= model.cfg.l_max:
             raise th.UserError(f"prompt and generated bases together are {total}, over the model's l_max "
                                f"{model.cfg.l_max}")
-        self.model, self.cfg, self.total, self.t = model, model.cfg, total, 0
+        if method not in ("online", "cache"):
+            raise th.UserError(f"method must be 'online' or 'cache', got {method!r}")
+        self.model, self.cfg, self.total, self.t, self.method = model, model.cfg, total, 0, method
         N, d = self.cfg.order, self.cfg.d_model
-        # per layer: its filters h (N-1, d, total) and skip biases (N-1, d)
+        # per layer: its filters h (N-1, d, total)
         self.filters = [block.mixer.filter(total).view(N - 1, d, total) for block in model.blocks]
-        self.streams = None  # per layer, per order: the gated stream a (B, d, total) the long convolution reads
+        self.convs = None  # per layer, per order: the OnlineConv of the gated stream the long convolution reads
         self.recent = None  # per layer: the last K-1 projected inputs (B, (N+1)d, K-1) of the short convolution
 
     def prefill(self, ids):
@@ -49,8 +123,7 @@ class Decoder:
         logits (B, V) after its last position."""
         B, P = ids.shape
         N, d, K = self.cfg.order, self.cfg.d_model, self.cfg.short_filter_order
-        dtype = self.model.embedding.weight.dtype
-        self.streams = [[ids.new_zeros((B, d, self.total), dtype=dtype) for _ in range(N - 1)] for _ in self.model.blocks]
+        self.convs = [[OnlineConv(h_o, self.method) for h_o in h] for h in self.filters]
         self.recent = []
         x = self.model.embedding(ids)  # (B, P, d)
         for layer, block in enumerate(self.model.blocks):
@@ -59,11 +132,10 @@ class Decoder:
             self.recent.append(F.pad(z, (K - 1, 0))[..., P:])  # the last K-1 inputs, zeros before the start
             z = mixer.short_conv(F.pad(z, (K - 1, 0)))
             *streams, v = z.split(d, dim=1)
-            h, bias = self.filters[layer][..., :P], mixer.filter.bias.view(N - 1, d, 1)
+            bias = mixer.filter.bias.view(N - 1, d, 1)
             for o, x_i in enumerate(reversed(streams[1:])):
                 a = v * x_i
-                self.streams[layer][o][..., :P] = a
-                v = th.fft_conv(a, h[o]) + bias[o] * a
+                v = self.convs[layer][o].prefill(a) + bias[o] * a
             x = x + mixer.out_proj((v * streams[0]).transpose(1, 2))
             x = x + block.mlp(block.norm2(x))
         self.t = P
@@ -83,13 +155,12 @@ class Decoder:
             self.recent[layer] = window[..., 1:]
             z = (window * mixer.short_conv.weight[:, 0]).sum(-1) + mixer.short_conv.bias
             *streams, v = z.split(d, dim=1)
-            h, bias = self.filters[layer], mixer.filter.bias.view(N - 1, d)
+            h0, bias = self.filters[layer][..., 0], mixer.filter.bias.view(N - 1, d)
             for o, x_i in enumerate(reversed(streams[1:])):
                 a = v * x_i
-                history = self.streams[layer][o]
-                history[..., t] = a
-                # the long convolution at t alone: sum over s <= t of h[t - s] a[s]
-                v = (history[..., :t + 1] * h[o, :, :t + 1].flip(-1)).sum(-1) + bias[o] * a
+                conv = self.convs[layer][o]
+                v = conv.past(t) + (h0[o] + bias[o]) * a  # the long convolution at t, and its skip term
+                conv.append(a)
             x = x + mixer.out_proj(v * streams[0])
             x = x + block.mlp(block.norm2(x))
         self.t = t + 1
@@ -112,9 +183,12 @@ def choose(logits, temperature, top_k, generator):
 
 
 @torch.no_grad()
-def generate(model, prompt, length, num=1, temperature=1.0, top_k=None, seed=0, incremental=True, progress=None):
+def generate(model, prompt, length, num=1, temperature=1.0, top_k=None, seed=0, method="online", progress=None):
     """`num` continuations of `length` bases after `prompt` (a DNA string or 1-D ids): (num, length) int64 ids.
-    incremental=False runs the whole forward pass for every base instead (the reference the tests compare to)."""
+    method: "online" (default: exact, O(log^2 t) per base), "cache" (exact, O(t) per base) or "forward" (the
+    whole forward pass for every base); all three draw the same bases from the same seed."""
+    if method not in METHODS:
+        raise th.UserError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
     ids = torch.as_tensor(th.tokenize(prompt) if isinstance(prompt, (str, bytes)) else np.asarray(prompt)).long()
     if len(ids) < 1:
         raise th.UserError("the prompt is empty: give at least one base")
@@ -127,19 +201,19 @@ def generate(model, prompt, length, num=1, temperature=1.0, top_k=None, seed=0, 
     device = next(model.parameters()).device
     generator = torch.Generator().manual_seed(seed)
     seqs = ids.to(device)[None].repeat(num, 1)  # (num, P)
-    if incremental:
-        decoder = Decoder(model, max(total, len(ids)))
+    out = seqs.new_empty(num, length)
+    if method != "forward":
+        decoder = Decoder(model, max(total, len(ids)), method)
         logits = decoder.prefill(seqs)
     for i in range(length):
-        if not incremental:
-            logits = model(seqs)[:, -1]
-        new = choose(logits.float().cpu(), temperature, top_k, generator).to(device)
-        seqs = torch.cat([seqs, new[:, None]], 1)
-        if incremental and i < length - 1:
-            logits = decoder.step(new)
+        if method == "forward":
+            logits = model(torch.cat([seqs, out[:, :i]], 1))[:, -1]
+        out[:, i] = choose(logits.float().cpu(), temperature, top_k, generator).to(device)
+        if method != "forward" and i < length - 1:
+            logits = decoder.step(out[:, i])
         if progress:
             progress(1)
-    return seqs[:, len(ids):].cpu()
+    return out.cpu()
 
 
 def main(argv=None):
@@ -155,6 +229,9 @@ def main(argv=None):
     p.add_argument("--top_k", type=int, choices=[1, 2, 3, 4], help="sample among the k most probable bases")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=cli.output_file, help="FASTA to write (default: standard output)")
+    p.add_argument("--method", choices=METHODS, default="online",
+                   help="online (default): exact, O(log^2 t) per base; cache: exact, O(t) per base; forward: the "
+                        "whole forward pass per base")
     p.add_argument("--device", default="auto")
     args = p.parse_args(argv)
     if args.prompt_fasta:
@@ -169,7 +246,7 @@ def main(argv=None):
     from tqdm import tqdm
     with tqdm(total=args.length, unit="base", file=sys.stderr) as bar:
         out = generate(model, ids, args.length, args.num, args.temperature, args.top_k, args.seed,
-                       progress=bar.update)
+                       args.method, progress=bar.update)
     lines = []
     for i, row in enumerate(out.numpy()):
         seq = th.detokenize(row)
