@@ -34,6 +34,7 @@ schedule after warm-up, gradient clipping, bf16 on CUDA, atomic checkpoints, exa
 """
 
 import csv
+import dataclasses
 import glob
 import math
 import os
@@ -475,6 +476,11 @@ def fit_on(args, rank, world, device):
     if args.resume and written not in (None, args.layout):  # one folder, one layout: no stale weights beside
         raise th.UserError(f"{args.out} holds a run written with --layout {written}; resume it with --layout {written}")
     backbone = build_backbone(args)  # first: its l_max bounds the sequences
+    if args.dropout is not None:  # the embedding dropout of this run, written into the config it saves
+        if args.dropout >= 1:
+            raise th.UserError(f"--dropout must be below 1, got {args.dropout}")
+        backbone.cfg = dataclasses.replace(backbone.cfg, embed_dropout=args.dropout)
+        backbone.dropout.p = args.dropout
     hub = args.layout == "hf"  # the hub's classifier: the last token's state after an appended [SEP], no bias
     max_len = backbone.cfg.l_max - args.soft_prompt - hub
     if max_len < 1:
@@ -684,6 +690,9 @@ def parse_args(argv=None):
     f.add_argument("--lr", type=cli.positive_float, default=6e-4)
     f.add_argument("--weight_decay", type=cli.nonnegative_float, default=0.1)
     f.add_argument("--warmup_steps", type=cli.nonnegative_int, help="default: 1%% of the steps")
+    f.add_argument("--dropout", type=cli.nonnegative_float,
+                   help="dropout on the token embeddings (default: the checkpoint's, 0.1 as published; 0 makes steps "
+                        "deterministic)")
     f.add_argument("--rc_aug", action="store_true", help="reverse-complement augmentation")
     f.add_argument("--seed", type=int, default=0)
     f.add_argument("--workers", type=cli.nonnegative_int, default=0)

@@ -60,7 +60,8 @@ def parse_args(argv=None):
                    help="dropout on the token embeddings (0.1 as published; 0 makes steps deterministic)")
     p.add_argument("--warmup_steps", type=cli.nonnegative_int, default=100)
     p.add_argument("--eval_interval", type=cli.positive_int, default=500)
-    p.add_argument("--eval_batches", type=cli.positive_int, default=20)
+    p.add_argument("--eval_batches", type=cli.positive_int, default=20,
+                   help="validation windows per evaluation (shared out among the processes)")
     p.add_argument("--ckpt_interval", type=cli.positive_int, default=1000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto (cuda, then cpu), cpu, cuda, cuda:1, ...")
@@ -164,10 +165,12 @@ def lm_loss(model, x, y):
 
 @torch.no_grad()
 def evaluate(model, dataset, args, device, rank, world):
+    """Mean loss per token over args.eval_batches windows spread evenly over the dataset: the same windows at
+    every evaluation and whatever the number of processes, which share them out."""
     model.eval()
     total = torch.zeros(2, device=device)
-    n = min(len(dataset), args.eval_batches * world)
-    for i in range(rank, n, world):  # a fixed spread of windows: every evaluation sees the same ones
+    n = min(len(dataset), args.eval_batches)
+    for i in range(rank, n, world):
         x, y = dataset[i * len(dataset) // n]
         x, y = x[None].to(device), y[None].to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):

@@ -1,4 +1,4 @@
-"""helpers"""
+"""What the test files share: paths, model builders, the Markov source, table writers, and running scripts."""
 
 import contextlib
 import importlib
@@ -12,13 +12,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
+from onnx.reference.op_run import OpRun
 
 import checkpoints
 import cli
 import tinyhyena as th
-from onnx.reference.op_run import OpRun
 
 
 ROOT = Path(__file__).resolve().parent.parent  # the repository: scripts run from here
@@ -28,9 +27,6 @@ FIXTURE = ROOT / "fixtures" / "hyenadna_tiny"  # published layout + the publishe
 
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
-
-
-property_settings = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 def rel_err(out, ref):

@@ -1,14 +1,13 @@
-"""cli"""
+"""cli.py: every script's bad command lines are one line, `error: ...`, and exit status 1."""
 
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 import cli
 import tinyhyena as th
-from concurrent.futures import ThreadPoolExecutor
-
-from helpers import run_process, FIXTURE, ROOT, run_script
+from helpers import FIXTURE, ROOT, run_process, run_script
 
 
 def bad_invocations(tmp):
@@ -83,6 +82,10 @@ def bad_invocations(tmp):
          ["--temperature", "a number >= 0"]),
         (["generate.py", "--checkpoint", fix, "--prompt_fasta", tmp / "missing.fa", "--length", "5"],
          ["--prompt_fasta", "missing.fa: file not found"]),
+        (["generate.py", "--checkpoint", fix, "--prompt", "ACGT", "--length", "5", "--method", "beam"],
+         ["--method", "invalid choice: 'beam'"]),
+        (["finetune.py", "fit", "--checkpoint", fix, "--data", tmp / "t.csv", "--dropout", "1", "--out", tmp / "d"],
+         ["--dropout must be below 1"]),
         (["generate.py", "--checkpoint", fix, "--prompt", "ACGT", "--length", "5", "--out", tmp / "no" / "g.fa"],
          ["--out", "no/g.fa", "does not exist"]),
     ]
@@ -98,6 +101,7 @@ def one_line_error(result, shown, needles):
     assert lines[0].startswith("error: ") and all(n in lines[0] for n in needles), (shown, lines[0])
 
 
+@pytest.mark.slow
 def test_every_script_reports_a_bad_command_line_in_one_line(tmp_path):
     cases = bad_invocations(tmp_path)
     for args, needles in cases:  # each script's main, in this process

@@ -1,4 +1,4 @@
-"""data"""
+"""data.py: FASTA and BED into training windows, the prepared-genome cache, and the hg38 download."""
 
 import gzip
 import http.server
@@ -13,8 +13,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import data
-import tinyhyena as th
 import finetune
+import tinyhyena as th
+import train
 from helpers import assert_one_line_error, run_script
 
 
@@ -47,10 +48,16 @@ def test_windows_from_bed_and_dataloader_workers(genome, tmp_path):
     assert th.detokenize(torch.cat([x, y[-1:]])) == ("ACGT" * 30)[50 - 8:50 + 9]  # centred on the interval
     x, y = ds[1]  # clipped at the chromosome's start, padded on the left
     assert th.detokenize(x[:6]) == "[PAD]" * 6 and th.detokenize(x[6:]) == "ACGTACGTNN"
-    loader = torch.utils.data.DataLoader(ds, batch_size=2, num_workers=2)
-    (xb, yb), = list(loader)
-    assert xb.shape == (2, 16)
     assert len(data.Windows(genome, 16, "valid", str(bed))) == 1
+    # worker processes (train.py --workers) read the same windows, in the same order, as this process does
+    windows = data.Windows(genome, 5, "train")  # chr1's 12 bases: windows at several starts
+    in_process, in_workers = train.batches(windows, 2, 7, 0, 1, 0, 0), train.batches(windows, 2, 7, 0, 1, 0, 2)
+    for _ in range(2 * len(windows) // 2):  # two epochs
+        (x0, y0), (x2, y2) = next(in_process), next(in_workers)
+        assert torch.equal(x0, x2) and torch.equal(y0, y2)
+    order = torch.randperm(len(windows), generator=torch.Generator().manual_seed(7 * 100003))[:2].tolist()
+    (xb, _), = [next(train.batches(windows, 2, 7, 0, 1, 0, 2))]
+    assert torch.equal(xb, torch.stack([windows[i][0] for i in order]))  # the epoch's first two, by the seed
 
 
 def test_windows_without_bed_hold_out_chromosomes(genome):
@@ -157,6 +164,7 @@ class _RangeHandler(http.server.BaseHTTPRequestHandler):
         pass
 
 
+@pytest.mark.slow
 def test_hg38_download_resumes_and_prepares(tmp_path):
     fasta = gzip.compress(("".join(f">chr{i}\n" + "ACGTN" * 4000 + "\n" for i in range(3))).encode())
     bed = "chr0\t0\t100\ttrain\nchr1\t0\t100\tvalid\nchr2\t5\t105\ttest\n".encode()

@@ -1,4 +1,5 @@
-"""fast"""
+"""fast.py: each fast path held to the plain path (values and gradients), the memory budgets, the kept
+spectra, and the process-wide CPU settings (which importing never makes)."""
 
 import os
 import types
@@ -10,8 +11,7 @@ from hypothesis import strategies as st
 
 import fast
 import tinyhyena as th
-from helpers import run_process
-from helpers import configs_and_lengths, direct_causal_conv, property_settings, random_model, rel_err, run_script
+from helpers import configs_and_lengths, direct_causal_conv, random_model, rel_err, run_process
 
 
 def fast_and_plain(cfg, seed, group):
@@ -31,7 +31,6 @@ def outputs_and_gradients(model, x, grad_out):
     return out.detach(), dict(zip(("input",) + names, grads))
 
 
-@property_settings
 @given(configs_and_lengths(), st.booleans(), st.data())
 def test_fast_path_equals_plain_path_with_gradients(case, checkpointing, data):
     """HyenaDNA(cfg) and HyenaDNA(cfg, fast=False) with the same weights: the same outputs, and the same
@@ -83,7 +82,6 @@ def test_memory_budgets_split_long_sequences_into_groups_and_slices():
         assert rel_err(model.hidden_states_from_embeddings(x), plain_out) <= 1e-10
 
 
-@property_settings
 @given(st.integers(1, 3), st.integers(1, 5), st.integers(1, 200), st.integers(0, 2**31 - 1))
 def test_fft_conv_equals_direct_conv(B, C, L, seed):
     g = torch.Generator().manual_seed(seed)
@@ -106,7 +104,6 @@ def test_fft_conv_gradcheck(L):
         assert torch.autograd.gradcheck(fast.GatedCausalConv.apply, inputs), wanted
 
 
-@property_settings
 @given(st.integers(1, 3), st.integers(1, 4), st.integers(1, 60), st.integers(1, 5), st.integers(0, 2**31 - 1))
 def test_short_conv_equals_conv1d_with_gradients(B, C, L, K, seed):
     g = torch.Generator().manual_seed(seed)
@@ -130,7 +127,6 @@ def test_short_conv_gradcheck(L, K):
     assert torch.autograd.gradcheck(fast.causal_short_conv, (z, weight, bias))
 
 
-@property_settings
 @given(st.integers(1, 3), st.integers(1, 6), st.lists(st.integers(1, 5), min_size=1, max_size=4), st.integers(1, 40),
        st.integers(0, 2**31 - 1))
 def test_grouped_projection_equals_one_linear_layer_with_gradients(B, d, sizes, L, seed):
@@ -173,6 +169,7 @@ def test_freed_heap_memory_kept_only_when_the_user_set_no_malloc_variable(monkey
     assert calls == []
 
 
+@pytest.mark.slow
 def test_importing_changes_nothing_outside_the_module():
     """Importing the project's modules sets no environment variable and calls no mallopt (the CPU memory settings
     are fast.tune_cpu_memory, which scripts call in main); importing export loads no training code."""

@@ -1,4 +1,5 @@
-"""finetune"""
+"""finetune.py and classifier.py: fine-tuning on each data format and task, frozen and soft-prompted
+runs, resume, predict and embed, and the hub's classifier folders."""
 
 import gzip
 import json
@@ -8,34 +9,47 @@ import sys
 import time
 
 import numpy as np
+import onnxruntime as ort
 import pytest
 import torch
 
 import checkpoints
 import classifier
 import data
-import tinyhyena as th
-from helpers import run_process
 import export
 import finetune
-import onnxruntime as ort
-from helpers import FIT, FIXTURE, ROOT, SOURCES, assert_one_line_error, composition_rows, free_port, hf_folder, labelled, markov_sequence, random_model, read_metrics, rel_err, run_script, write_benchmark, write_species_fasta, write_table
+import tinyhyena as th
+from helpers import (FIT, FIXTURE, ROOT, SOURCES, assert_one_line_error, composition_rows, free_port, hf_folder,
+    labelled, markov_sequence, random_model, read_metrics, rel_err, run_process, run_script, write_benchmark,
+    write_species_fasta, write_table)
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
 def test_finetune_under_torchrun_is_one_data_parallel_run(tmp_path):
-    write_table(tmp_path / "train.csv", labelled(200, 0))
+    """Two processes of 8 sequences each take the steps one process takes on the same 16: the same gradient at
+    step 1, the same losses, the same validation and test scores."""
+    write_table(tmp_path / "train.csv", labelled(200, 0, lengths=(100, 120)))  # all cut to 100: no padding
     write_table(tmp_path / "test.csv", labelled(40, 1))
-    result = run_process("-m", "torch.distributed.run", "--nproc_per_node", 2, "--master_port", free_port(), *FIT,
-                        "--preset", "tiny", "--seq_len", 100, "--data", tmp_path / "train.csv", "--test",
-                        tmp_path / "test.csv", "--max_steps", 6, "--eval_interval", 3, "--batch_size", 8,
-                        "--device", "cpu", "--out", tmp_path / "ft")
+    fit = [*FIT, "--preset", "tiny", "--seq_len", 100, "--data", tmp_path / "train.csv", "--test", tmp_path / "test.csv",
+           "--max_steps", 4, "--eval_interval", 2, "--dropout", 0, "--device", "cpu"]
+    result = run_process("-m", "torch.distributed.run", "--nproc_per_node", 2, "--master_port", free_port(), *fit,
+                         "--batch_size", 8, "--out", tmp_path / "ddp")
     assert result.returncode == 0, result.stderr[-3000:]
-    metrics = read_metrics(tmp_path / "ft")
-    assert [m["step"] for m in metrics if m["split"] == "train"] == [1, 2, 3, 4, 5, 6]  # each step once
-    assert [m["split"] for m in metrics if m["split"] != "train"] == ["valid", "valid", "test"]
-    assert finetune.load_classifier(tmp_path / "ft").class_names == ["neg", "pos"]
+    one = run_script(*fit, "--batch_size", 16, "--out", tmp_path / "one")
+    assert one.returncode == 0, one.stderr[-3000:]
+    ddp, single = read_metrics(tmp_path / "ddp"), read_metrics(tmp_path / "one")
+    assert [m["step"] for m in ddp if m["split"] == "train"] == [1, 2, 3, 4]  # each step once
+    assert [m["split"] for m in ddp if m["split"] != "train"] == ["valid", "valid", "test"]
+    assert ddp[0]["grad_norm"] == pytest.approx(single[0]["grad_norm"], rel=1e-5)  # averaged, not summed
+    for a, b in zip(ddp, single):
+        assert (a["step"], a["split"]) == (b["step"], b["split"])
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4), a
+    assert len(torch.load(tmp_path / "ddp" / "train_state.pt", weights_only=True)["rng"]) == 2  # two processes
+    assert finetune.load_classifier(tmp_path / "ddp").class_names == ["neg", "pos"]
 
 
+@pytest.mark.slow
 def test_finetune_learns_each_data_format(tmp_path):
     train, test = labelled(400, 0), labelled(100, 1)
     write_table(tmp_path / "train.csv", train)  # Nucleotide Transformer style: CSV + --test
@@ -101,6 +115,7 @@ def test_labelled_fasta_and_seq_column_errors(tmp_path):
     assert [(n, list(ids)) for n, ids in finetune.read_sequences(str(tmp_path / "d.csv"))] == [("r1", [7, 8, 9, 10])]
 
 
+@pytest.mark.slow
 def test_finetune_regression_and_multilabel_learn(tmp_path):
     rows = composition_rows(500, 0)
     with open(tmp_path / "train.csv", "w") as f:
@@ -149,6 +164,7 @@ def test_regression_and_auroc_metrics():
     assert list(finetune.average_ranks([3, 1, 3, 2])) == [3.5, 1.0, 3.5, 2.0]
 
 
+@pytest.mark.slow
 def test_label_column_errors(tmp_path):
     (tmp_path / "t.csv").write_text("sequence,y1,y2\nACGT,1,0\nACGA,1,x\n")
     for extra, needle in ((["--task", "regression", "--label_columns", "z*"], "no column starts with 'z'"),
@@ -178,6 +194,7 @@ def hf_classifier_folder(tmp_path, n_labels=2, **config):
     return folder, state["score.weight"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("problem_type, task", [("single_label_classification", "classify"),
                                                 ("multi_label_classification", "multilabel"),
                                                 ("regression", "regression")])
@@ -249,6 +266,7 @@ def mixed_lm(tmp_path_factory):
     return root / "lm"
 
 
+@pytest.mark.slow
 def test_freeze_and_soft_prompt_leave_the_backbone_untouched(mixed_lm, tmp_path):
     write_table(tmp_path / "train.csv", labelled(400, 0), labels=("0", "1"))
     write_table(tmp_path / "test.csv", labelled(200, 1), labels=("0", "1"))
@@ -261,8 +279,18 @@ def test_freeze_and_soft_prompt_leave_the_backbone_untouched(mixed_lm, tmp_path)
         assert all(torch.equal(before[k], after[k]) for k in before)  # bitwise: nothing of the backbone trained
         state = torch.load(tmp_path / name / "train_state.pt", weights_only=True)["model"]
         assert all(torch.equal(before[k], state["backbone." + k]) for k in before)
-    prompt = finetune.load_classifier(tmp_path / "prompt")
+    # ... and what may train did: the head and the prompt moved from where the runs started them, the frozen
+    # run's loss fell, and the prompt reads the class above chance
+    torch.manual_seed(0)  # (the runs' --seed: the head and prompt each run starts from)
+    start_head = classifier.SequenceClassifier(th.from_pretrained(mixed_lm), 2, freeze=True).head
+    torch.manual_seed(0)
+    start_prompt = classifier.SequenceClassifier(th.from_pretrained(mixed_lm), 2, soft_prompt=8, class_tokens="CA").prompt
+    frozen, prompt = finetune.load_classifier(tmp_path / "frozen"), finetune.load_classifier(tmp_path / "prompt")
+    assert (frozen.head.weight - start_head.weight).abs().max() > 1e-3
     assert prompt.prompt.shape == (8, 128) and prompt.head is None
+    assert (prompt.prompt - start_prompt).abs().max() > 1e-3
+    losses = [m["loss"] for m in read_metrics(tmp_path / "frozen") if m["split"] == "train"]
+    assert np.mean(losses[-10:]) < np.mean(losses[:10]) - 0.02, (losses[:10], losses[-10:])  # the head learned
     test = read_metrics(tmp_path / "prompt")[-1]
     assert test["split"] == "test" and test["accuracy"] >= 0.6 and test["mcc"] > 0.2, test  # chance: 0.5, 0
 
@@ -293,6 +321,7 @@ def test_soft_prompt_sits_between_padding_and_sequence():
         assert not torch.allclose(batched[0], class_logits(clf.prompt, bases), atol=1e-3)
 
 
+@pytest.mark.slow
 def test_finetune_overwrite_deletes_only_the_runs_own_files(tmp_path):
     write_table(tmp_path / "train.csv", labelled(40, 0))
     out = tmp_path / "run"
@@ -312,6 +341,7 @@ def test_finetune_overwrite_deletes_only_the_runs_own_files(tmp_path):
     assert set(first) <= {p.name for p in out.iterdir()}
 
 
+@pytest.mark.slow
 def test_finetune_resume_reproduces_an_uninterrupted_run(tmp_path):
     write_table(tmp_path / "train.csv", labelled(300, 0))
     args = [*FIT, "--preset", "tiny", "--seq_len", 100, "--data", tmp_path / "train.csv", "--max_steps", 30,
@@ -335,6 +365,7 @@ def test_finetune_resume_reproduces_an_uninterrupted_run(tmp_path):
     assert (tmp_path / "cut" / "head.pt").read_bytes() == (tmp_path / "full" / "head.pt").read_bytes()
 
 
+@pytest.mark.slow
 def test_predict_and_embed_round_trips(fixture_classifier, tmp_path):
     rows = labelled(7, 3)
     (tmp_path / "in.fa").write_text("".join(f">r{i} x\n{seq}\n" for i, (seq, _) in enumerate(rows)))
@@ -371,6 +402,7 @@ def test_predict_and_embed_round_trips(fixture_classifier, tmp_path):
     assert np.allclose(th.embed(model, [s for s, _ in rows], "last", batch_size=3), last, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_finetune_errors(fixture_classifier, tmp_path):
     fit = [*FIT, "--preset", "tiny", "--seq_len", 100, "--out", tmp_path / "o"]
     (tmp_path / "gb" / "train" / "pos").mkdir(parents=True)
@@ -399,6 +431,7 @@ def test_finetune_errors(fixture_classifier, tmp_path):
                                      "--out", fixture_classifier), "--resume", "--overwrite")
 
 
+@pytest.mark.slow
 def test_hub_folders_hold_the_tokenizer_and_the_classifier(tmp_path, monkeypatch):
     """save_pretrained(layout="hf") writes the port's tokenizer files beside config.json, pointing at the
     port's tokenizer as config.json points at its model. A classifier fine-tuned with --layout hf is written

@@ -21,7 +21,7 @@ STEPS = [1, 2, 3, 4, 5, 7, 8, 9, 15, 16, 17, 31, 32, 33, 63, 64, 65, 127, 128, 1
        st.integers(1, 600)), st.integers(0, 2**31 - 1))
 def test_online_convolution_equals_the_direct_sum(B, C, P, steps, seed):
     """OnlineConv after a prefill of P positions, then one position at a time: y[t] = sum_{s<=t} h[t-s] a[s]
-    at every t, blocks summed directly and by FFT (past 16 positions) alike."""
+    at every t, blocks summed directly and by FFT (past 64 positions) alike."""
     g = torch.Generator().manual_seed(seed)
     total = P + steps
     a = torch.randn(B, C, total, generator=g, dtype=torch.float64)

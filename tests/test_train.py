@@ -1,4 +1,5 @@
-"""train"""
+"""train.py: pretraining learns a known source; the loop's resume, signals, divergence, DDP and gradient
+accumulation."""
 
 import json
 import os
@@ -15,11 +16,11 @@ import torch
 
 import data
 import tinyhyena as th
-from helpers import run_process
 import train
-from helpers import ROOT, assert_one_line_error, free_port, read_metrics, run_script
+from helpers import ROOT, assert_one_line_error, free_port, read_metrics, run_process, run_script
 
 
+@pytest.mark.slow
 def test_train_learns_markov_source(markov, markov_model):
     _, entropy = markov
     metrics = read_metrics(markov_model)
@@ -33,6 +34,7 @@ def test_train_learns_markov_source(markov, markov_model):
     assert model.cfg.l_max == 258
 
 
+@pytest.mark.slow
 def test_init_from_starts_where_the_checkpoint_is(markov, markov_model, tmp_path):
     """--init_from: the run's first evaluation (step 0) is the checkpoint's own loss on the same validation
     windows; a longer --seq_len raises l_max and trains on; --preset beside it is an error."""
@@ -53,6 +55,7 @@ def test_init_from_starts_where_the_checkpoint_is(markov, markov_model, tmp_path
     assert_one_line_error(run_script(*args, "--preset", "tiny", "--out", tmp_path / "x"), "--init_from", "--preset")
 
 
+@pytest.mark.slow
 def test_train_stopped_by_sigterm_and_resumed_matches_uninterrupted_run(markov, tmp_path):
     fasta, _ = markov
     args = [sys.executable, "train.py", "--fasta", fasta, "--seq_len", 64, "--min_seq_len", 32, "--batch_size", 2,
@@ -78,6 +81,7 @@ def test_train_stopped_by_sigterm_and_resumed_matches_uninterrupted_run(markov, 
     assert cut.keys() == full.keys() and all(torch.equal(cut[k], full[k]) for k in full)
 
 
+@pytest.mark.slow
 def test_train_refuses_an_out_holding_another_run(markov, tmp_path):
     fasta, _ = markov
     out = tmp_path / "run"
@@ -100,11 +104,13 @@ def test_train_refuses_an_out_holding_another_run(markov, tmp_path):
     assert_one_line_error(run_script(*args, "--resume", "--overwrite"), "exclude each other")
 
 
+@pytest.mark.slow
 def test_train_without_data_says_how_to_get_it(tmp_path):
     result = run_script(ROOT / "train.py", "--max_steps", 1, cwd=tmp_path)
     assert_one_line_error(result, "python data.py hg38", "--fasta")
 
 
+@pytest.mark.slow
 def test_train_stops_on_non_finite_loss(markov, tmp_path):
     fasta, _ = markov
     result = run_script("train.py", "--fasta", fasta, "--seq_len", 32, "--min_seq_len", 32, "--batch_size", 2,
@@ -123,26 +129,39 @@ def test_train_stops_on_non_finite_loss(markov, tmp_path):
 
 
 def deterministic_run(markov, out, *extra, launcher=()):
-    """A short train.py run without dropout (so that its steps depend only on its batches): (train losses,
-    final weights)."""
-    result = (run_process if launcher else run_script)(*launcher, "train.py", "--fasta", markov[0], "--seq_len", 64, "--min_seq_len", 64,
-                        "--max_steps", 3, "--eval_batches", 2, "--dropout", 0, "--lr", 3e-3, "--warmup_steps", 1,
-                        "--device", "cpu", "--out", out, *extra)
+    """A short train.py run without dropout (so that its steps depend only on its batches): its metrics rows by
+    split, and its final weights."""
+    run = run_process if launcher else run_script
+    result = run(*launcher, "train.py", "--fasta", markov[0], "--seq_len", 64, "--min_seq_len", 64, "--max_steps", 3,
+                 "--eval_batches", 2, "--dropout", 0, "--lr", 3e-3, "--warmup_steps", 1, "--device", "cpu",
+                 "--out", out, *extra)
     assert result.returncode == 0, result.stderr[-3000:]
-    losses = [m["loss"] for m in read_metrics(out) if m["split"] == "train"]
-    return losses, torch.load(Path(out) / "model.pt", weights_only=True)
+    rows = {}
+    for m in read_metrics(out):
+        rows.setdefault(m["split"], []).append(m)
+    return rows, torch.load(Path(out) / "model.pt", weights_only=True)
 
 
-def assert_same_run(a, b, rtol=1e-5):
-    (losses_a, weights_a), (losses_b, weights_b) = a, b
-    assert len(losses_a) == len(losses_b) == 3
-    np.testing.assert_allclose(losses_a, losses_b, rtol=rtol)
+def assert_same_run(a, b):
+    """The same steps: step 1's gradient norm (the gradient of the same initial weights, before any optimizer
+    step: a gradient twice or half as large shows here, which the losses after AdamW and clipping would hide),
+    every step's loss and gradient norm, the validation and test losses, and the final weights."""
+    (rows_a, weights_a), (rows_b, weights_b) = a, b
+    assert [m["step"] for m in rows_a["train"]] == [m["step"] for m in rows_b["train"]] == [1, 2, 3]
+    assert rows_a["train"][0]["grad_norm"] == pytest.approx(rows_b["train"][0]["grad_norm"], rel=1e-5)
+    for key in ("loss", "grad_norm"):
+        np.testing.assert_allclose([m[key] for m in rows_a["train"]], [m[key] for m in rows_b["train"]], rtol=1e-4)
+    for split in ("val", "test"):  # evaluation sharded over the processes, against one process
+        assert rows_a[split][-1]["loss"] == pytest.approx(rows_b[split][-1]["loss"], rel=1e-5), split
     for k in weights_a:
         torch.testing.assert_close(weights_a[k], weights_b[k], rtol=1e-4, atol=2e-5)  # Adam: rounding of tiny gradients
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
 def test_train_ddp_two_processes_equal_one_process_with_their_global_batch(markov, tmp_path):
-    """Two DDP ranks of 2 sequences each take the steps one process takes on the same 4 sequences."""
+    """Two DDP ranks of 2 sequences each take the steps one process takes on the same 4 sequences: the gradients
+    are averaged over the ranks, not summed."""
     ddp = deterministic_run(markov, tmp_path / "ddp", "--batch_size", 2,
                             launcher=("-m", "torch.distributed.run", "--nproc_per_node", 2, "--master_port", free_port()))
     assert_same_run(ddp, deterministic_run(markov, tmp_path / "one", "--batch_size", 4))
@@ -172,6 +191,8 @@ def finish(agents, timeout=240):
     return [agent.returncode for agent in agents], results
 
 
+@pytest.mark.distributed
+@pytest.mark.slow
 def test_two_nodes_stop_together_on_one_ranks_sigterm_and_resume_exactly(markov, tmp_path):
     """A SIGTERM to one rank's process stops both ranks at the same step: one checkpoint, every process exits 0.
     --resume then ends where an uninterrupted two-node run ends. Each run starts from an unprepared FASTA,
@@ -209,6 +230,7 @@ def test_two_nodes_stop_together_on_one_ranks_sigterm_and_resume_exactly(markov,
     assert_one_line_error(single, "written by 2 process(es)", "same number")
 
 
+@pytest.mark.slow
 def test_resume_after_sigkills_at_random_moments_and_a_torn_metrics_line(markov, tmp_path):
     """A run that checkpoints every step, killed with SIGKILL at random moments (checkpoint writing included),
     resumes each time; a torn last line in metrics.jsonl is dropped with a warning."""
@@ -237,12 +259,38 @@ def test_resume_after_sigkills_at_random_moments_and_a_torn_metrics_line(markov,
     assert steps == list(range(1, state["step"] + 3))
 
 
+@pytest.mark.slow
 def test_grad_accum_equals_the_bigger_batch(markov, tmp_path):
     """Accumulating 2 micro-batches of 2 takes the steps of one batch of 4 (same sequences, same mean loss)."""
     accumulated = deterministic_run(markov, tmp_path / "accum", "--batch_size", 2, "--grad_accum", 2)
     assert_same_run(accumulated, deterministic_run(markov, tmp_path / "whole", "--batch_size", 4))
     different = deterministic_run(markov, tmp_path / "half", "--batch_size", 2)  # the check can tell batches apart
-    assert not np.allclose(different[0][1:], accumulated[0][1:], rtol=1e-5)
+    assert not np.allclose([m["loss"] for m in different[0]["train"][1:]],
+                           [m["loss"] for m in accumulated[0]["train"][1:]], rtol=1e-5)
+
+
+def test_accumulated_gradients_are_those_of_the_whole_batch():
+    """train.accumulate_gradients over micro-batches leaves in every parameter's .grad the gradient of the mean
+    loss over all the step's sequences, as one micro-batch of them all does."""
+    torch.manual_seed(0)
+    cfg = th.HyenaConfig(d_model=8, n_layer=2, d_inner=16, filter_order=8, l_max=40, embed_dropout=0.0)
+    model = th.HyenaDNA(cfg).double()
+    ids = torch.randint(7, 11, (4, 33), generator=torch.Generator().manual_seed(1))
+
+    def job(micro):  # a Job whose batches are the 4 sequences, `micro` at a time
+        parts = iter(zip(ids[:, :-1].split(micro), ids[:, 1:].split(micro)))
+        return types.SimpleNamespace(next_batch=lambda step: next(parts), loss=lambda m, x, y: (train.lm_loss(m, x, y), None))
+    results = []
+    for micro, accum in ((4, 1), (2, 2), (1, 4)):
+        model.zero_grad(set_to_none=True)
+        loss, records = train.accumulate_gradients(model, job(micro), 0, accum, torch.device("cpu"))
+        assert len(records) == accum
+        results.append((loss, {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (whole_loss, whole), *accumulated = results
+    for loss, grads in accumulated:
+        assert loss == pytest.approx(whole_loss, rel=1e-12)
+        for name, grad in whole.items():
+            torch.testing.assert_close(grads[name], grad, rtol=1e-10, atol=1e-14)
 
 
 def test_learning_rate_schedule():
