@@ -90,10 +90,11 @@ def onnx_step(cfg, L, device, batch):
     import tempfile
     import onnxruntime as ort
     import export
-    path = os.path.join(tempfile.mkdtemp(), "bench.onnx")
-    export.export(th.HyenaDNA(cfg).eval(), path, device.type, max_len=L)
     provider = "CUDAExecutionProvider" if device.type == "cuda" else "CPUExecutionProvider"
-    session = export.ort_session(path, provider)
+    with tempfile.TemporaryDirectory() as folder:  # the session holds the graph: the file can go
+        path = os.path.join(folder, "bench.onnx")
+        export.export(th.HyenaDNA(cfg).eval(), path, device.type, max_len=L)
+        session = export.ort_session(path, provider)
     ids = np.random.default_rng(0).integers(7, 12, size=(batch, L), dtype=np.int64)
     if device.type != "cuda":
         return lambda: session.run(None, {"input_ids": ids})
