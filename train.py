@@ -6,6 +6,8 @@ Pretrain HyenaDNA by next-nucleotide prediction; and the one training loop, whic
     torchrun --nproc_per_node 8 train.py --preset large --seq_len 1048576    # data-parallel (DDP), one machine
     torchrun --nnodes 2 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint HOST:29500 --rdzv_id run1 \
         train.py --preset large --seq_len 1048576                           # on each of two machines
+    torchrun --nproc_per_node 8 train.py --preset large --seq_len 2097152 --context_parallel 2  # each sequence
+                                                                            # over 2 GPUs, 4 such groups (parallel.py)
 
 The loop (`train_loop`): AdamW with a cosine schedule after warm-up, gradient accumulation, clipping, bf16 on
 CUDA, evaluation and checkpoint intervals, metrics.jsonl, SIGTERM/SIGINT on any rank stopping every rank at the
@@ -33,6 +35,7 @@ import torch.nn.functional as F
 import checkpoints
 import cli
 import fast
+import parallel
 import tinyhyena as th
 from data import DataError, Genome, Windows, prepare, prepared_hg38, read_bed
 
@@ -65,6 +68,9 @@ def parse_args(argv=None):
     p.add_argument("--ckpt_interval", type=cli.positive_int, default=1000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto (cuda, then cpu), cpu, cuda, cuda:1, ...")
+    p.add_argument("--context_parallel", type=cli.positive_int, default=1, metavar="N",
+                   help="processes that share each sequence, each holding 1/N of its positions (under torchrun; "
+                        "the number of processes must be a multiple of N, data parallelism over the rest)")
     p.add_argument("--checkpointing", default="auto", choices=["auto", "on", "off"],
                    help="activation checkpointing; auto switches it on where activations would not fit")
     p.add_argument("--rc_aug", action="store_true", help="reverse-complement augmentation")
@@ -164,15 +170,19 @@ def lm_loss(model, x, y):
 
 
 @torch.no_grad()
-def evaluate(model, dataset, args, device, rank, world):
+def evaluate(model, dataset, args, device, rank, world, context=None):
     """Mean loss per token over args.eval_batches windows spread evenly over the dataset: the same windows at
-    every evaluation and whatever the number of processes, which share them out."""
+    every evaluation and whatever the number of processes, which share them out. Under context parallelism
+    (context: this process's parallel.ContextGroup) each group reads a window, each process its positions."""
     model.eval()
     total = torch.zeros(2, device=device)
     n = min(len(dataset), args.eval_batches)
-    for i in range(rank, n, world):
+    share, shares = (rank // context.size, world // context.size) if context else (rank, world)
+    for i in range(share, n, shares):
         x, y = dataset[i * len(dataset) // n]
         x, y = x[None].to(device), y[None].to(device)
+        if context:
+            x, y = context.shard(x), context.shard(y)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             loss = lm_loss(model, x, y)
         if torch.isfinite(loss):
@@ -466,6 +476,23 @@ def main(argv=None):
     return run_distributed(pretrain, parse_args(argv))
 
 
+def context_group(args, stages, rank, world):
+    """This process's parallel.ContextGroup under --context_parallel N (None for 1): processes rank // N * N ..
+    + N - 1 share each sequence. UserError for a world or a warm-up length that N does not divide."""
+    N = args.context_parallel
+    if N == 1:
+        return None
+    for L, _, _ in stages:
+        if L % N:
+            raise th.UserError(f"sequence length {L} is not divisible by --context_parallel {N}"
+                               + (" (a warm-up stage: set --min_seq_len)" if L != args.seq_len else ""))
+    if world % N:
+        raise th.UserError(f"--context_parallel {N} does not divide the {world} process(es) of this run "
+                           "(start it with torchrun --nproc_per_node)")
+    groups = [dist.new_group(list(range(i, i + N))) for i in range(0, world, N)]  # every process makes each
+    return parallel.ContextGroup(groups[rank // N])
+
+
 def pretrain(args, rank, world, device):
     main_rank = rank == 0
     claim_out_dir(args.out, args.resume, args.overwrite, delete=main_rank)  # before anything is written
@@ -474,10 +501,14 @@ def pretrain(args, rank, world, device):
         raise th.UserError(f"--dropout must be below 1, got {args.dropout}")
     model = initial_model(args).to(device)  # (sets --seq_len where it was left to the checkpoint)
     cfg = model.cfg
-    genome, bed = load_data(args)
     stages = length_stages(args)
+    context = context_group(args, stages, rank, world)  # (checked before the data is read)
+    genome, bed = load_data(args)
     train_sets = {L: Windows(genome, L, "train", bed, args.rc_aug) for L, _, _ in stages}
     val_set = Windows(genome, args.seq_len, "valid", bed)
+    if context:
+        parallel.enable(model, context)
+    data_rank, data_world = (rank // context.size, world // context.size) if context else (rank, world)
     model.gradient_checkpointing = want_checkpointing(args, cfg, args.batch_size, device)
     torch.manual_seed(args.seed * 1000 + rank)  # each process its own dropout and augmentation draws
     metrics_path = os.path.join(args.out, "metrics.jsonl")
@@ -488,16 +519,16 @@ def pretrain(args, rank, world, device):
         L, micro_batch, first = [s for s in stages if s[2] <= step][-1]
         if L != stream["length"]:  # a new stage, or resuming: the position in the data follows from the step
             stream["length"] = L
-            stream["batches"] = batches(train_sets[L], micro_batch, args.seed + L, rank, world,
+            stream["batches"] = batches(train_sets[L], micro_batch, args.seed + L, data_rank, data_world,
                                         (step - first) * args.grad_accum, args.workers)
         return next(stream["batches"])
 
     def tokens(step):
         L, micro_batch, _ = [s for s in stages if s[2] <= max(step - 1, 0)][-1]
-        return L, micro_batch * L * args.grad_accum * world
+        return L, micro_batch * L * args.grad_accum * data_world
 
     def evaluate_val(step):
-        val = evaluate(model, val_set, args, device, rank, world)
+        val = evaluate(model, val_set, args, device, rank, world, context)
         if main_rank:
             log_metrics(metrics_path, {"step": step, "split": "val", "loss": val, "tokens": step * tokens(step)[1],
                                        "seq_len": args.seq_len, "elapsed_s": round(time.time() - start, 3)})
@@ -506,7 +537,11 @@ def pretrain(args, rank, world, device):
         L, per_step = tokens(step)
         return {"tokens": step * per_step, "seq_len": L}
 
-    job = Job(model=model, next_batch=next_batch, loss=lambda m, x, y: (lm_loss(m, x, y), None),
+    if context:
+        loss = lambda m, x, y: (parallel.context_loss(m, context.shard(x), context.shard(y), context)[0], None)
+    else:
+        loss = lambda m, x, y: (lm_loss(m, x, y), None)
+    job = Job(model=model, next_batch=next_batch, loss=loss,
                        evaluate=evaluate_val, train_row=train_row,
                        save_model=lambda step: th.save_pretrained(model, args.out))
     if args.init_from and not args.resume:
@@ -515,7 +550,7 @@ def pretrain(args, rank, world, device):
     if outcome == "diverged":
         return 1
     if outcome == "done":
-        test = evaluate(model, Windows(genome, args.seq_len, "test", bed), args, device, rank, world)
+        test = evaluate(model, Windows(genome, args.seq_len, "test", bed), args, device, rank, world, context)
         if main_rank:
             log_metrics(metrics_path, {"step": args.max_steps, "split": "test", "loss": test,
                                        "bits_per_base": test / math.log(2),

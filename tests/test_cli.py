@@ -28,6 +28,12 @@ def bad_invocations(tmp):
         (["train.py", "--fasta", tmp / "missing.fa"], ["--fasta", "missing.fa: file not found"]),
         (["train.py", "--preset", "huge"], ["--preset", "huge"]),
         (["train.py", "--resume", "--overwrite"], ["--resume and --overwrite"]),
+        (["train.py", "--fasta", tmp / "a.fa", "--seq_len", "66", "--min_seq_len", "66", "--context_parallel", "4",
+          "--out", tmp / "cp"], ["sequence length 66 is not divisible by --context_parallel 4"]),
+        (["train.py", "--fasta", tmp / "a.fa", "--seq_len", "64", "--min_seq_len", "32", "--context_parallel", "3",
+          "--out", tmp / "cp"], ["sequence length 32 is not divisible by --context_parallel 3", "--min_seq_len"]),
+        (["train.py", "--fasta", tmp / "a.fa", "--seq_len", "64", "--context_parallel", "2", "--out", tmp / "cp"],
+         ["--context_parallel 2 does not divide the 1 process(es)"]),
         # data.py
         (["data.py", "prepare", tmp / "missing.fa"], ["missing.fa: file not found"]),
         (["data.py", "prepare", tmp / "a.fa", "--out", tmp / "user_folder"], ["user_folder"]),

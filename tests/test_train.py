@@ -154,7 +154,9 @@ def assert_same_run(a, b):
     for split in ("val", "test"):  # evaluation sharded over the processes, against one process
         assert rows_a[split][-1]["loss"] == pytest.approx(rows_b[split][-1]["loss"], rel=1e-5), split
     for k in weights_a:
-        torch.testing.assert_close(weights_a[k], weights_b[k], rtol=1e-4, atol=2e-5)  # Adam: rounding of tiny gradients
+        # Adam divides by the gradient's running scale, so where a gradient is near zero float32 rounding alone
+        # (another order of summation) moves a weight by up to a few 1e-5 after 3 steps at lr 3e-3
+        torch.testing.assert_close(weights_a[k], weights_b[k], rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.slow
@@ -165,6 +167,17 @@ def test_train_ddp_two_processes_equal_one_process_with_their_global_batch(marko
     ddp = deterministic_run(markov, tmp_path / "ddp", "--batch_size", 2,
                             launcher=("-m", "torch.distributed.run", "--nproc_per_node", 2, "--master_port", free_port()))
     assert_same_run(ddp, deterministic_run(markov, tmp_path / "one", "--batch_size", 4))
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("world, cp, batch", [(2, 2, 2), (4, 2, 4)])
+def test_train_context_parallel_equals_one_process(markov, tmp_path, world, cp, batch):
+    """train.py --context_parallel: each sequence's positions split over cp processes (and data parallel over
+    world / cp groups) takes the steps one process takes on the same global batch: the same gradient at step 1,
+    losses, validation and test losses, and final weights."""
+    launcher = ("-m", "torch.distributed.run", "--nproc_per_node", world, "--master_port", free_port())
+    split = deterministic_run(markov, tmp_path / "cp", "--batch_size", 2, "--context_parallel", cp, launcher=launcher)
+    assert_same_run(split, deterministic_run(markov, tmp_path / "one", "--batch_size", batch))
 
 
 def two_nodes(fasta, out, *extra):

@@ -1,0 +1,192 @@
+"""
+Context parallelism: one sequence split across processes, so that a sequence too long for one device's memory
+is read by several.
+
+The scheme of Evo 2's trainer (savanna) for Hyena. A group of N processes holds the positions of each sequence
+in N equal shards: process r holds positions [r L/N, (r+1) L/N) of every sequence, through the embedding, the
+norms, the MLP and the loss, which act on each position alone. Only the Hyena operator looks along the
+sequence, and it does so in two ways:
+- the short convolution reads the K-1 positions before each one: each process receives the last K-1 projected
+  positions of the process before it (a halo; zeros for the first), and sends its own to the next;
+- the long convolutions read the whole sequence, but each channel alone: an all-to-all turns the N+1 projected
+  streams from position shards (all channels, L/N positions) into channel shards (d/N channels, all L
+  positions). Each process runs the gates and FFT convolutions of its channels over the full length, as the
+  model does, and a second all-to-all turns the result back into position shards for out_proj.
+Each exchange is an autograd Function whose backward is the opposite exchange, so gradients are exact. Every
+process holds every parameter, and each computes its share of their gradients: summed over the group (DDP's
+average, with each process's loss scaled by N: see `context_loss`), they are the gradients of one process
+reading the whole sequence.
+
+Memory per process: activations of L/N positions, and the operator's temporaries of d/N channels at length L.
+
+Shapes: B batch, L the whole sequence's length, S = L/N the positions a process holds, d d_model, G = d/N.
+"""
+
+import torch
+import torch.distributed as dist
+
+import fast
+import tinyhyena as th
+
+
+class ContextGroup:
+    """The processes that share each sequence: a torch.distributed process group, this process's rank in it and
+    its size N."""
+
+    def __init__(self, group=None):
+        self.group = group
+        self.rank, self.size = dist.get_rank(group), dist.get_world_size(group)
+        self.ranks = dist.get_process_group_ranks(group) if group is not None else list(range(self.size))
+
+    def shard(self, x, dim=1):
+        """This process's positions of x along dim (a full-length tensor that every process holds)."""
+        L = x.shape[dim]
+        if L % self.size:
+            raise th.UserError(f"sequence length {L} is not divisible by --context_parallel {self.size}")
+        return x.narrow(dim, self.rank * (L // self.size), L // self.size)
+
+
+def exchange(pieces, group):
+    """All-to-all by point-to-point messages (gloo has no all-to-all): pieces[j] goes to the group's rank j;
+    returns what each rank sent here, in rank order."""
+    pieces = [p.contiguous() for p in pieces]  # (messages are whole buffers)
+    received = [torch.empty_like(p) for p in pieces]
+    received[group.rank] = pieces[group.rank]
+    ops = []
+    for j, piece in enumerate(pieces):
+        if j != group.rank:
+            ops.append(dist.P2POp(dist.isend, piece, group.ranks[j], group.group))
+            ops.append(dist.P2POp(dist.irecv, received[j], group.ranks[j], group.group))
+    for request in dist.batch_isend_irecv(ops) if ops else []:
+        request.wait()
+    return received
+
+
+def to_channels(z, group):
+    """(B, streams, d, S) position shard -> (B, streams, G, L) channel shard."""
+    return torch.cat(exchange(list(z.chunk(group.size, dim=2)), group), dim=3)
+
+
+def to_positions(y, group):
+    """(B, streams, G, L) channel shard -> (B, streams, d, S) position shard: to_channels read backwards."""
+    return torch.cat(exchange(list(y.chunk(group.size, dim=3)), group), dim=2)
+
+
+class SequenceToChannels(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, z, group):
+        ctx.group = group
+        return to_channels(z, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return to_positions(grad.contiguous(), ctx.group), None
+
+
+class ChannelsToSequence(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, y, group):
+        ctx.group = group
+        return to_positions(y, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return to_channels(grad.contiguous(), ctx.group), None
+
+
+def pass_halo(tail, group):
+    """Send `tail` to the next rank; return the previous rank's (zeros on the first)."""
+    tail = tail.contiguous()
+    ops, received = [], torch.zeros_like(tail)
+    if group.rank + 1 < group.size:
+        ops.append(dist.P2POp(dist.isend, tail, group.ranks[group.rank + 1], group.group))
+    if group.rank > 0:
+        ops.append(dist.P2POp(dist.irecv, received, group.ranks[group.rank - 1], group.group))
+    for request in dist.batch_isend_irecv(ops) if ops else []:
+        request.wait()
+    return received
+
+
+def pass_halo_back(head, group):
+    """The halo's gradient: send `head` to the previous rank; return the next rank's (zeros on the last)."""
+    head = head.contiguous()
+    ops, received = [], torch.zeros_like(head)
+    if group.rank > 0:
+        ops.append(dist.P2POp(dist.isend, head, group.ranks[group.rank - 1], group.group))
+    if group.rank + 1 < group.size:
+        ops.append(dist.P2POp(dist.irecv, received, group.ranks[group.rank + 1], group.group))
+    for request in dist.batch_isend_irecv(ops) if ops else []:
+        request.wait()
+    return received
+
+
+class WithHalo(torch.autograd.Function):
+    """z (B, C, S) -> (B, C, K-1 + S): the previous rank's last K-1 positions, then this rank's."""
+
+    @staticmethod
+    def forward(ctx, z, width, group):
+        ctx.width, ctx.group = width, group
+        return torch.cat([pass_halo(z[..., z.shape[-1] - width:], group), z], dim=-1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        width = ctx.width
+        grad_z = grad[..., width:].clone()
+        grad_z[..., grad_z.shape[-1] - width:] += pass_halo_back(grad[..., :width], ctx.group)
+        return grad_z, None, None
+
+
+class ContextParallelHyena:
+    """HyenaOperator's path under context parallelism, in place of FastHyena (see enable): u (B, S, d), this
+    process's positions -> (B, S, d)."""
+
+    def __init__(self, group):
+        self.group = group
+
+    def __call__(self, op, u, checkpoint=False):
+        group, cfg = self.group, op.cfg
+        B, S, d = u.shape
+        N, K, G = cfg.order, cfg.short_filter_order, d // group.size
+        L = S * group.size
+        if L > cfg.l_max:
+            raise th.UserError(f"sequence length {L} is outside the allowed range [1, {cfg.l_max}] (l_max)")
+        z = op.in_proj(u).transpose(1, 2)  # (B, (N+1)d, S)
+        if K > 1:
+            if S < K - 1:
+                raise th.UserError(f"{S} positions per process are fewer than the short convolution's {K - 1}-"
+                                   "position halo: use a smaller --context_parallel")
+            z = WithHalo.apply(z, K - 1, group)  # (B, (N+1)d, K-1+S)
+        z = op.short_conv(z)  # (B, (N+1)d, S): the halo stands in for the left padding
+        z = SequenceToChannels.apply(z.view(B, N + 1, d, S), group)  # (B, N+1, G, L)
+        g = slice(group.rank * G, (group.rank + 1) * G)  # this process's channels
+        h = op.filter(L).view(N - 1, d, L)[:, g]  # (N-1, G, L)
+        bias = op.filter.bias.view(N - 1, d)[:, g]
+        *x, v = z.unbind(1)  # x_0 .. x_{N-1}, v: each (B, G, L)
+        for o, x_i in enumerate(reversed(x[1:])):  # as HyenaOperator.forward, on G channels
+            v = fast.gated_causal_conv(v, x_i, h[o], bias[o])
+        y = ChannelsToSequence.apply((v * x[0])[:, None], group)[:, 0]  # (B, d, S)
+        return op.out_proj(y.transpose(1, 2))
+
+
+def enable(model, group):
+    """Run `model`'s Hyena operators under context parallelism over `group` (a ContextGroup). d_model must be
+    divisible by the group's size. The model then takes each process's shard of positions (group.shard)."""
+    if model.cfg.d_model % group.size:
+        raise th.UserError(f"d_model {model.cfg.d_model} is not divisible by --context_parallel {group.size}")
+    for block in model.blocks:  # (HyenaOperator.forward takes the path its `fast` holds, on either kind of model)
+        block.mixer.fast = ContextParallelHyena(group)
+    return model
+
+
+def context_loss(model, x, y, group):
+    """Next-token cross-entropy of this process's positions x, y (B, S), over the whole sequences' tokens and
+    times the group's size: DDP's average over the processes then gives the gradient of the mean loss over
+    every token (the group's processes each add their positions' share). Returns (that loss, the mean loss
+    over every token of the group's sequences, for logging)."""
+    logits = model(x)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # (B, S, V); bf16 -> float32
+    mask = y != th.PAD_ID
+    total = torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none")[mask.flatten()].sum()
+    counts = torch.stack([mask.sum().float(), total.detach()])
+    dist.all_reduce(counts, group=group.group)
+    return total / counts[0] * group.size, counts[1] / counts[0]

@@ -1,0 +1,59 @@
+"""parallel.py: context parallelism, one sequence split across processes, against one process reading it all."""
+
+import json
+
+import pytest
+
+from helpers import ROOT, free_port, run_process
+
+# Each process of a torchrun computes the model twice on the same weights and batch: whole, as one process
+# would, and as its context group's shard of positions. It reports the worst relative errors.
+WORKER = """
+import json, sys
+import torch, torch.distributed as dist
+sys.path[:0] = [sys.argv[1], sys.argv[1] + "/tests"]
+import parallel, tinyhyena as th
+from helpers import random_model
+cp, order, K, L, out = int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), sys.argv[6]
+dist.init_process_group("gloo")
+world, rank = dist.get_world_size(), dist.get_rank()
+groups = [dist.new_group(list(range(i, i + cp))) for i in range(0, world, cp)]  # every process makes each group
+group = parallel.ContextGroup(groups[rank // cp])
+cfg = th.HyenaConfig(d_model=8, n_layer=2, d_inner=16, order=order, filter_order=8, short_filter_order=K, l_max=L + 2)
+whole = random_model(cfg, 0).double()
+sharded = random_model(cfg, 0).double()
+parallel.enable(sharded, group)
+ids = torch.randint(7, 12, (2, L + 1), generator=torch.Generator().manual_seed(rank // cp))  # one batch per group
+ids[0, :3] = th.PAD_ID  # padding is left out of the loss
+x, y = ids[:, :-1], ids[:, 1:]
+logits = whole(x)
+loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=th.PAD_ID)
+loss.backward()
+shard_logits = sharded(group.shard(x))
+scaled, mean = parallel.context_loss(sharded, group.shard(x), group.shard(y), group)
+scaled.backward()
+for p in sharded.parameters():  # DDP's average over the processes of one group's scaled losses
+    dist.all_reduce(p.grad, group=group.group)
+    p.grad /= group.size
+gathered = [torch.empty_like(shard_logits) for _ in range(cp)]
+dist.all_gather(gathered, shard_logits.contiguous(), group=group.group)
+rel = lambda a, b: float((a - b).norm() / b.norm())
+errors = {"logits": rel(torch.cat(gathered, 1), logits), "loss": abs(float(mean) / float(loss) - 1),
+          "grads": max(rel(a.grad, b.grad) for a, b in zip(sharded.parameters(), whole.parameters()))}
+json.dump(errors, open(f"{out}/errors{rank}.json", "w"))
+"""
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("world, cp, order, K, L", [(2, 2, 2, 3, 64), (4, 4, 3, 4, 60), (4, 2, 2, 1, 34)])
+def test_context_parallel_equals_one_process(tmp_path, world, cp, order, K, L):
+    """Logits, loss and every parameter's gradient of a context-parallel run (world processes in groups of cp,
+    each group its own batch) equal one process's on the same weights and batch: orders 2-3, short filters of
+    1-4 taps, halos of up to 3 positions."""
+    (tmp_path / "worker.py").write_text(WORKER)
+    result = run_process("-m", "torch.distributed.run", "--nproc_per_node", world, "--master_port", free_port(),
+                         tmp_path / "worker.py", ROOT, cp, order, K, L, tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for rank in range(world):
+        errors = json.loads((tmp_path / f"errors{rank}.json").read_text())
+        assert errors["logits"] <= 1e-10 and errors["loss"] <= 1e-10 and errors["grads"] <= 1e-10, (rank, errors)
