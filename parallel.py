@@ -72,26 +72,17 @@ def to_positions(y, group):
     return torch.cat(exchange(list(y.chunk(group.size, dim=3)), group), dim=2)
 
 
-class SequenceToChannels(torch.autograd.Function):
+class Reshard(torch.autograd.Function):
+    """to_channels (forward=to_channels) or to_positions, each one's gradient being the other's exchange."""
+
     @staticmethod
-    def forward(ctx, z, group):
-        ctx.group = group
-        return to_channels(z, group)
+    def forward(ctx, x, group, direction):
+        ctx.group, ctx.back = group, to_positions if direction is to_channels else to_channels
+        return direction(x, group)
 
     @staticmethod
     def backward(ctx, grad):
-        return to_positions(grad.contiguous(), ctx.group), None
-
-
-class ChannelsToSequence(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, y, group):
-        ctx.group = group
-        return to_positions(y, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return to_channels(grad.contiguous(), ctx.group), None
+        return ctx.back(grad.contiguous(), ctx.group), None, None
 
 
 def pass_halo(tail, group):
@@ -157,15 +148,31 @@ class ContextParallelHyena:
                                    "position halo: use a smaller --context_parallel")
             z = WithHalo.apply(z, K - 1, group)  # (B, (N+1)d, K-1+S)
         z = op.short_conv(z)  # (B, (N+1)d, S): the halo stands in for the left padding
-        z = SequenceToChannels.apply(z.view(B, N + 1, d, S), group)  # (B, N+1, G, L)
-        g = slice(group.rank * G, (group.rank + 1) * G)  # this process's channels
-        h = op.filter(L).view(N - 1, d, L)[:, g]  # (N-1, G, L)
-        bias = op.filter.bias.view(N - 1, d)[:, g]
-        *x, v = z.unbind(1)  # x_0 .. x_{N-1}, v: each (B, G, L)
-        for o, x_i in enumerate(reversed(x[1:])):  # as HyenaOperator.forward, on G channels
-            v = fast.gated_causal_conv(v, x_i, h[o], bias[o])
-        y = ChannelsToSequence.apply((v * x[0])[:, None], group)[:, 0]  # (B, d, S)
+        z = Reshard.apply(z.view(B, N + 1, d, S), group, to_channels)  # (B, N+1, G, L)
+        g = torch.arange(group.rank * G, (group.rank + 1) * G, device=u.device)  # this process's channels
+        rows = (torch.arange(N - 1, device=u.device)[:, None] * d + g).flatten()  # their filters, per order
+        # (inside a checkpointed block, the filters and the recurrence are each recomputed alone in backward,
+        # as on the fast path: their full-length temporaries are not all held at once)
+        h = fast.checkpointed(checkpoint, channel_filters, op.filter, L, rows).view(N - 1, G, L)
+        bias = op.filter.bias[rows].view(N - 1, G)
+        y = fast.checkpointed(checkpoint, recurrence, z, h, bias)  # (B, G, L)
+        y = Reshard.apply(y[:, None], group, to_positions)[:, 0]  # (B, d, S)
         return op.out_proj(y.transpose(1, 2))
+
+
+def channel_filters(filt, L, rows):
+    """The implicit filters h (len(rows), L) of the given rows only (fast.filters restricted to them)."""
+    features = filt.mlp[:-1](filt.z[:L])  # (L, filter_order), shared by every filter
+    window = torch.exp(torch.outer(-filt.deltas[rows].abs(), filt.t[:L, 0])).add_(0.05)
+    return torch.mm(filt.mlp[-1].weight[rows], features.t()).mul_(window)
+
+
+def recurrence(z, h, bias):
+    """HyenaOperator.forward's gates and long convolutions, on a channel shard: z (B, N+1, G, L) -> (B, G, L)."""
+    *x, v = z.unbind(1)  # x_0 .. x_{N-1}, v
+    for o, x_i in enumerate(reversed(x[1:])):  # x_{N-1} first, as published
+        v = fast.gated_causal_conv(v, x_i, h[o], bias[o])
+    return v * x[0]
 
 
 def enable(model, group):

@@ -190,7 +190,7 @@ import tinyhyena, export
 training = sorted({"finetune", "train", "data"} & set(sys.modules))
 import torch
 torch.ones(1 << 20)  # a first tensor: anything deferred to it happens now
-import bench, checkpoints, classifier, cli, data, fast, finetune, score, train
+import bench, checkpoints, classifier, cli, data, fast, finetune, generate, parallel, score, train
 changed = sorted(set(os.environ.items()) ^ set(before.items()))
 print(training, changed, calls)
 """

@@ -14,7 +14,8 @@ import torch, torch.distributed as dist
 sys.path[:0] = [sys.argv[1], sys.argv[1] + "/tests"]
 import parallel, tinyhyena as th
 from helpers import random_model
-cp, order, K, L, out = int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), sys.argv[6]
+cp, order, K, L, checkpointing = map(int, sys.argv[2:7])
+out = sys.argv[7]
 dist.init_process_group("gloo")
 world, rank = dist.get_world_size(), dist.get_rank()
 groups = [dist.new_group(list(range(i, i + cp))) for i in range(0, world, cp)]  # every process makes each group
@@ -23,6 +24,8 @@ cfg = th.HyenaConfig(d_model=8, n_layer=2, d_inner=16, order=order, filter_order
 whole = random_model(cfg, 0).double()
 sharded = random_model(cfg, 0).double()
 parallel.enable(sharded, group)
+sharded.gradient_checkpointing = bool(checkpointing)  # each block, and in it the filters and the recurrence,
+# recomputed in backward: the exchanges run again, in the same order in every process
 ids = torch.randint(7, 12, (2, L + 1), generator=torch.Generator().manual_seed(rank // cp))  # one batch per group
 ids[0, :3] = th.PAD_ID  # padding is left out of the loss
 x, y = ids[:, :-1], ids[:, 1:]
@@ -45,14 +48,15 @@ json.dump(errors, open(f"{out}/errors{rank}.json", "w"))
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("world, cp, order, K, L", [(2, 2, 2, 3, 64), (4, 4, 3, 4, 60), (4, 2, 2, 1, 34)])
-def test_context_parallel_equals_one_process(tmp_path, world, cp, order, K, L):
+@pytest.mark.parametrize("world, cp, order, K, L, checkpointing", [(2, 2, 2, 3, 64, 0), (4, 4, 3, 4, 60, 1),
+                                                                   (4, 2, 2, 1, 34, 1)])
+def test_context_parallel_equals_one_process(tmp_path, world, cp, order, K, L, checkpointing):
     """Logits, loss and every parameter's gradient of a context-parallel run (world processes in groups of cp,
     each group its own batch) equal one process's on the same weights and batch: orders 2-3, short filters of
-    1-4 taps, halos of up to 3 positions."""
+    1-4 taps, halos of up to 3 positions, with and without gradient checkpointing."""
     (tmp_path / "worker.py").write_text(WORKER)
     result = run_process("-m", "torch.distributed.run", "--nproc_per_node", world, "--master_port", free_port(),
-                         tmp_path / "worker.py", ROOT, cp, order, K, L, tmp_path)
+                         tmp_path / "worker.py", ROOT, cp, order, K, L, checkpointing, tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     for rank in range(world):
         errors = json.loads((tmp_path / f"errors{rank}.json").read_text())
