@@ -48,12 +48,12 @@ json.dump(errors, open(f"{out}/errors{rank}.json", "w"))
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("world, cp, order, K, L, checkpointing", [(2, 2, 2, 3, 64, 0), (4, 4, 3, 4, 60, 1),
-                                                                   (4, 2, 2, 1, 34, 1)])
+@pytest.mark.parametrize("world, cp, order, K, L, checkpointing", [(2, 2, 2, 1, 64, 0), (4, 4, 3, 4, 60, 1)])
 def test_context_parallel_equals_one_process(tmp_path, world, cp, order, K, L, checkpointing):
     """Logits, loss and every parameter's gradient of a context-parallel run (world processes in groups of cp,
-    each group its own batch) equal one process's on the same weights and batch: orders 2-3, short filters of
-    1-4 taps, halos of up to 3 positions, with and without gradient checkpointing."""
+    each group its own batch) equal one process's on the same weights and batch: orders 2-3, a short filter of
+    1 tap (no halo) and of 4 (a 3-position halo), with and without gradient checkpointing. (train.py's test
+    runs the published 3 taps, in groups of 2 among 4 processes.)"""
     (tmp_path / "worker.py").write_text(WORKER)
     result = run_process("-m", "torch.distributed.run", "--nproc_per_node", world, "--master_port", free_port(),
                          tmp_path / "worker.py", ROOT, cp, order, K, L, checkpointing, tmp_path)
