@@ -85,27 +85,15 @@ class Reshard(torch.autograd.Function):
         return ctx.back(grad.contiguous(), ctx.group), None, None
 
 
-def pass_halo(tail, group):
-    """Send `tail` to the next rank; return the previous rank's (zeros on the first)."""
-    tail = tail.contiguous()
-    ops, received = [], torch.zeros_like(tail)
-    if group.rank + 1 < group.size:
-        ops.append(dist.P2POp(dist.isend, tail, group.ranks[group.rank + 1], group.group))
-    if group.rank > 0:
-        ops.append(dist.P2POp(dist.irecv, received, group.ranks[group.rank - 1], group.group))
-    for request in dist.batch_isend_irecv(ops) if ops else []:
-        request.wait()
-    return received
-
-
-def pass_halo_back(head, group):
-    """The halo's gradient: send `head` to the previous rank; return the next rank's (zeros on the last)."""
-    head = head.contiguous()
-    ops, received = [], torch.zeros_like(head)
-    if group.rank > 0:
-        ops.append(dist.P2POp(dist.isend, head, group.ranks[group.rank - 1], group.group))
-    if group.rank + 1 < group.size:
-        ops.append(dist.P2POp(dist.irecv, received, group.ranks[group.rank + 1], group.group))
+def shift(piece, group, step):
+    """Send `piece` to the rank `step` (+1 or -1) away; return what the rank `step` the other way sent (zeros where
+    there is none: before the first rank, after the last)."""
+    piece = piece.contiguous()
+    ops, received = [], torch.zeros_like(piece)
+    if 0 <= group.rank + step < group.size:
+        ops.append(dist.P2POp(dist.isend, piece, group.ranks[group.rank + step], group.group))
+    if 0 <= group.rank - step < group.size:
+        ops.append(dist.P2POp(dist.irecv, received, group.ranks[group.rank - step], group.group))
     for request in dist.batch_isend_irecv(ops) if ops else []:
         request.wait()
     return received
@@ -117,13 +105,13 @@ class WithHalo(torch.autograd.Function):
     @staticmethod
     def forward(ctx, z, width, group):
         ctx.width, ctx.group = width, group
-        return torch.cat([pass_halo(z[..., z.shape[-1] - width:], group), z], dim=-1)
+        return torch.cat([shift(z[..., z.shape[-1] - width:], group, +1), z], dim=-1)  # the last K-1, forward
 
     @staticmethod
     def backward(ctx, grad):
         width = ctx.width
         grad_z = grad[..., width:].clone()
-        grad_z[..., grad_z.shape[-1] - width:] += pass_halo_back(grad[..., :width], ctx.group)
+        grad_z[..., grad_z.shape[-1] - width:] += shift(grad[..., :width], ctx.group, -1)  # their gradient, back
         return grad_z, None, None
 
 
