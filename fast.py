@@ -37,17 +37,18 @@ import torch.nn.functional as F
 # ---------------------------------------------------------------------------------------------------------
 # Process-wide CPU memory settings.
 
-def tune_cpu_memory():
+def tune_cpu_memory(memory_first=False):
     """Make the process's CPU memory faster for tinyhyena's tensors; call it first thing, before any tensor is
     made. Two settings, each measured on the 2-core CPU machine (BENCHMARKS.md, "CPU memory"):
     - transparent huge pages for torch's large CPU buffers (THP_MEM_ALLOC_ENABLE=1, which torch reads at the
-      first allocation, and which child processes inherit): at L = 2^20, page faults of fresh buffers were a
-      third of an inference (20.9 s -> 18.1 s);
+      first allocation, and which child processes inherit): fewer page faults for fresh buffers;
     - glibc's malloc keeps freed buffers of up to 32 MB on its heap and keeps up to 2 GB of free heap instead
       of handing it back (mallopt M_MMAP_THRESHOLD, M_TRIM_THRESHOLD): a training step's buffers are no longer
-      faulted in afresh each step (0.94-1.02 s -> 0.86 s a step at batch 32 x 1,024).
-    The cost is memory: the heap keeps what it has grown to, and with huge pages' 2 MB alignment it fragments
-    (peak RSS 1.40 GB -> 2.05 GB over 150 steps at 32 x 1,024; malloc_trim(0) hands the free part back).
+      faulted in afresh each step.
+    The cost is memory: the heap keeps what it has grown to, and with huge pages' 2 MB alignment it fragments.
+    Where memory comes first (a run long enough to need activation checkpointing), call it again with
+    memory_first=True, at any time: glibc then maps every buffer of 1 MB or more afresh and hands it back when
+    it is freed, so that the process holds little more than its live tensors.
     A value the user set wins (THP_MEM_ALLOC_ENABLE, any MALLOC_* or GLIBC_TUNABLES variable), and
     TINYHYENA_KEEP_FREED_MEMORY=0 leaves glibc as it is. Linux with glibc only."""
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
@@ -59,8 +60,8 @@ def tune_cpu_memory():
     except (OSError, AttributeError):  # a C library without mallopt
         return
     M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # from glibc's malloc.h
-    mallopt(M_MMAP_THRESHOLD, 32 << 20)
-    mallopt(M_TRIM_THRESHOLD, (1 << 31) - 1)
+    mallopt(M_MMAP_THRESHOLD, 1 << 20 if memory_first else 32 << 20)
+    mallopt(M_TRIM_THRESHOLD, 32 << 20 if memory_first else (1 << 31) - 1)
 
 
 HEAP_BUFFER_FLOATS = (15 << 20) // 4  # 15 MB of float32: the largest piece a CPU buffer is made in
@@ -235,23 +236,41 @@ class GroupedProjection(torch.autograd.Function):
 # ---------------------------------------------------------------------------------------------------------
 # The Hyena operator's fast path.
 
-def filters(filt, L):
-    """ImplicitFilter's h (n_filters, L), computed straight into that layout: the last layer as
-    W @ features^T, so that each filter is a contiguous row for the FFT (padding the rows of the transposed
-    product was a strided copy), and the window's exp and product in place (each full-size temporary is
-    0.5 GB at 2^20)."""
-    features = filt.mlp[:-1](filt.z[:L])  # (L, filter_order)
-    h = torch.mm(filt.mlp[-1].weight, features.t())  # (n_filters, L)
-    window = torch.outer(-filt.deltas.abs(), filt.t[:L, 0]).exp_().add_(0.05)  # (n_filters, L)
-    return h.mul_(window)
+FILTER_PIECE = 1 << 16  # positions per piece of the implicit filter's MLP at long L
+
+
+def filters(filt, L, rows=None, checkpoint=False):
+    """ImplicitFilter's h (n_filters, L), or only the filters `rows` (an index tensor), computed straight into
+    that layout: the last layer as W @ features^T, so that each filter is a contiguous row for the FFT (padding
+    the rows of the transposed product was a strided copy), and the window's exp and product in place. The MLP
+    runs on pieces of FILTER_PIECE positions, each (with `checkpoint`) recomputed alone in backward: its hidden
+    activations, six of (L, filter_order), would otherwise be held at once."""
+    W = filt.mlp[-1].weight if rows is None else filt.mlp[-1].weight[rows]  # (n_filters, filter_order)
+    decay = -(filt.deltas if rows is None else filt.deltas[rows]).abs()  # (n_filters,)
+
+    def piece(z, t):  # z (P, emb_dim), t (P,) -> (n_filters, P)
+        h = torch.mm(W, filt.mlp[:-1](z).t())
+        return h.mul_(torch.outer(decay, t).exp_().add_(0.05))
+
+    pieces = [checkpointed(checkpoint, piece, z, t)
+              for z, t in zip(filt.z[:L].split(FILTER_PIECE), filt.t[:L, 0].split(FILTER_PIECE))]
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)
+
+
+def group_size(B, L, d, N, budget=HEAP_BUFFER_FLOATS):
+    """Channels per group of d channels at length L: equal groups, each one's largest buffer (its projections
+    (B, (N+1)G, L), or its FFT spectrum (B, G, n/2+1) complex) within `budget` floats, but at least 16 channels
+    (thinner groups' matmuls run far below peak)."""
+    per_channel = B * max((N + 1) * L, fft_size(2 * L - 1) + 2)
+    n_groups = math.ceil(d / max(16, budget // per_channel))
+    return math.ceil(d / n_groups)
 
 
 class FastHyena:
     """HyenaOperator's fast path, with its settings and its kept spectra (one per operator; not a module, so
     it adds nothing to the state_dict).
-    - channel_group: channels per group; None chooses equal groups whose largest buffer fits group_budget
-      floats (the heap's size, HEAP_BUFFER_FLOATS), and at least 16 channels (thinner groups' matmuls run far
-      below peak).
+    - channel_group: channels per group; None chooses them by group_size within group_budget floats (the
+      heap's size, HEAP_BUFFER_FLOATS).
     - spectrum_cache_bytes: room for the filters' spectra kept without a gradient (4 GiB per model, shared
       among its layers: the tiny model's at 2^20); 0 switches the cache off."""
 
@@ -268,7 +287,7 @@ class FastHyena:
         N = op.cfg.order
         # the filters h (N-1, d, L), or without a gradient their spectra (N-1, d, n/2+1), kept between calls
         h = None if torch.is_grad_enabled() else self.cached_spectrum(op.filter, L)
-        h = (checkpointed(checkpoint, filters, op.filter, L) if h is None else h).view(N - 1, d, -1)
+        h = (filters(op.filter, L, checkpoint=checkpoint) if h is None else h).view(N - 1, d, -1)
         group = self.channel_group or self.group_size(B, L, d, N)
         groups = [slice(c, min(c + group, d)) for c in range(0, d, group)]
         h_groups = h.split(group, dim=1)  # (not h[:, g]: an index's gradient is full-size zeros, per group)
@@ -290,11 +309,7 @@ class FastHyena:
         return torch.baddbmm(b, y.transpose(1, 2), W.t().expand(B, -1, -1))
 
     def group_size(self, B, L, d, N):
-        """Channels per group: equal groups, each one's largest buffer (its projections (B, (N+1)G, L), or its
-        FFT spectrum (B, G, n/2+1) complex) within group_budget floats, but at least 16 channels."""
-        per_channel = B * max((N + 1) * L, fft_size(2 * L - 1) + 2)
-        n_groups = math.ceil(d / max(16, self.group_budget // per_channel))
-        return math.ceil(d / n_groups)
+        return group_size(B, L, d, N, self.group_budget)
 
     @staticmethod
     def project(op, u, groups):

@@ -17,7 +17,8 @@ process holds every parameter, and each computes its share of their gradients: s
 average, with each process's loss scaled by N: see `context_loss`), they are the gradients of one process
 reading the whole sequence.
 
-Memory per process: activations of L/N positions, and the operator's temporaries of d/N channels at length L.
+Memory per process: activations of L/N positions, and the operator's temporaries of one step's channels (see
+ContextParallelHyena) at length L.
 
 Shapes: B batch, L the whole sequence's length, S = L/N the positions a process holds, d d_model, G = d/N.
 """
@@ -44,6 +45,13 @@ class ContextGroup:
         if L % self.size:
             raise th.UserError(f"sequence length {L} is not divisible by --context_parallel {self.size}")
         return x.narrow(dim, self.rank * (L // self.size), L // self.size)
+
+    def same_batch(self, *tensors):
+        """The group's first process's tensors, in every process of the group: each process of a group must read
+        the same sequences, augmentation draws included, which come from each process's own random state."""
+        for t in tensors:
+            dist.broadcast(t, self.ranks[0], group=self.group)
+        return tensors
 
 
 def exchange(pieces, group):
@@ -117,10 +125,18 @@ class WithHalo(torch.autograd.Function):
 
 class ContextParallelHyena:
     """HyenaOperator's path under context parallelism, in place of FastHyena (see enable): u (B, S, d), this
-    process's positions -> (B, S, d)."""
+    process's positions -> (B, S, d).
+
+    It runs the channels in steps, as the fast path runs them in groups, so that no process holds all (N+1) d
+    projected channels of its positions at once: step k takes d_k = N g_k channels, g_k of each process's,
+    through in_proj, the halo and short convolution, the exchange, the recurrence and the exchange back. Process r
+    owns channels [c_k + r g_k, c_k + (r+1) g_k) of the step starting at channel c_k. Under checkpointing each
+    step is recomputed alone in backward, its exchanges with it (in the same order in every process).
+    channel_group: g_k, the channels per step of each process; None chooses them as fast.group_size does."""
 
     def __init__(self, group):
         self.group = group
+        self.channel_group = None
 
     def __call__(self, op, u, checkpoint=False):
         group, cfg = self.group, op.cfg
@@ -129,30 +145,33 @@ class ContextParallelHyena:
         L = S * group.size
         if L > cfg.l_max:
             raise th.UserError(f"sequence length {L} is outside the allowed range [1, {cfg.l_max}] (l_max)")
-        z = op.in_proj(u).transpose(1, 2)  # (B, (N+1)d, S)
-        if K > 1:
-            if S < K - 1:
-                raise th.UserError(f"{S} positions per process are fewer than the short convolution's {K - 1}-"
-                                   "position halo: use a smaller --context_parallel")
-            z = WithHalo.apply(z, K - 1, group)  # (B, (N+1)d, K-1+S)
-        z = op.short_conv(z)  # (B, (N+1)d, S): the halo stands in for the left padding
-        z = Reshard.apply(z.view(B, N + 1, d, S), group, to_channels)  # (B, N+1, G, L)
-        g = torch.arange(group.rank * G, (group.rank + 1) * G, device=u.device)  # this process's channels
-        rows = (torch.arange(N - 1, device=u.device)[:, None] * d + g).flatten()  # their filters, per order
-        # (inside a checkpointed block, the filters and the recurrence are each recomputed alone in backward,
-        # as on the fast path: their full-length temporaries are not all held at once)
-        h = fast.checkpointed(checkpoint, channel_filters, op.filter, L, rows).view(N - 1, G, L)
+        if K > 1 and S < K - 1:
+            raise th.UserError(f"{S} positions per process are fewer than the short convolution's {K - 1}-"
+                               "position halo: use a smaller --context_parallel")
+        sizes = [len(c) for c in torch.arange(G).split(self.channel_group or fast.group_size(B, L, G, N))]
+        starts = [group.size * sum(sizes[:k]) for k in range(len(sizes))]  # each step's first channel
+        channels = torch.cat([torch.arange(c + group.rank * g, c + (group.rank + 1) * g) for c, g in zip(starts, sizes)])
+        rows = (torch.arange(N - 1)[:, None] * d + channels).flatten().to(u.device)  # this process's filters
+        h = fast.filters(op.filter, L, rows, checkpoint).view(N - 1, G, L)
         bias = op.filter.bias[rows].view(N - 1, G)
-        y = fast.checkpointed(checkpoint, recurrence, z, h, bias)  # (B, G, L)
-        y = Reshard.apply(y[:, None], group, to_positions)[:, 0]  # (B, d, S)
-        return op.out_proj(y.transpose(1, 2))
+        y = torch.cat([fast.checkpointed(checkpoint, self.channel_step, op, u, h_k, bias_k, slice(c, c + group.size * g))
+                       for h_k, bias_k, c, g in zip(h.split(sizes, 1), bias.split(sizes, 1), starts, sizes)], dim=1)
+        return op.out_proj(y.transpose(1, 2))  # y (B, d, S)
 
-
-def channel_filters(filt, L, rows):
-    """The implicit filters h (len(rows), L) of the given rows only (fast.filters restricted to them)."""
-    features = filt.mlp[:-1](filt.z[:L])  # (L, filter_order), shared by every filter
-    window = torch.exp(torch.outer(-filt.deltas[rows].abs(), filt.t[:L, 0])).add_(0.05)
-    return torch.mm(filt.mlp[-1].weight[rows], features.t()).mul_(window)
+    def channel_step(self, op, u, h, bias, channels):
+        """One step: the d_k channels `channels` (a slice) of this process's positions, u (B, S, d) -> (B, d_k, S);
+        h (N-1, g_k, L), bias (N-1, g_k): the filters of this process's g_k of them."""
+        group, N, K = self.group, op.cfg.order, op.cfg.short_filter_order
+        B, S, d = u.shape
+        z = fast.FastHyena.project(op, u, [channels])[0]  # (B, (N+1) d_k, S)
+        weight = op.short_conv.weight.view(N + 1, d, K)[:, channels].flatten(0, 1)
+        if K > 1:
+            z = WithHalo.apply(z, K - 1, group)  # (B, (N+1) d_k, K-1+S)
+        z = fast.causal_short_conv(z, weight, op.short_conv.bias.view(N + 1, d)[:, channels].flatten())
+        z = z[..., z.shape[-1] - S:]  # (B, (N+1) d_k, S): the halo stood in for the left padding
+        z = Reshard.apply(z.reshape(B, N + 1, -1, S), group, to_channels)  # (B, N+1, g_k, L)
+        y = recurrence(z, h, bias)  # (B, g_k, L)
+        return Reshard.apply(y[:, None], group, to_positions)[:, 0]  # (B, d_k, S)
 
 
 def recurrence(z, h, bias):

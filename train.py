@@ -510,6 +510,8 @@ def pretrain(args, rank, world, device):
         parallel.enable(model, context)
     data_rank, data_world = (rank // context.size, world // context.size) if context else (rank, world)
     model.gradient_checkpointing = want_checkpointing(args, cfg, args.batch_size, device)
+    if model.gradient_checkpointing and device.type == "cpu":
+        fast.tune_cpu_memory(memory_first=True)  # memory is what limits the length here (fast.py)
     torch.manual_seed(args.seed * 1000 + rank)  # each process its own dropout and augmentation draws
     metrics_path = os.path.join(args.out, "metrics.jsonl")
     start = time.time()
@@ -521,7 +523,8 @@ def pretrain(args, rank, world, device):
             stream["length"] = L
             stream["batches"] = batches(train_sets[L], micro_batch, args.seed + L, data_rank, data_world,
                                         (step - first) * args.grad_accum, args.workers)
-        return next(stream["batches"])
+        x, y = next(stream["batches"])
+        return context.same_batch(x, y) if context else (x, y)
 
     def tokens(step):
         L, micro_batch, _ = [s for s in stages if s[2] <= max(step - 1, 0)][-1]

@@ -57,13 +57,15 @@ def test_fast_path_equals_plain_path_with_gradients(case, checkpointing, data):
             assert rel_err(fast_model.hidden_states_from_embeddings(x), plain_out) <= 1e-10
 
 
-def test_memory_budgets_split_long_sequences_into_groups_and_slices():
+def test_memory_budgets_split_long_sequences_into_groups_and_slices(monkeypatch):
     """Where a sequence is long for the memory budgets, the fast path runs the operator in several channel groups
-    (group_size, from group_budget) and the MLP in slices of positions (mlp_chunk): in place without a gradient,
-    recomputed one group and one slice at a time under checkpointing. The same values and gradients as the
+    (group_size, from group_budget), the MLP in slices of positions (mlp_chunk) and the filter's MLP in pieces of
+    positions (FILTER_PIECE): in place without a gradient, recomputed one group, slice and piece at a time under
+    checkpointing. The same values and gradients as the
     plain path. (The budgets are shrunk here so that 3,000 positions are "long".)"""
     cfg = th.HyenaConfig(d_model=40, n_layer=2, d_inner=16, filter_order=4, l_max=3_002)
     model, plain = fast_and_plain(cfg, 0, None)
+    monkeypatch.setattr(fast, "FILTER_PIECE", 1_100)  # 3 pieces, the last short
     for block in model.blocks:
         block.mixer.fast.group_budget = 3 * 3_000  # one channel's projections: the 16-channel floor decides
         block.fast.mlp_chunk = 700  # 5 slices, the last short
@@ -148,7 +150,8 @@ def test_grouped_projection_equals_one_linear_layer_with_gradients(B, d, sizes, 
 
 
 def test_freed_heap_memory_kept_only_when_the_user_set_no_malloc_variable(monkeypatch):
-    """tune_cpu_memory calls mallopt on glibc, never over a variable the user set, and not when switched off."""
+    """tune_cpu_memory calls mallopt on glibc (memory first or speed first), never over a variable the user set, and
+    not when switched off."""
     calls = []
     fake_libc = types.SimpleNamespace(mallopt=lambda param, value: calls.append((param, value)) or 1)
     monkeypatch.setattr(fast.ctypes, "CDLL", lambda name: fake_libc)
@@ -159,6 +162,9 @@ def test_freed_heap_memory_kept_only_when_the_user_set_no_malloc_variable(monkey
     fast.tune_cpu_memory()
     assert calls == [(-3, 32 << 20), (-1, (1 << 31) - 1)]  # M_MMAP_THRESHOLD, M_TRIM_THRESHOLD
     assert os.environ["THP_MEM_ALLOC_ENABLE"] == "0"
+    calls.clear()
+    fast.tune_cpu_memory(memory_first=True)  # every buffer of 1 MB or more mapped, and handed back when freed
+    assert calls == [(-3, 1 << 20), (-1, 32 << 20)]
     calls.clear()
     monkeypatch.setenv("TINYHYENA_KEEP_FREED_MEMORY", "0")
     fast.tune_cpu_memory()

@@ -14,8 +14,8 @@ import torch, torch.distributed as dist
 sys.path[:0] = [sys.argv[1], sys.argv[1] + "/tests"]
 import parallel, tinyhyena as th
 from helpers import random_model
-cp, order, K, L, checkpointing = map(int, sys.argv[2:7])
-out = sys.argv[7]
+cp, order, K, L, checkpointing, channel_group = map(int, sys.argv[2:8])
+out = sys.argv[8]
 dist.init_process_group("gloo")
 world, rank = dist.get_world_size(), dist.get_rank()
 groups = [dist.new_group(list(range(i, i + cp))) for i in range(0, world, cp)]  # every process makes each group
@@ -24,6 +24,8 @@ cfg = th.HyenaConfig(d_model=8, n_layer=2, d_inner=16, order=order, filter_order
 whole = random_model(cfg, 0).double()
 sharded = random_model(cfg, 0).double()
 parallel.enable(sharded, group)
+for block in sharded.blocks:  # 0: chosen by the budget (one step at these sizes)
+    block.mixer.fast.channel_group = channel_group or None
 sharded.gradient_checkpointing = bool(checkpointing)  # each block, and in it the filters and the recurrence,
 # recomputed in backward: the exchanges run again, in the same order in every process
 ids = torch.randint(7, 12, (2, L + 1), generator=torch.Generator().manual_seed(rank // cp))  # one batch per group
@@ -48,15 +50,18 @@ json.dump(errors, open(f"{out}/errors{rank}.json", "w"))
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("world, cp, order, K, L, checkpointing", [(2, 2, 2, 1, 64, 0), (4, 4, 3, 4, 60, 1)])
-def test_context_parallel_equals_one_process(tmp_path, world, cp, order, K, L, checkpointing):
+@pytest.mark.parametrize("world, cp, order, K, L, checkpointing, channel_group",
+                         [(2, 2, 2, 1, 64, 0, 0), (2, 2, 2, 3, 64, 1, 3), (4, 4, 3, 4, 60, 1, 1)])
+def test_context_parallel_equals_one_process(tmp_path, world, cp, order, K, L, checkpointing, channel_group):
     """Logits, loss and every parameter's gradient of a context-parallel run (world processes in groups of cp,
     each group its own batch) equal one process's on the same weights and batch: orders 2-3, a short filter of
-    1 tap (no halo) and of 4 (a 3-position halo), with and without gradient checkpointing. (train.py's test
+    1 tap (no halo) and of 4 (a 3-position halo), with and without gradient checkpointing, the channels in one
+    step, in steps of 3 and 1 channels of each process (the last step of 3 is one channel short). (train.py's test
     runs the published 3 taps, in groups of 2 among 4 processes.)"""
     (tmp_path / "worker.py").write_text(WORKER)
     result = run_process("-m", "torch.distributed.run", "--nproc_per_node", world, "--master_port", free_port(),
-                         tmp_path / "worker.py", ROOT, cp, order, K, L, checkpointing, tmp_path)
+                         tmp_path / "worker.py", ROOT, cp, order, K, L, checkpointing, channel_group,
+                         tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     for rank in range(world):
         errors = json.loads((tmp_path / f"errors{rank}.json").read_text())

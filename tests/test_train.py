@@ -173,10 +173,16 @@ def test_train_ddp_two_processes_equal_one_process_with_their_global_batch(marko
 def test_train_context_parallel_equals_one_process(markov, tmp_path):
     """train.py --context_parallel 2 among 4 processes: each sequence's positions split over 2 processes, data
     parallel over the 2 groups. It takes the steps one process takes on the same global batch: the same gradient
-    at step 1, losses, validation and test losses, and final weights."""
+    at step 1, losses, validation and test losses, and final weights; and so does one group of 2 with --rc_aug."""
     launcher = ("-m", "torch.distributed.run", "--nproc_per_node", 4, "--master_port", free_port())
     split = deterministic_run(markov, tmp_path / "cp", "--batch_size", 2, "--context_parallel", 2, launcher=launcher)
     assert_same_run(split, deterministic_run(markov, tmp_path / "one", "--batch_size", 4))
+    # two processes, one group, with reverse-complement augmentation: its draws come from each process's own
+    # random state, yet both processes must read the sequences of the first, whose state is one process's
+    launcher = ("-m", "torch.distributed.run", "--nproc_per_node", 2, "--master_port", free_port())
+    split = deterministic_run(markov, tmp_path / "cp_rc", "--batch_size", 4, "--context_parallel", 2, "--rc_aug",
+                              launcher=launcher)
+    assert_same_run(split, deterministic_run(markov, tmp_path / "one_rc", "--batch_size", 4, "--rc_aug"))
 
 
 def two_nodes(fasta, out, *extra):
@@ -331,3 +337,16 @@ def test_weight_decay_only_on_matrices_outside_the_filter():
     model.blocks[0].requires_grad_(False)
     groups = train.adamw(model, types.SimpleNamespace(lr=1e-3, weight_decay=0.1)).param_groups
     assert not {names[id(p)] for g in groups for p in g["params"]} & {n for n in names.values() if n.startswith("blocks.0.")}
+
+
+def test_memory_comes_first_under_checkpointing(markov, tmp_path, monkeypatch):
+    """A run that checkpoints activations on the CPU (a length that memory limits) asks glibc to hand freed
+    buffers back (fast.tune_cpu_memory(memory_first=True)); one that does not keeps them, for speed."""
+    calls = []
+    monkeypatch.setattr(train.fast, "tune_cpu_memory", lambda memory_first=False: calls.append(memory_first))
+    for checkpointing in ("on", "off"):
+        result = run_script("train.py", "--fasta", markov[0], "--seq_len", 32, "--min_seq_len", 32, "--max_steps", 1,
+                            "--eval_batches", 1, "--batch_size", 2, "--device", "cpu", "--checkpointing", checkpointing,
+                            "--out", tmp_path / checkpointing)
+        assert result.returncode == 0, result.stderr[-2000:]
+    assert calls == [False, True, False]
