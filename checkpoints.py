@@ -21,8 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
-from cli import atomic_write, write_text
-from tinyhyena import BASES, SPECIAL_TOKENS, HyenaConfig, HyenaDNA, MissingFileError, UserError
+from base import MissingFileError, UserError, atomic_write, write_text
+from tinyhyena import BASES, SPECIAL_TOKENS, HyenaConfig, HyenaDNA
 
 
 class _Opaque:

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 import checkpoints
 import tinyhyena as th
-from cli import atomic_write, write_text
+from base import atomic_write, write_text
 
 CLASSIFIER_FILE = "classifier.json"  # marks a fine-tuned folder: the head and what it needs
 HEAD_FILE = "head.pt"

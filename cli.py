@@ -3,8 +3,8 @@ Command-line conventions shared by every script (train, finetune, score, generat
 
 Every script parses with `ArgumentParser`, checks values with the types below and runs its main through
 `run_command`: what the user got wrong (a tinyhyena.UserError) is one line, `error: <what, naming the flag or
-path>`, and exit status 1, with no traceback; any other exception is a bug and keeps its traceback. Files are
-written atomically (`atomic_write`): a reader sees the old file or the new one, never half of one.
+path>`, and exit status 1, with no traceback; any other exception is a bug and keeps its traceback. (The error
+types and the file helpers are base.py's.)
 """
 
 import argparse
@@ -14,7 +14,7 @@ import sys
 
 import torch
 
-from tinyhyena import UserError
+from base import UserError
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -84,14 +84,6 @@ def check_sequence_inputs(parser, args):
                      else "--fasta and --bed go together: the genome, and the regions to cut from it")
 
 
-def make_out_dir(path, flag="--out"):
-    """Create an output folder up front; UserError naming the flag and folder if it cannot be."""
-    try:
-        os.makedirs(path, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"{flag} {path}: cannot create the folder ({e.strerror or e})") from None
-
-
 def run_command(main, argv=None):
     """A script's entry point: main(argv) -> exit status, with a UserError printed as one line, status 1."""
     try:
@@ -121,41 +113,3 @@ def pick_device(name="auto"):
         if device.index is not None and device.index >= visible:
             raise UserError(f"--device {name}: {name} requested, {visible} GPU{'s' if visible > 1 else ''} visible")
     return device
-
-
-def fsync_path(path):
-    """Ask the kernel to put path (a file, or a folder's list of names) on disk before going on."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path, write):
-    """write(tmp) then rename tmp to path: readers, and a crash or power loss at any moment, see the old file or
-    the new one, never half of one (the data is fsynced before the rename, the folder after it). A path that
-    cannot be written (a full disk, a read-only folder) is a UserError naming it, and the old file stays."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        write(tmp)
-        fsync_path(tmp)
-        os.replace(tmp, path)
-        fsync_path(os.path.dirname(os.path.abspath(path)))
-    except OSError as e:
-        raise UserError(f"{path}: cannot write ({e.strerror or e})") from None
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def write_text(path, lines):
-    """Text lines to path atomically, or to standard output when path is None."""
-    if path is None:
-        sys.stdout.writelines(lines)
-        return
-
-    def write(tmp):
-        with open(tmp, "w") as f:
-            f.writelines(lines)
-    atomic_write(path, write)

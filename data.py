@@ -21,14 +21,11 @@ import numpy as np
 import torch
 
 from cli import ArgumentParser, existing_file, run_command
-from tinyhyena import BYTE_TO_ID, N_ID, PAD_ID, UserError
+from base import DataError
+from tinyhyena import BYTE_TO_ID, N_ID, PAD_ID
 
 HG38_FASTA_URL = "https://storage.googleapis.com/basenji_barnyard2/hg38.ml.fa.gz"
 HG38_BED_URL = "https://storage.googleapis.com/basenji_barnyard2/sequences_human.bed"
-
-
-class DataError(UserError):
-    """Bad input data, named in the message; the command line prints it on one line and exits 1."""
 
 
 # ---------------------------------------------------------------------------------------------------------

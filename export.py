@@ -38,6 +38,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import base
 import classifier
 import cli
 import fast
@@ -442,7 +443,7 @@ def export(model, path, target="cuda", max_len=None, outputs="logits"):
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
     import onnx
-    cli.atomic_write(path, lambda tmp: onnx.save(proto, tmp))
+    base.atomic_write(path, lambda tmp: onnx.save(proto, tmp))
     return proto
 
 

@@ -11,6 +11,7 @@ with the result; embed sequences.
     python finetune.py fit --checkpoint DIR --data chromatin.csv --task multilabel --label_columns 'dnase_*'
     python finetune.py predict --checkpoint ft --input seqs.fa [--out predictions.tsv]
     python finetune.py embed --checkpoint DIR --input seqs.fa --out embeddings.npy [--pool mean|last]
+    torchrun --nproc_per_node 2 finetune.py embed ... --context_parallel 2   # each sequence over 2 processes
     python finetune.py predict --checkpoint ft --fasta hg38.fa --bed promoters.bed     # regions of a genome
 
 Two ways to classify, both from the paper:
@@ -44,14 +45,17 @@ import time
 import numpy as np
 import torch
 
+import base
 import checkpoints
 import cli
 import fast
+import parallel
 import tinyhyena as th
 from classifier import (CLASSIFIER_FILE, HEAD_FILE, TASKS, SequenceClassifier, load_classifier, pad_left, readout,
                         save_classifier)
 from data import DataError, Genome, open_maybe_gzipped, read_fasta, read_inputs, reverse_complement
-from train import Job, barrier, batches, claim_out_dir, log_metrics, prepare_once, run_distributed, train_loop
+from parallel import barrier, run_distributed
+from train import Job, batches, claim_out_dir, log_metrics, prepare_once, train_loop
 
 SELECTION_METRIC = {"classify": "mcc", "regression": "pearson", "multilabel": "auroc"}  # picks the best model
 
@@ -462,7 +466,7 @@ def build_backbone(args):
 
 
 def fit(args):
-    return run_distributed(fit_on, args)
+    return run_distributed(fit_on, args, cli.pick_device(args.device))
 
 
 def fit_on(args, rank, world, device):
@@ -470,7 +474,7 @@ def fit_on(args, rank, world, device):
     batches, the task's loss, the validation that keeps the best model, and the final test row."""
     main_rank = rank == 0
     claim_out_dir(args.out, args.resume, args.overwrite, RUN_FILES, delete=main_rank)  # before anything is written
-    cli.make_out_dir(args.out)  # up front: a folder that cannot be made fails before any work
+    base.make_out_dir(args.out)  # up front: a folder that cannot be made fails before any work
     written = "hf" if os.path.isfile(os.path.join(args.out, "model.safetensors")) else \
         "tinyhyena" if os.path.isfile(os.path.join(args.out, CLASSIFIER_FILE)) else None
     if args.resume and written not in (None, args.layout):  # one folder, one layout: no stale weights beside
@@ -617,14 +621,17 @@ def predict(args):
         prefix = "" if model.task == "regression" else "p_"
         lines = ["\t".join(["id"] + [prefix + c for c in model.class_names]) + "\n"]
         lines += ["\t".join([name] + [f"{x:.6g}" for x in v]) + "\n" for (name, _), v in zip(records, values)]
-    cli.write_text(args.out, lines)
+    base.write_text(args.out, lines)
     return 0
 
 
 def embed(args):
+    return run_distributed(embed_on, args, cli.pick_device(args.device))
+
+
+def embed_on(args, rank, world, device):
     from tqdm import tqdm
-    device = cli.pick_device(args.device)
-    model = th.from_pretrained(args.checkpoint, device)
+    model = parallel.for_inference(th.from_pretrained(args.checkpoint, device), args.context_parallel, world)
     records = read_inputs(args, read_sequences)
     limit = model.cfg.l_max
     n_cut = sum(len(ids) > limit for _, ids in records)
@@ -635,14 +642,16 @@ def embed(args):
         raise DataError(f"{args.input or args.bed}: record {records[[len(s) for s in seqs].index(0)][0]!r} is empty")
     out = np.zeros((len(seqs), model.cfg.d_model), dtype=np.float32)
     chunk = 16 * args.batch_size  # th.embed sorts each chunk by length; the bar moves chunk by chunk
-    with tqdm(total=len(seqs), unit="seq", file=sys.stderr, disable=args.quiet) as bar:
+    with tqdm(total=len(seqs), unit="seq", file=sys.stderr, disable=args.quiet or rank > 0) as bar:
         for i in range(0, len(seqs), chunk):
             out[i:i + chunk] = th.embed(model, seqs[i:i + chunk], args.pool, args.batch_size)
             bar.update(len(seqs[i:i + chunk]))
+    if rank > 0:  # every process computed the same vectors; the first writes them
+        return 0
     def save(tmp):
         with open(tmp, "wb") as f:  # a file object: np.save would add ".npy" to a temporary name
             np.save(f, out)
-    cli.atomic_write(args.out, save)
+    base.atomic_write(args.out, save)
     print(f"wrote {args.out}: {out.shape[0]} x {out.shape[1]} float32 ({args.pool} pooling)", file=sys.stderr)
     return 0
 
@@ -712,6 +721,9 @@ def parse_args(argv=None):
             q.add_argument("--pool", default="mean", choices=["mean", "last"])
             q.add_argument("--truncate", default="center", choices=["left", "right", "center"])
             q.add_argument("--quiet", action="store_true")
+            q.add_argument("--context_parallel", type=cli.positive_int, default=1, metavar="N",
+                           help="processes that share each sequence, each holding 1/N of its positions (under "
+                                "torchrun --nproc_per_node N)")
     f.add_argument("--device", default="auto", help="auto (cuda when there is one), cpu, cuda, cuda:1, ...")
     args = p.parse_args(argv)
     if args.command != "fit":

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+import base
 import cli
 import fast
 import tinyhyena as th
@@ -252,7 +253,7 @@ def main(argv=None):
         seq = th.detokenize(row)
         lines.append(f">sample{i + 1} length={args.length} temperature={args.temperature} seed={args.seed}\n")
         lines += [seq[j:j + 70] + "\n" for j in range(0, len(seq), 70)]
-    cli.write_text(args.out, lines)
+    base.write_text(args.out, lines)
     return 0
 
 

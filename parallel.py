@@ -1,6 +1,6 @@
 """
-Context parallelism: one sequence split across processes, so that a sequence too long for one device's memory
-is read by several.
+Many processes: joining torchrun's process group (DDP's and everyone's), and context parallelism, one sequence
+split across processes, so that a sequence too long for one device's memory is read by several.
 
 The scheme of Evo 2's trainer (savanna) for Hyena. A group of N processes holds the positions of each sequence
 in N equal shards: process r holds positions [r L/N, (r+1) L/N) of every sequence, through the embedding, the
@@ -23,11 +23,49 @@ ContextParallelHyena) at length L.
 Shapes: B batch, L the whole sequence's length, S = L/N the positions a process holds, d d_model, G = d/N.
 """
 
+import dataclasses
+import os
+
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 import fast
 import tinyhyena as th
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The process group: torchrun sets RANK, WORLD_SIZE, LOCAL_RANK. One process is world 1, rank 0.
+
+def init_distributed(device):
+    """(rank, world, device): joins the process group that torchrun set up (gloo on the CPU, NCCL on GPUs),
+    with each process on its own GPU."""
+    world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+    if world > 1:
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
+
+
+def run_distributed(work, args, device):
+    """work(args, rank, world, device) in the process group torchrun set up (if any), which it leaves at the end."""
+    rank, world, device = init_distributed(device)
+    try:
+        return work(args, rank, world, device)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Context parallelism.
 
 
 class ContextGroup:
@@ -204,3 +242,40 @@ def context_loss(model, x, y, group):
     counts = torch.stack([mask.sum().float(), total.detach()])
     dist.all_reduce(counts, group=group.group)
     return total / counts[0] * group.size, counts[1] / counts[0]
+
+
+class WholeSequences(torch.nn.Module):
+    """A model under context parallelism over `group` (every process of it), seen as the model it computes, for
+    inference (score.py, finetune.py embed): every process calls it on the same whole sequences (B, L), runs its
+    shard of positions, and gets the whole output, gathered from the group. The sequences are right-padded to a
+    multiple of N, which a causal model's outputs before the padding do not see; so cfg.l_max, the longest
+    sequence it takes, is the model's rounded down to a multiple of N."""
+
+    def __init__(self, model, group):
+        super().__init__()
+        self.model, self.group = enable(model, group), group
+        self.cfg = dataclasses.replace(model.cfg, l_max=model.cfg.l_max - model.cfg.l_max % group.size)
+
+    def forward(self, input_ids):  # (B, L) -> (B, L, V)
+        return self.whole(self.model, input_ids)
+
+    def hidden_states(self, input_ids):  # (B, L) -> (B, L, d)
+        return self.whole(self.model.hidden_states, input_ids)
+
+    def whole(self, fn, input_ids):
+        N, L = self.group.size, input_ids.shape[1]
+        padded = max(-(-L // N), self.cfg.short_filter_order - 1) * N  # (at least a halo's positions each)
+        part = fn(self.group.shard(F.pad(input_ids, (0, padded - L), value=th.PAD_ID))).contiguous()
+        parts = [torch.empty_like(part) for _ in range(N)]
+        dist.all_gather(parts, part, group=self.group.group)
+        return torch.cat(parts, dim=1)[:, :L]
+
+
+def for_inference(model, n, world):
+    """`model` as WholeSequences over every process under --context_parallel n (which must be the number of
+    processes torchrun started: inference shares each sequence, not the sequences), or as it is for n = 1 in one
+    process. UserError otherwise."""
+    if n != world:
+        raise th.UserError(f"--context_parallel {n} must equal the number of processes ({world}): start "
+                           f"{n} with torchrun --nproc_per_node {n}")
+    return WholeSequences(model, ContextGroup()) if n > 1 else model

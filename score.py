@@ -4,6 +4,8 @@ Score DNA with a pretrained model: sequence likelihoods and zero-shot variant ef
     python score.py sequences --checkpoint DIR --input FASTA [--out FILE.tsv] [--per_base FILE.bedGraph]
     python score.py sequences --checkpoint DIR --fasta GENOME --bed REGIONS.bed [--out FILE.tsv]
     python score.py variants --checkpoint DIR --fasta REF --vcf VCF [--window 1024] [--out FILE.tsv] [--both_strands]
+    torchrun --nproc_per_node 2 score.py sequences --checkpoint DIR --input long.fa --context_parallel 2
+                                          # each window's positions split over 2 processes (parallel.py)
 
 A causal language model is a density over sequences: log P(x) = sum_t log P(x_t | x_<t). `sequences` reports it
 per base for every FASTA record. `variants` compares the reference and the alternative allele in their genomic
@@ -21,8 +23,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+import base
 import cli
 import fast
+import parallel
 import tinyhyena as th
 from data import (DataError, find_chrom, load_genome, open_maybe_gzipped, read_fasta, read_inputs,
                   reverse_complement)
@@ -171,48 +175,56 @@ def fmt(x):
     return "NA" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.6f}"
 
 
-def load_model(args):
-    device = cli.pick_device(args.device)
-    model = th.from_pretrained(args.checkpoint, device)
+def load_model(args, world, device):
+    model = parallel.for_inference(th.from_pretrained(args.checkpoint, device), args.context_parallel, world)
     window = args.window or model.cfg.l_max
     if not 2 <= window <= model.cfg.l_max:
-        raise th.UserError(f"--window {window} is outside [2, {model.cfg.l_max}] (the checkpoint's l_max)")
+        raise th.UserError(f"--window {window} is outside [2, {model.cfg.l_max}] (the checkpoint's l_max"
+                           + (", rounded down to a multiple of --context_parallel)" if args.context_parallel > 1 else ")"))
     return model, window
 
 
-def cmd_sequences(args):
+def write(args, rank, path, lines):
+    """cli.write_text by the first process only (every process computes the same rows)."""
+    if rank == 0:
+        base.write_text(path, lines)
+
+
+def cmd_sequences(args, rank, world, device):
     from tqdm import tqdm
     records = read_inputs(args, read_fasta)
-    model, window = load_model(args)
+    model, window = load_model(args, world, device)
     context = window // 2 if args.context is None else args.context
     if not 0 <= context < window:
         raise th.UserError(f"--context {context} must be in [0, --window {window})")
     rows, per_base = ["id\tlength\tnats_per_base\tbits_per_base\tperplexity\n"], []
-    for name, ids in tqdm(records, desc="records", unit="rec", file=sys.stderr, disable=args.quiet):
+    for name, ids in tqdm(records, desc="records", unit="rec", file=sys.stderr, disable=args.quiet or rank > 0):
         logp = th.record_log_probs(model, ids, window, context, args.batch_size).numpy()
         nats = -float(logp.mean()) if logp.size else math.nan
         rows.append(f"{name}\t{len(ids)}\t{fmt(nats)}\t{fmt(nats / math.log(2))}\t{fmt(math.exp(nats))}\n")
         if args.per_base:  # bedGraph: 0-based start, end exclusive; base 0 has no prediction
             per_base.extend(f"{name}\t{t}\t{t + 1}\t{value:.6f}\n" for t, value in enumerate(logp.tolist(), 1))
     if args.per_base:
-        cli.write_text(args.per_base, per_base)
-    cli.write_text(args.out, rows)
+        write(args, rank, args.per_base, per_base)
+    write(args, rank, args.out, rows)
     return 0
 
 
-def cmd_variants(args):
+def cmd_variants(args, rank, world, device):
     from tqdm import tqdm
     variants = read_vcf(args.vcf)
     genome = load_genome(args.fasta)
-    model, window = load_model(args)
-    with tqdm(total=len(variants), desc="variants", unit="var", file=sys.stderr, disable=args.quiet) as bar:
+    model, window = load_model(args, world, device)
+    with tqdm(total=len(variants), desc="variants", unit="var", file=sys.stderr, disable=args.quiet or rank > 0) as bar:
         scores = score_variants(model, genome, variants, window, args.both_strands, args.batch_size, bar.update)
     header = ["chrom", "pos", "id", "ref", "alt", "llr"] + (["llr_forward", "llr_reverse"] if args.both_strands else [])
     rows = ["\t".join(header + ["note"]) + "\n"]
     for v, (llr, forward, reverse, note) in zip(variants, scores):
         cells = [v.chrom, str(v.pos), v.id, v.ref, v.alt, fmt(llr)] + ([fmt(forward), fmt(reverse)] if args.both_strands else [])
         rows.append("\t".join(cells + [note]) + "\n")
-    cli.write_text(args.out, rows)
+    write(args, rank, args.out, rows)
+    if rank > 0:
+        return 0
     skipped = [note.split(":")[0] for *_, note in scores if note]
     summary = f"scored {len(variants) - len(skipped)} of {len(variants)} variants"
     if skipped:
@@ -243,10 +255,14 @@ def main(argv=None):
         q.add_argument("--batch_size", type=cli.positive_int, default=32)
         q.add_argument("--device", default="auto", help="auto (cuda when there is one), cpu, cuda, cuda:1, ...")
         q.add_argument("--quiet", action="store_true", help="no progress bar")
+        q.add_argument("--context_parallel", type=cli.positive_int, default=1, metavar="N",
+                       help="processes that share each window, each holding 1/N of its positions (under torchrun "
+                            "--nproc_per_node N)")
     args = p.parse_args(argv)
     if args.command == "sequences":
         cli.check_sequence_inputs(s, args)
-    return cmd_sequences(args) if args.command == "sequences" else cmd_variants(args)
+    command = cmd_sequences if args.command == "sequences" else cmd_variants
+    return parallel.run_distributed(command, args, cli.pick_device(args.device))
 
 
 if __name__ == "__main__":

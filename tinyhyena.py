@@ -56,19 +56,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from base import UserError  # (th.UserError: the error type every module raises)
 from fast import FastBlock, FastHyena
 
 __version__ = "0.1.0"
-
-
-class UserError(ValueError):
-    """Bad input the user can fix (a flag, a file, a value, a tensor), with a message that names it. Scripts
-    print it as one line, `error: <message>`, and exit 1 (cli.run_command); any other exception is a bug and
-    keeps its traceback."""
-
-
-class MissingFileError(UserError, FileNotFoundError):
-    """A file or folder the user named is not there."""
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+import base
 import checkpoints
 import cli
 import fast
@@ -211,34 +212,7 @@ def want_checkpointing(args, cfg, micro_batch, device):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Many processes: torchrun sets RANK, WORLD_SIZE, LOCAL_RANK. One process is world 1, rank 0.
-
-def init_distributed(device):
-    """(rank, world, device): joins the process group that torchrun set up (gloo on the CPU, NCCL on GPUs),
-    with each process on its own GPU."""
-    world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
-    if world > 1:
-        if device.type == "cuda":
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return rank, world, device
-
-
-def run_distributed(work, args):
-    """work(args, rank, world, device) in the process group torchrun set up (if any), which it leaves at the end."""
-    rank, world, device = init_distributed(cli.pick_device(args.device))
-    try:
-        return work(args, rank, world, device)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
-def barrier():
-    if dist.is_initialized():
-        dist.barrier()
-
+# Many processes (the process group itself is parallel.py's).
 
 def prepare_once(fasta, quiet=False):
     """data.prepare(fasta), written by one process: rank 0 prepares while the others wait; then the first process
@@ -247,10 +221,10 @@ def prepare_once(fasta, quiet=False):
     rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
     if rank == 0:
         prepare(fasta, quiet=quiet)
-    barrier()
+    parallel.barrier()
     if rank != 0 and local_rank == 0:
         prepare(fasta, quiet=True)
-    barrier()
+    parallel.barrier()
     return prepare(fasta, quiet=True)
 
 
@@ -309,7 +283,7 @@ def drop_metrics_after(path, step):
             raise DataError(f"{path}:{i + 1}: not a JSON line; the metrics file is damaged") from None
         if record["step"] <= step:
             kept.append(line if line.endswith("\n") else line + "\n")
-    cli.write_text(path, kept)
+    base.write_text(path, kept)
 
 
 def log_metrics(path, record):
@@ -418,9 +392,9 @@ def train_loop(job, args, device, rank=0, world=1):
         if main_rank:
             state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "rng": states,
                      "args": {k: v for k, v in vars(args).items() if k != "func"}, "job": job.state()}
-            cli.atomic_write(state_path, lambda tmp: torch.save(state, tmp))
+            base.atomic_write(state_path, lambda tmp: torch.save(state, tmp))
             job.save_model(step)
-        barrier()
+        parallel.barrier()
 
     with stop_requests() as stop:
         def stop_requested():  # a stop asked of any process stops them all at the same step
@@ -473,7 +447,8 @@ def train_loop(job, args, device, rank=0, world=1):
 
 def main(argv=None):
     fast.tune_cpu_memory()  # process-wide CPU memory settings, before any tensor (fast.py)
-    return run_distributed(pretrain, parse_args(argv))
+    args = parse_args(argv)
+    return parallel.run_distributed(pretrain, args, cli.pick_device(args.device))
 
 
 def context_group(args, stages, rank, world):
@@ -496,7 +471,7 @@ def context_group(args, stages, rank, world):
 def pretrain(args, rank, world, device):
     main_rank = rank == 0
     claim_out_dir(args.out, args.resume, args.overwrite, delete=main_rank)  # before anything is written
-    cli.make_out_dir(args.out)  # up front: a folder that cannot be made fails now, not after loading the data
+    base.make_out_dir(args.out)  # up front: a folder that cannot be made fails now, not after loading the data
     if args.dropout >= 1:
         raise th.UserError(f"--dropout must be below 1, got {args.dropout}")
     model = initial_model(args).to(device)  # (sets --seq_len where it was left to the checkpoint)

@@ -2,9 +2,10 @@
 
 import json
 
+import numpy as np
 import pytest
 
-from helpers import ROOT, free_port, run_process
+from helpers import FIXTURE, ROOT, assert_one_line_error, free_port, run_process, run_script
 
 # Each process of a torchrun computes the model twice on the same weights and batch: whole, as one process
 # would, and as its context group's shard of positions. It reports the worst relative errors.
@@ -66,3 +67,32 @@ def test_context_parallel_equals_one_process(tmp_path, world, cp, order, K, L, c
     for rank in range(world):
         errors = json.loads((tmp_path / f"errors{rank}.json").read_text())
         assert errors["logits"] <= 1e-10 and errors["loss"] <= 1e-10 and errors["grads"] <= 1e-10, (rank, errors)
+
+
+@pytest.mark.distributed
+def test_score_and_embed_under_context_parallelism_equal_one_process(tmp_path):
+    """score.py sequences (windows of odd lengths, right-padded to a multiple of N) and finetune.py embed (mean
+    pooling over sequences of several lengths, batched) under torchrun --context_parallel 2 write what one
+    process writes; --context_parallel other than the number of processes is a one-line error."""
+    rng = np.random.default_rng(0)
+    fasta = tmp_path / "seqs.fa"
+    fasta.write_text("".join(f">r{i}\n{''.join(rng.choice(list('ACGT'), n))}\n" for i, n in enumerate([1101, 301, 6])))
+    torchrun = ("-m", "torch.distributed.run", "--nproc_per_node", 2, "--master_port")
+    common = ("--checkpoint", FIXTURE, "--input", fasta, "--device", "cpu", "--quiet")
+    score = ("score.py", "sequences", *common, "--window", 500, "--context", 99)
+    embed = ("finetune.py", "embed", *common, "--batch_size", 2)
+    for name, extra in (("one", ()), ("cp", ("--context_parallel", 2))):
+        run = (lambda *a: run_process(*torchrun, free_port(), *a)) if extra else run_script
+        result = run(*score, "--out", tmp_path / f"{name}.tsv", "--per_base", tmp_path / f"{name}.bedGraph", *extra)
+        assert result.returncode == 0, result.stderr[-3000:]
+        result = run(*embed, "--out", tmp_path / f"{name}.npy", *extra)
+        assert result.returncode == 0, result.stderr[-3000:]
+    for table in ("tsv", "bedGraph"):
+        one, cp = ((tmp_path / f"{name}.{table}").read_text().splitlines() for name in ("one", "cp"))
+        assert len(one) == len(cp) > 3 and one[0] == cp[0]
+        for a, b in zip(one[1:], cp[1:]):
+            a, b = a.split("\t"), b.split("\t")
+            assert a[:2] == b[:2] and np.allclose(np.float64(a[-1]), np.float64(b[-1]), rtol=1e-5, atol=1e-5), (a, b)
+    np.testing.assert_allclose(np.load(tmp_path / "cp.npy"), np.load(tmp_path / "one.npy"), rtol=1e-5, atol=1e-5)
+    assert_one_line_error(run_script(*score, "--context_parallel", 2), "--context_parallel 2 must equal",
+                          "number of processes (1)")
