@@ -185,7 +185,7 @@ def test_train_context_parallel_equals_one_process(markov, tmp_path):
     assert_same_run(split, deterministic_run(markov, tmp_path / "one_rc", "--batch_size", 4, "--rc_aug"))
 
 
-def two_nodes(fasta, out, *extra):
+def two_node_run(fasta, out, *extra):
     """Two torchrun agents on this machine, one process each, joined by a c10d rendezvous on 127.0.0.1 (a free
     port, a fresh id): two "nodes" of one run. Returns the agents' Popen objects."""
     port = free_port()
@@ -211,12 +211,14 @@ def finish(agents, timeout=240):
 
 @pytest.mark.distributed
 @pytest.mark.slow
-def test_two_nodes_stop_together_on_one_ranks_sigterm_and_resume_exactly(markov, tmp_path):
+@pytest.mark.parametrize("parallelism", [(), ("--context_parallel", 2)], ids=["data", "context"])
+def test_two_nodes_stop_together_on_one_ranks_sigterm_and_resume_exactly(markov, tmp_path, parallelism):
     """A SIGTERM to one rank's process stops both ranks at the same step: one checkpoint, every process exits 0.
     --resume then ends where an uninterrupted two-node run ends. Each run starts from an unprepared FASTA,
-    prepared by rank 0 alone."""
+    prepared by rank 0 alone. The same with the two processes sharing each sequence (--context_parallel 2)."""
     fasta = tmp_path / "g.fa"
     fasta.write_text(Path(markov[0]).read_text())
+    two_nodes = lambda fasta, out, *extra: two_node_run(fasta, out, *parallelism, *extra)
     codes, outputs = finish(two_nodes(fasta, tmp_path / "full"))
     assert codes == [0, 0], [err[-2000:] for _, err in outputs]
     cut = two_nodes(fasta, tmp_path / "cut")
