@@ -34,7 +34,7 @@ import torch.nn.functional as F
 import cli
 import fast
 import tinyhyena as th
-from train import checkpointing_needed
+from trainer import checkpointing_needed
 
 
 def sync(device):
@@ -89,12 +89,12 @@ def onnx_step(cfg, L, device, batch):
     """The same model exported by export.py for this device (max_len = L), run by ONNX Runtime."""
     import tempfile
     import onnxruntime as ort
-    import export
+    import onnx_graph
     provider = "CUDAExecutionProvider" if device.type == "cuda" else "CPUExecutionProvider"
     with tempfile.TemporaryDirectory() as folder:  # the session holds the graph: the file can go
         path = os.path.join(folder, "bench.onnx")
-        export.export(th.HyenaDNA(cfg).eval(), path, device.type, max_len=L)
-        session = export.ort_session(path, provider)
+        onnx_graph.export(th.HyenaDNA(cfg).eval(), path, device.type, max_len=L)
+        session = onnx_graph.ort_session(path, provider)
     ids = np.random.default_rng(0).integers(7, 12, size=(batch, L), dtype=np.int64)
     if device.type != "cuda":
         return lambda: session.run(None, {"input_ids": ids})
@@ -110,11 +110,11 @@ GENERATE_PROMPT = 64  # bases of prompt before the generated ones
 
 def generation_time(method, preset, L, device, budget):
     """Runs in a subprocess: seconds to sample L bases (greedy) after a GENERATE_PROMPT-base prompt with
-    generate.py's `method`. A method whose cost per base grows with t (cache, forward) is first timed at
+    decoding.generate's `method`. A method whose cost per base grows with t (cache, forward) is first timed at
     position L/2; where L times that (its time for L bases if the cost grows linearly) is over `budget`, the
     run is not made, and (L/2) times it is reported as a lower bound: the second half's bases each cost at least
     as much."""
-    import generate
+    import decoding
     cfg = th.preset_config(preset, l_max=GENERATE_PROMPT + L + 2)
     torch.manual_seed(0)
     model = th.HyenaDNA(cfg).to(device).eval()
@@ -124,7 +124,7 @@ def generation_time(method, preset, L, device, budget):
         times = []
         with torch.no_grad():
             if method == "cache":
-                decoder = generate.Decoder(model, GENERATE_PROMPT + L, "cache")
+                decoder = decoding.Decoder(model, GENERATE_PROMPT + L, "cache")
                 decoder.prefill(bases[None, :half].to(device))
             for i in range(9 if method == "cache" else 4):  # the first is a warm-up, not timed
                 start = time.perf_counter()
@@ -138,7 +138,7 @@ def generation_time(method, preset, L, device, budget):
         if L * per_base > budget:
             return {"seconds": L // 2 * per_base, "lower_bound": True}
     start = time.perf_counter()
-    generate.generate(model, bases[:GENERATE_PROMPT], L, temperature=0, method=method)
+    decoding.generate(model, bases[:GENERATE_PROMPT], L, temperature=0, method=method)
     sync(device)
     return {"seconds": time.perf_counter() - start, "lower_bound": False}
 

@@ -332,9 +332,8 @@ class FastHyena:
         z = causal_short_conv(z, Wc[:, g].flatten(0, 1), bc[:, g].flatten())
         *x, v = z.split(g.stop - g.start, dim=1)  # x_0 .. x_{N-1}, v: each (B, G, L)
         bias = op.filter.bias.view(N - 1, d)
-        for o, x_i in enumerate(reversed(x[1:])):  # x_{N-1} first, as published
-            v = gated_causal_conv(v, x_i, h[o], bias[o, g])  # h_o (*) (v * x_i) + bias_o * (v * x_i)
-        return v * x[0]
+        # h_o (*) (v * x_i) + bias_o * (v * x_i), gate and convolution in one
+        return op.recurrence(x, v, lambda o, v, x_i: gated_causal_conv(v, x_i, h[o], bias[o, g]))
 
     def cached_spectrum(self, filt, L):
         """The filters' spectra rfft(h, n) (n_filters, n/2+1), n = fft_size(2L-1), for use without a gradient;

@@ -30,13 +30,11 @@ The targets of the last two are CSV/TSV columns (`--label_columns a,b,c`, or `pr
 name starts with prefix).
 
 Training batches are padded on the left, as the published tokenizer does; predictions are made in batches of
-equal lengths, so that no padding enters them. The loop is train.py's: AdamW with a cosine
+equal lengths, so that no padding enters them. The loop is trainer.py's: AdamW with a cosine
 schedule after warm-up, gradient clipping, bf16 on CUDA, atomic checkpoints, exact --resume.
 """
 
-import csv
 import dataclasses
-import glob
 import math
 import os
 import sys
@@ -53,180 +51,14 @@ import parallel
 import tinyhyena as th
 from classifier import (CLASSIFIER_FILE, HEAD_FILE, TASKS, SequenceClassifier, load_classifier, pad_left, readout,
                         save_classifier)
-from data import DataError, Genome, open_maybe_gzipped, read_fasta, read_inputs, reverse_complement
+from data import DataError, Genome, read_inputs
+from tasks import (SELECTION_METRIC, Examples, class_names, collate, cut, read_benchmark_split, read_sequences,
+                      read_table, targets_of, task_metrics)
 from parallel import barrier, run_distributed
-from train import Job, batches, claim_out_dir, log_metrics, prepare_once, train_loop
-
-SELECTION_METRIC = {"classify": "mcc", "regression": "pearson", "multilabel": "auroc"}  # picks the best model
-
+from trainer import Job, batches, claim_out_dir, log_metrics, prepare_once, train_loop
 
 # ---------------------------------------------------------------------------------------------------------
 # Data: labelled sequences in the formats users have.
-
-class Examples(torch.utils.data.Dataset):
-    """Labelled sequences: (uint8 token ids, label) pairs, reverse-complemented at random with rc_aug. A label
-    is a class index, or a float32 vector of targets (regression, multilabel)."""
-
-    def __init__(self, seqs, labels, rc_aug=False):
-        self.seqs, self.labels, self.rc_aug = seqs, labels, rc_aug
-
-    def __len__(self):
-        return len(self.seqs)
-
-    def __getitem__(self, i):
-        ids = self.seqs[i]
-        if self.rc_aug and torch.rand(()) < 0.5:  # torch's RNG: seeded per loader, restored on --resume
-            ids = reverse_complement(ids)
-        return ids, self.labels[i]
-
-    def subset(self, index):
-        return Examples([self.seqs[i] for i in index], [self.labels[i] for i in index], self.rc_aug)
-
-
-def collate(items):
-    seqs, labels = zip(*items)
-    return pad_left(seqs), torch.as_tensor(np.asarray(labels))
-
-
-def cut(ids, max_len, side):
-    """ids shortened to max_len: `left` drops bases at the left end, `right` at the right, `center` both."""
-    extra = len(ids) - max_len
-    if extra <= 0:
-        return ids
-    start = {"left": extra, "right": 0, "center": extra // 2}[side]
-    return ids[start:start + max_len]
-
-
-def class_names(labels):
-    """The classes in order: integer labels numerically, then other labels alphabetically."""
-    return sorted(set(labels), key=lambda x: (int(x), x) if x.lstrip("-").isdigit() else (math.inf, x))
-
-
-def read_benchmark_split(root, split):
-    """genomic-benchmarks layout: root/split/<class>/*.txt, one sequence per file -> [(sequence, class)]."""
-    folder = os.path.join(root, split)
-    if not os.path.isdir(folder):
-        raise DataError(f"{folder}: folder not found (a genomic-benchmarks dataset has train/ and test/)")
-    rows = []
-    classes = sorted(d for d in os.listdir(folder) if os.path.isdir(os.path.join(folder, d)))
-    if not classes:
-        raise DataError(f"{folder}: no class folders")
-    for name in classes:
-        files = sorted(glob.glob(os.path.join(folder, name, "*.txt")))
-        if not files:
-            raise DataError(f"{os.path.join(folder, name)}: empty class folder (no .txt sequence files)")
-        for path in files:
-            with open(path, "rb") as f:
-                seq = b"".join(f.read().split())
-            if not seq:
-                raise DataError(f"{path}: holds no sequence")
-            rows.append((seq, name))
-    return rows
-
-
-def resolve_label_columns(spec, columns, path):
-    """--label_columns "a,b,c" (entries ending in * are prefixes) -> the header's matching columns."""
-    found = []
-    for entry in (e.strip() for e in spec.split(",")):
-        if not entry:
-            continue
-        matches = [c for c in columns if c.startswith(entry[:-1])] if entry.endswith("*") else \
-            [entry] if entry in columns else []
-        if not matches:
-            raise DataError(f"{path}:1: no column {'starts with ' + repr(entry[:-1]) if entry.endswith('*') else repr(entry)}"
-                            f" (--label_columns; found {', '.join(columns)})")
-        found += [c for c in matches if c not in found and c != "sequence"]
-    if not found:
-        raise DataError(f"{path}: --label_columns {spec!r} names no column")
-    return found
-
-
-def read_labelled_fasta(path, text, need_label, label_columns):
-    """The Nucleotide Transformer tasks' FASTA (train.fna, test.fna): each header ends in |label -> rows as
-    read_table gives them (name, sequence, label, line)."""
-    if label_columns not in (None, "label"):
-        raise DataError(f"{path}: a FASTA's label is the end of each header (>name|label); --label_columns is for CSV/TSV")
-    rows, lines = [], []
-    for lineno, line in enumerate(text, 1):
-        if line.startswith(">"):
-            name, bar, label = line[1:].strip().rpartition("|")
-            if need_label and (not bar or not label.strip()):
-                raise DataError(f"{path}:{lineno}: header has no label after a '|' (expected >name|label, as in the "
-                                "Nucleotide Transformer tasks' .fna files)")
-            rows.append({"name": name if bar else label, "label": label.strip() if bar else "", "line": lineno})
-            lines.append([])
-        elif line.strip():
-            if not rows:
-                raise DataError(f"{path}:{lineno}: sequence before the first '>' header")
-            lines[-1].append(line.strip())
-    for row, parts in zip(rows, lines):
-        row["sequence"] = "".join(parts)
-        if not row["sequence"]:
-            raise DataError(f"{path}:{row['line']}: empty sequence")
-    if not rows:
-        raise DataError(f"{path}: no sequences")
-    return rows, ["label"] if need_label else []
-
-
-def read_table(path, need_label=True, label_columns=None):
-    """Labelled sequences -> [dict] (`sequence`, the labels, `line`; `split` and `name` when given) and the
-    label columns, from CSV (.csv) or TSV (other names) with a header holding `sequence` or `seq` (and
-    `label`, or the --label_columns spec; optional `split`, `name`), or from FASTA whose headers end in
-    |label (read_labelled_fasta). DataError naming the file and line."""
-    if not os.path.isfile(path):
-        raise DataError(f"{path}: file not found")
-    delimiter = "," if path.lower().removesuffix(".gz").endswith(".csv") else "\t"
-    with open_maybe_gzipped(path) as raw:
-        text = raw.read().decode("utf-8", errors="replace").splitlines()
-    if text and text[0].startswith(">"):
-        return read_labelled_fasta(path, text, need_label, label_columns)
-    reader = csv.DictReader(text, delimiter=delimiter)
-    columns = reader.fieldnames or []
-    if "sequence" not in columns and "seq" in columns:  # the hub copies of the genomic benchmarks
-        columns = reader.fieldnames = ["sequence" if c == "seq" else c for c in columns]
-    need = ["sequence", "label"] if need_label and not label_columns else ["sequence"]
-    missing = [c for c in need if c not in columns]
-    if missing:
-        raise DataError(f"{path}:1: header has no {' or '.join(repr(c) for c in missing)} column "
-                        f"(found {', '.join(columns) or 'nothing'})")
-    labels = resolve_label_columns(label_columns, columns, path) if need_label and label_columns else \
-        ["label"] if need_label else []
-    rows = []
-    for lineno, row in enumerate(reader, 2):
-        seq = (row.get("sequence") or "").strip()
-        if not seq:
-            raise DataError(f"{path}:{lineno}: empty sequence")
-        for column in labels:
-            if not (row.get(column) or "").strip():
-                raise DataError(f"{path}:{lineno}: empty {column}")
-        rows.append({**row, "sequence": seq, "line": lineno})
-    if not rows:
-        raise DataError(f"{path}: no sequences")
-    return rows, labels
-
-
-def targets_of(row, columns, task, path):
-    """A row's label columns as a float32 vector; multilabel targets must be 0 or 1."""
-    try:
-        values = np.array([float(row[c]) for c in columns], dtype=np.float32)
-    except ValueError:
-        bad = next(c for c in columns if not is_number(row[c]))
-        raise DataError(f"{path}:{row['line']}: {bad} is {row[bad].strip()!r}, not a number") from None
-    if not np.isfinite(values).all():
-        raise DataError(f"{path}:{row['line']}: a label column holds {values[~np.isfinite(values)][0]}")
-    if task == "multilabel" and not np.isin(values, (0, 1)).all():
-        bad = columns[int(np.flatnonzero(~np.isin(values, (0, 1)))[0])]
-        raise DataError(f"{path}:{row['line']}: {bad} is {row[bad].strip()!r}; multilabel targets are 0 or 1")
-    return values
-
-
-def is_number(text):
-    try:
-        float(text)
-        return True
-    except ValueError:
-        return False
-
 
 def load_labelled(args):
     """{split: [(sequence bytes, label)]} with split in train / valid / test (valid and test may be missing),
@@ -356,72 +188,6 @@ def prepare_splits(args, max_len):
     return splits, names
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Metrics
-
-def classification_metrics(labels, predictions, n_classes):
-    """accuracy, Matthews correlation (multi-class, Gorodkin's form) and macro F1."""
-    labels, predictions = np.asarray(labels), np.asarray(predictions)
-    confusion = np.zeros((n_classes, n_classes), dtype=np.float64)
-    np.add.at(confusion, (labels, predictions), 1)
-    total, correct = confusion.sum(), np.trace(confusion)
-    true, predicted = confusion.sum(1), confusion.sum(0)
-    denominator = math.sqrt((total ** 2 - (predicted ** 2).sum()) * (total ** 2 - (true ** 2).sum()))
-    mcc = (correct * total - (predicted * true).sum()) / denominator if denominator else 0.0
-    tp = np.diag(confusion)
-    f1 = np.divide(2 * tp, true + predicted, out=np.zeros(n_classes), where=(true + predicted) > 0)
-    return {"accuracy": float(correct / max(total, 1)), "mcc": float(mcc), "f1_macro": float(f1.mean())}
-
-
-def average_ranks(x):
-    """Ranks 1..n of x, ties sharing their mean rank (what Spearman's r and the AUROC need)."""
-    x = np.asarray(x)
-    ranks = np.empty(len(x))
-    ranks[np.argsort(x, kind="stable")] = np.arange(1, len(x) + 1)
-    _, tie, count = np.unique(x, return_inverse=True, return_counts=True)
-    return (np.bincount(tie, weights=ranks) / count)[tie]
-
-
-def pearson(a, b):
-    a, b = a - a.mean(), b - b.mean()
-    denominator = math.sqrt((a * a).sum() * (b * b).sum())
-    return float((a * b).sum() / denominator) if denominator else 0.0
-
-
-def regression_metrics(targets, predictions):
-    """Pearson r, Spearman r and mean squared error, each averaged over the targets (columns)."""
-    targets, predictions = np.asarray(targets, np.float64), np.asarray(predictions, np.float64)
-    columns = range(targets.shape[1])
-    return {"pearson": float(np.mean([pearson(targets[:, j], predictions[:, j]) for j in columns])),
-            "spearman": float(np.mean([pearson(average_ranks(targets[:, j]), average_ranks(predictions[:, j]))
-                                       for j in columns])),
-            "mse": float(((targets - predictions) ** 2).mean())}
-
-
-def auroc(labels, scores):
-    """Area under the ROC curve: the chance that a random positive scores above a random negative (ties
-    count half), from the rank sum of the positives (Mann-Whitney)."""
-    labels = np.asarray(labels) > 0.5
-    n_pos, n_neg = labels.sum(), (~labels).sum()
-    return float((average_ranks(scores)[labels].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
-
-
-def multilabel_metrics(targets, logits):
-    """Mean AUROC over the targets that have both positives and negatives here (others have none), and how
-    many those were."""
-    targets, logits = np.asarray(targets), np.asarray(logits)
-    scored = [j for j in range(targets.shape[1]) if 0 < targets[:, j].sum() < len(targets)]
-    mean = float(np.mean([auroc(targets[:, j], logits[:, j]) for j in scored])) if scored else float("nan")
-    return {"auroc": mean, "targets_scored": len(scored)}
-
-
-def task_metrics(task, targets, outputs):
-    """The task's metrics of forward's outputs (N, n_outputs) against targets."""
-    if task == "classify":
-        return classification_metrics(targets, np.asarray(outputs).argmax(1), np.asarray(outputs).shape[1])
-    return regression_metrics(targets, outputs) if task == "regression" else multilabel_metrics(targets, outputs)
-
-
 @torch.no_grad()
 def predict_logits(model, seqs, batch_size, device):
     """(N, n_outputs) float32 outputs of forward, in input order. Padding is an input like any other (it sits before the sequence
@@ -470,7 +236,7 @@ def fit(args):
 
 
 def fit_on(args, rank, world, device):
-    """Fine-tune in this process (one of `world`, under torchrun) with train.py's loop: this command brings its
+    """Fine-tune in this process (one of `world`, under torchrun) with trainer.py's loop: this command brings its
     batches, the task's loss, the validation that keeps the best model, and the final test row."""
     main_rank = rank == 0
     claim_out_dir(args.out, args.resume, args.overwrite, RUN_FILES, delete=main_rank)  # before anything is written
@@ -577,28 +343,6 @@ def fit_on(args, rank, world, device):
 
 # ---------------------------------------------------------------------------------------------------------
 # predict and embed
-
-def read_sequences(path):
-    """[(id, uint8 ids)] from FASTA, CSV/TSV with a `sequence` or `seq` column (ids from `name` or `id`, else the row),
-    or plain text with one sequence a line (ids are line numbers)."""
-    with open_maybe_gzipped(path) as f:
-        head = f.read(4096).lstrip()
-    if head.startswith(b">"):
-        return read_fasta(path)
-    first = head.split(b"\n", 1)[0].decode("utf-8", "replace").lower()
-    if {"sequence", "seq"} & set(first.replace(",", "\t").split("\t")):
-        rows, _ = read_table(path, need_label=False)
-        key = next((k for k in ("name", "id") if k in rows[0]), None)
-        return [(row[key] if key else str(row["line"] - 1), th.tokenize(row["sequence"])) for row in rows]
-    out = []
-    with open_maybe_gzipped(path) as f:
-        for lineno, line in enumerate(f, 1):
-            if line.strip():
-                out.append((str(lineno), th.BYTE_TO_ID[np.frombuffer(line.strip(), dtype=np.uint8)]))
-    if not out:
-        raise DataError(f"{path}: no sequences")
-    return out
-
 
 def predict(args):
     device = cli.pick_device(args.device)

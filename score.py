@@ -185,7 +185,7 @@ def load_model(args, world, device):
 
 
 def write(args, rank, path, lines):
-    """cli.write_text by the first process only (every process computes the same rows)."""
+    """base.write_text by the first process only (every process computes the same rows)."""
     if rank == 0:
         base.write_text(path, lines)
 

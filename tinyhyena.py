@@ -302,11 +302,23 @@ class HyenaOperator(nn.Module):
         *x, v = z.split(d, dim=1)  # x_0 .. x_{N-1}, v: each (B, d, L)
         h = self.filter(L).view(N - 1, d, L)  # one long filter per order and channel
         bias = self.filter.bias.view(N - 1, d, 1)
-        for o, x_i in enumerate(reversed(x[1:])):  # x_{N-1} first, as published
+
+        def gated_long_conv(o, v, x_i):
             v = v * x_i  # gate
-            v = self.conv(v, h[o]) + bias[o] * v  # long convolution, and its skip term
-        y = v * x[0]  # the last gate
+            return self.conv(v, h[o]) + bias[o] * v  # long convolution, and its skip term
+        y = self.recurrence(x, v, gated_long_conv)
         return self.out_proj(y.transpose(1, 2))  # (B, L, d)
+
+    @staticmethod
+    def recurrence(x, v, gated_long_conv):
+        """The Hyena recurrence over the projected streams x_0 .. x_{N-1} and v: v is gated by x_{N-1} and
+        convolved with the first long filter, then gated by x_{N-2} and convolved with the second, ..., and
+        gated by x_0 last. gated_long_conv(o, v, x_i) is the o-th gate and long convolution with its skip term;
+        the fast path, context parallelism, the decoder and the ONNX graph each bring their own and share this
+        order of operations."""
+        for o, x_i in enumerate(reversed(x[1:])):  # x_{N-1} first, as published
+            v = gated_long_conv(o, v, x_i)
+        return v * x[0]  # the last gate
 
 
 # ---------------------------------------------------------------------------------------------------------

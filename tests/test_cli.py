@@ -134,3 +134,51 @@ def test_bugs_keep_their_traceback():
     with pytest.raises(KeyError):
         cli.run_command(buggy)
     assert cli.run_command(wrong_flag) == 1
+
+
+SCRIPTS = {"train", "finetune", "score", "generate", "export", "bench"}  # command lines, and nothing else
+LIBRARIES = {"base", "tinyhyena", "fast", "checkpoints", "classifier", "data", "tasks", "parallel", "trainer",
+             "decoding", "onnx_graph", "cli"}
+
+
+def imports_of(module, top_level_only):
+    """The project's modules that `module` imports: at its top level, or anywhere in it."""
+    import ast
+    tree = ast.parse((ROOT / f"{module}.py").read_text())
+    nodes = tree.body if top_level_only else list(ast.walk(tree))
+    names = set()
+    for node in nodes:
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+    return names & (SCRIPTS | LIBRARIES)
+
+
+def test_libraries_below_scripts_above_and_no_circle():
+    """Scripts import library modules, never one another; no library imports a script, and none but cli.py's
+    users at the top of the house (scripts, and data.py for its own command line) import cli.py; base.py
+    imports nothing of the project. The import graph at module level has no circle. (One call goes upwards,
+    at call time: tinyhyena.from_pretrained imports checkpoints, which is the model's folder formats.)"""
+    found = {p.stem for p in ROOT.glob("*.py")}
+    assert found == SCRIPTS | LIBRARIES, found ^ (SCRIPTS | LIBRARIES)  # a new file is placed in one of them
+    for module in SCRIPTS | LIBRARIES:
+        assert not imports_of(module, top_level_only=False) & SCRIPTS - {module}, (module, "imports a script")
+    for module in LIBRARIES - {"data", "cli"}:
+        assert "cli" not in imports_of(module, top_level_only=False), module
+    assert imports_of("base", top_level_only=False) == set()
+    assert imports_of("cli", top_level_only=False) == {"base"}
+    graph = {m: imports_of(m, top_level_only=True) for m in SCRIPTS | LIBRARIES}
+    done, on_path = set(), []
+
+    def visit(m):  # depth-first; a module met again on the current path closes a circle
+        assert m not in on_path, " -> ".join(on_path[on_path.index(m):] + [m])
+        if m not in done:
+            on_path.append(m)
+            for n in sorted(graph[m]):
+                visit(n)
+            on_path.pop()
+            done.add(m)
+    for m in sorted(graph):
+        visit(m)
+    assert imports_of("tinyhyena", top_level_only=False) - imports_of("tinyhyena", top_level_only=True) == {"checkpoints"}

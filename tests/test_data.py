@@ -13,9 +13,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import data
-import finetune
+import tasks
 import tinyhyena as th
-import train
+import trainer
 from helpers import assert_one_line_error, run_script
 
 
@@ -51,12 +51,12 @@ def test_windows_from_bed_and_dataloader_workers(genome, tmp_path):
     assert len(data.Windows(genome, 16, "valid", str(bed))) == 1
     # worker processes (train.py --workers) read the same windows, in the same order, as this process does
     windows = data.Windows(genome, 5, "train")  # chr1's 12 bases: windows at several starts
-    in_process, in_workers = train.batches(windows, 2, 7, 0, 1, 0, 0), train.batches(windows, 2, 7, 0, 1, 0, 2)
+    in_process, in_workers = trainer.batches(windows, 2, 7, 0, 1, 0, 0), trainer.batches(windows, 2, 7, 0, 1, 0, 2)
     for _ in range(2 * len(windows) // 2):  # two epochs
         (x0, y0), (x2, y2) = next(in_process), next(in_workers)
         assert torch.equal(x0, x2) and torch.equal(y0, y2)
     order = torch.randperm(len(windows), generator=torch.Generator().manual_seed(7 * 100003))[:2].tolist()
-    (xb, _), = [next(train.batches(windows, 2, 7, 0, 1, 0, 2))]
+    (xb, _), = [next(trainer.batches(windows, 2, 7, 0, 1, 0, 2))]
     assert torch.equal(xb, torch.stack([windows[i][0] for i in order]))  # the epoch's first two, by the seed
 
 
@@ -203,6 +203,6 @@ def test_reverse_complement_augmentation_flips_about_half_the_windows(genome):
         flipped += is_flipped
     assert 160 <= flipped <= 240, flipped  # binomial(400, 0.5): 200 +- 40 is over 4 sigma
     seqs = [th.tokenize("AACGTTTGCA").astype(np.uint8)]
-    examples = finetune.Examples(seqs, [1], rc_aug=True)
+    examples = tasks.Examples(seqs, [1], rc_aug=True)
     outcomes = [th.detokenize(examples[0][0]) for _ in range(400)]
     assert set(outcomes) == {"AACGTTTGCA", "TGCAAACGTT"} and 160 <= outcomes.count("TGCAAACGTT") <= 240

@@ -14,7 +14,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from onnx.reference import ReferenceEvaluator
 
-import export
+import onnx_graph
 import finetune
 import tinyhyena as th
 from helpers import (FIXTURE, Irfft, Rfft, ROOT, assert_one_line_error, direct_causal_conv, labelled, random_model,
@@ -25,7 +25,7 @@ from helpers import (FIXTURE, Irfft, Rfft, ROOT, assert_one_line_error, direct_c
 def fixture_cpu_graph(tmp_path_factory):
     """The published-format fixture exported for the cpu target with both outputs (one export, two tests)."""
     path = tmp_path_factory.mktemp("fixture_graph") / "tinyhyena.onnx"
-    export.export(th.from_pretrained(FIXTURE), str(path), "cpu", outputs="both")
+    onnx_graph.export(th.from_pretrained(FIXTURE), str(path), "cpu", outputs="both")
     return path
 
 
@@ -36,7 +36,7 @@ def test_export_cpu_matches_published_outputs(fixture_cpu_graph):
     logits, hidden = session.run(None, {"input_ids": ref["input_ids"]})
     assert rel_err(logits, ref["logits"]) <= 1e-4 and rel_err(hidden, ref["hidden"]) <= 1e-4
     # dynamic batch and length, against torch
-    assert export.check_against_torch(model, str(fixture_cpu_graph), "both", [1, 37, 1000]) <= 1e-4
+    assert onnx_graph.check_against_torch(model, str(fixture_cpu_graph), "both", [1, 37, 1000]) <= 1e-4
     meta = {p.key: p.value for p in onnx.load(str(fixture_cpu_graph)).metadata_props}
     assert json.loads(meta["tokens"])["A"] == 7 and meta["pad_id"] == "4" and meta["l_max"] == "1026"
     assert meta["target"] == "cpu" and json.loads(meta["config"])["d_model"] == 128
@@ -46,29 +46,29 @@ def test_export_holds_parameters_and_serves_any_length_up_to_max_len(tmp_path):
     """The filters are computed in the graph for the input's length and the FFT size follows that length, so
     a graph exported for a long max_len holds about the parameters and is exact on short inputs too."""
     model = random_model(th.HyenaConfig(d_model=8, n_layer=1, d_inner=16, filter_order=8, l_max=20000), 0)
-    export.export(model, str(tmp_path / "m.onnx"), "cpu")
+    onnx_graph.export(model, str(tmp_path / "m.onnx"), "cpu")
     graph = onnx.load(str(tmp_path / "m.onnx")).graph
     stored = sum(int(np.prod(t.dims)) for t in graph.initializer)
     assert stored <= 1.1 * model.num_params() + 200, (stored, model.num_params())  # no l_max-long tables
-    assert not any(op == "DFT" for _, op in export.graph_ops(graph))  # ONNX Runtime's CPU DFT is the slow kernel
+    assert not any(op == "DFT" for _, op in onnx_graph.graph_ops(graph))  # ONNX Runtime's CPU DFT is the slow kernel
     # the channel groups and the MLP's hidden groups are Loops: 2 per block, nothing else at the top level
     assert [n.op_type for n in graph.node].count("Loop") == 2 * model.cfg.n_layer
     # lengths on both sides of every length where the matrix FFT's radix p doubles
-    changes = list(export.fft_radix_lengths(model.cfg.l_max).values())[1:]
+    changes = list(onnx_graph.fft_radix_lengths(model.cfg.l_max).values())[1:]
     assert len(changes) == 3  # p = 2, 4, 8
     lengths = sorted({1, 37, 1000} | {L + side for L in changes for side in (-1, 0)})
-    assert export.check_against_torch(model, str(tmp_path / "m.onnx"), "logits", lengths, batches=(1, 2)) <= 1e-4
+    assert onnx_graph.check_against_torch(model, str(tmp_path / "m.onnx"), "logits", lengths, batches=(1, 2)) <= 1e-4
 
 
 @pytest.mark.parametrize("d_model,order,d_inner", [(12, 3, 40), (48, 2, 300), (7, 2, 8)])
 def test_export_groups_compute_the_model(d_model, order, d_inner, monkeypatch):
     """The graph's blocks in groups (channels of the operator, hidden units of the MLP; each group a Loop
     iteration) compute the model, in torch, for group sizes that divide the widths unevenly or not at all."""
-    monkeypatch.setattr(export, "CHANNEL_GROUP", 5)
-    monkeypatch.setattr(export, "HIDDEN_GROUP", 16)
+    monkeypatch.setattr(onnx_graph, "CHANNEL_GROUP", 5)
+    monkeypatch.setattr(onnx_graph, "HIDDEN_GROUP", 16)
     cfg = th.HyenaConfig(d_model=d_model, n_layer=2, d_inner=d_inner, order=order, filter_order=8, l_max=300)
     model = random_model(cfg, 3)
-    wrapper = export.ExportedModel(model, "both").eval()
+    wrapper = onnx_graph.ExportedModel(model, "both").eval()
     ids = torch.randint(7, 12, (2, 257))
     with torch.no_grad():
         logits, hidden = wrapper(ids)
@@ -85,7 +85,7 @@ def cpu_conv_session(tmp_path_factory):
     program = torch.onnx.export(Conv(), (torch.randn(2, 3, 40), torch.randn(3, 40)), dynamo=True,
                                 dynamic_shapes=({0: dims["B"], 1: dims["C"], 2: dims["L"]}, {0: dims["C"], 1: dims["L"]}),
                                 custom_translation_table={torch.ops.tinyhyena.causal_conv.default:
-                                                          export.cpu_translation(5000)}, verbose=False)
+                                                          onnx_graph.cpu_translation(5000)}, verbose=False)
     path = tmp_path_factory.mktemp("conv") / "conv.onnx"
     onnx.save(program.model_proto, str(path))
     return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
@@ -101,22 +101,22 @@ def test_exported_cpu_conv_equals_direct_conv(cpu_conv_session, B, C, L, seed):
 
 
 def test_export_cuda_graph_runs_on_the_cuda_provider_only_ops(tmp_path):
-    export.export(th.from_pretrained(FIXTURE), str(tmp_path / "m.onnx"), "cuda")
+    onnx_graph.export(th.from_pretrained(FIXTURE), str(tmp_path / "m.onnx"), "cuda")
     ref = np.load(FIXTURE / "reference.npz")
     (logits,) = ReferenceEvaluator(str(tmp_path / "m.onnx"), new_ops=[Rfft, Irfft]).run(
         None, {"input_ids": ref["input_ids"]})
     assert rel_err(logits, ref["logits"]) <= 1e-5
     graph = onnx.load(str(tmp_path / "m.onnx")).graph
-    ops = export.graph_ops(graph)  # Loop bodies included
+    ops = onnx_graph.graph_ops(graph)  # Loop bodies included
     assert not any(op == "DFT" for _, op in ops)
     assert {("com.microsoft", "Rfft"), ("com.microsoft", "Irfft")} <= ops
-    assert {op for _, op in ops} <= export.CUDA_OPS, {op for _, op in ops} - export.CUDA_OPS
+    assert {op for _, op in ops} <= onnx_graph.CUDA_OPS, {op for _, op in ops} - onnx_graph.CUDA_OPS
     assert [d.dim_param for d in graph.input[0].type.tensor_type.shape.dim] == ["batch", "length"]
 
 
 def test_export_cuda_graph_arithmetic_at_several_lengths(tmp_path):
     model = random_model(th.HyenaConfig(d_model=8, n_layer=1, d_inner=16, filter_order=8, l_max=5000), 1)
-    export.export(model, str(tmp_path / "m.onnx"), "cuda", outputs="hidden")
+    onnx_graph.export(model, str(tmp_path / "m.onnx"), "cuda", outputs="hidden")
     evaluator = ReferenceEvaluator(str(tmp_path / "m.onnx"), new_ops=[Rfft, Irfft])
     rng = np.random.default_rng(0)
     for L in (1, 2, 37, 1000, 4321):
@@ -147,7 +147,7 @@ def test_large_1m_shape_exports_within_memory(tmp_path):
 
 def test_odd_fft_sizes():
     for n in [1, 2, 100, 2051, 2 * 1_000_002 - 1]:
-        sizes = export.odd_fft_sizes(n)
+        sizes = onnx_graph.odd_fft_sizes(n)
         m = sizes[-1]  # the graph's largest choice: the first size that fits n
         assert m >= n and m % 2 == 1 and m < 1.3 * n + 3
         assert sizes == sorted(sizes) and all(s % 2 == 1 for s in sizes) and (len(sizes) == 1 or sizes[-2] < n)

@@ -193,10 +193,11 @@ class Spy:  # records every mallopt asked of the C library
 ctypes.CDLL = Spy
 before = dict(os.environ)
 import tinyhyena, export
-training = sorted({"finetune", "train", "data"} & set(sys.modules))
+training = sorted({"finetune", "train", "trainer", "data"} & set(sys.modules))
 import torch
 torch.ones(1 << 20)  # a first tensor: anything deferred to it happens now
-import bench, checkpoints, classifier, cli, data, fast, finetune, generate, parallel, score, train
+import base, bench, checkpoints, classifier, cli, data, decoding, fast, finetune, generate, onnx_graph, parallel, score
+import tasks, train, trainer
 changed = sorted(set(os.environ.items()) ^ set(before.items()))
 print(training, changed, calls)
 """

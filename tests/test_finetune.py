@@ -17,6 +17,7 @@ import checkpoints
 import classifier
 import data
 import finetune
+import tasks
 import tinyhyena as th
 from helpers import (FIT, FIXTURE, ROOT, SOURCES, assert_one_line_error, composition_rows, free_port, hf_folder,
     labelled, markov_sequence, random_model, read_metrics, rel_err, run_process, run_script, write_benchmark,
@@ -98,20 +99,20 @@ def test_finetune_learns_each_data_format(tmp_path):
 def test_labelled_fasta_and_seq_column_errors(tmp_path):
     """The .fna and seq-column readers: ids, labels and sequences as written, errors naming file and line."""
     (tmp_path / "a.fna").write_text(">chr1:5-9|promoter\nACGT\nAC\n>x|y|0\nGG\n")
-    rows, columns = finetune.read_table(str(tmp_path / "a.fna"))
+    rows, columns = tasks.read_table(str(tmp_path / "a.fna"))
     assert columns == ["label"] and [(r["name"], r["sequence"], r["label"], r["line"]) for r in rows] == \
         [("chr1:5-9", "ACGTAC", "promoter", 1), ("x|y", "GG", "0", 4)]
     (tmp_path / "b.fna").write_text(">s1|1\nACGT\n>s2\nACGT\n")
     with pytest.raises(data.DataError, match=r"b.fna:3: header has no label after a '\|'"):
-        finetune.read_table(str(tmp_path / "b.fna"))
-    assert [r["name"] for r in finetune.read_table(str(tmp_path / "b.fna"), need_label=False)[0]] == ["s1", "s2"]
+        tasks.read_table(str(tmp_path / "b.fna"))
+    assert [r["name"] for r in tasks.read_table(str(tmp_path / "b.fna"), need_label=False)[0]] == ["s1", "s2"]
     with pytest.raises(data.DataError, match=r"--label_columns is for CSV/TSV"):
-        finetune.read_table(str(tmp_path / "b.fna"), label_columns="a,b")
+        tasks.read_table(str(tmp_path / "b.fna"), label_columns="a,b")
     (tmp_path / "c.tsv").write_text("seq\tlabel\nACGT\tx\n\tx\n")
     with pytest.raises(data.DataError, match=r"c.tsv:3: empty sequence"):
-        finetune.read_table(str(tmp_path / "c.tsv"))
+        tasks.read_table(str(tmp_path / "c.tsv"))
     (tmp_path / "d.csv").write_text("id,seq\nr1,ACGT\n")
-    assert [(n, list(ids)) for n, ids in finetune.read_sequences(str(tmp_path / "d.csv"))] == [("r1", [7, 8, 9, 10])]
+    assert [(n, list(ids)) for n, ids in tasks.read_sequences(str(tmp_path / "d.csv"))] == [("r1", [7, 8, 9, 10])]
 
 
 @pytest.mark.slow
@@ -156,11 +157,11 @@ def test_finetune_regression_and_multilabel_learn(tmp_path):
 
 
 def test_regression_and_auroc_metrics():
-    assert finetune.auroc([0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8]) == 0.75
-    assert finetune.auroc([0, 1, 0, 1], [1, 1, 1, 1]) == 0.5  # ties count half
-    m = finetune.regression_metrics(np.array([[1.0], [2.0], [3.0], [4.0]]), np.array([[1.0], [4.0], [9.0], [16.0]]))
+    assert tasks.auroc([0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8]) == 0.75
+    assert tasks.auroc([0, 1, 0, 1], [1, 1, 1, 1]) == 0.5  # ties count half
+    m = tasks.regression_metrics(np.array([[1.0], [2.0], [3.0], [4.0]]), np.array([[1.0], [4.0], [9.0], [16.0]]))
     assert m["spearman"] == pytest.approx(1.0) and 0.9 < m["pearson"] < 1.0 and m["mse"] == pytest.approx(46.0)
-    assert list(finetune.average_ranks([3, 1, 3, 2])) == [3.5, 1.0, 3.5, 2.0]
+    assert list(tasks.average_ranks([3, 1, 3, 2])) == [3.5, 1.0, 3.5, 2.0]
 
 
 @pytest.mark.slow
@@ -235,7 +236,7 @@ def test_hf_folder_without_a_score_head_is_no_classifier(tmp_path):
 
 
 def test_classification_metrics():
-    m = finetune.classification_metrics([0, 0, 1, 1, 2, 2], [0, 0, 1, 2, 2, 2], 3)
+    m = tasks.classification_metrics([0, 0, 1, 1, 2, 2], [0, 0, 1, 2, 2, 2], 3)
     assert abs(m["accuracy"] - 5 / 6) < 1e-12
     f1 = np.mean([1.0, 2 / 3, 0.8])
     assert abs(m["f1_macro"] - f1) < 1e-12
@@ -244,8 +245,8 @@ def test_classification_metrics():
     labels = [1] * (tp + fn) + [0] * (tn + fp)
     preds = [1] * tp + [0] * fn + [0] * tn + [1] * fp
     expect = (tp * tn - fp * fn) / np.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn))
-    assert abs(finetune.classification_metrics(labels, preds, 2)["mcc"] - expect) < 1e-12
-    assert finetune.classification_metrics([0, 1], [1, 1], 2)["mcc"] == 0.0
+    assert abs(tasks.classification_metrics(labels, preds, 2)["mcc"] - expect) < 1e-12
+    assert tasks.classification_metrics([0, 1], [1, 1], 2)["mcc"] == 0.0
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import data
-import generate
+import decoding
 import tinyhyena as th
 from helpers import FIXTURE, assert_one_line_error, configs_and_lengths, random_model, run_script
 
@@ -28,7 +28,7 @@ def test_online_convolution_equals_the_direct_sum(B, C, P, steps, seed):
     h = torch.randn(C, total, generator=g, dtype=torch.float64)
     direct = torch.stack([(a[..., :t + 1] * h[:, :t + 1].flip(-1)).sum(-1) for t in range(total)], -1)
     for method in ("online", "cache"):
-        conv = generate.OnlineConv(h, method)
+        conv = decoding.OnlineConv(h, method)
         got = [conv.prefill(a[..., :P])]
         for t in range(P, total):
             got.append((conv.past(t) + h[:, 0] * a[..., t])[..., None])
@@ -50,7 +50,7 @@ def test_decoders_equal_the_full_forward_pass_at_every_step(case, steps):
     with torch.no_grad():
         full = [model(ids[:, :t])[:, -1] for t in range(P, total + 1)]
         for method in ("online", "cache"):
-            decoder = generate.Decoder(model, total, method)
+            decoder = decoding.Decoder(model, total, method)
             logits = decoder.prefill(ids[:, :P])
             for t in range(P, total + 1):
                 reference = full[t - P]
@@ -62,27 +62,27 @@ def test_decoders_equal_the_full_forward_pass_at_every_step(case, steps):
 def test_sampling_is_the_same_with_every_method():
     cfg = th.HyenaConfig(d_model=16, n_layer=2, d_inner=32, filter_order=8, l_max=300, order=3)
     model = random_model(cfg, 0)
-    online = generate.generate(model, "ACGTTGCA", 120, num=3, temperature=1.0, seed=5)
+    online = decoding.generate(model, "ACGTTGCA", 120, num=3, temperature=1.0, seed=5)
     assert online.shape == (3, 120) and set(online.unique().tolist()) <= {7, 8, 9, 10}  # A, C, G, T only
     for method in ("cache", "forward"):
-        assert torch.equal(online, generate.generate(model, "ACGTTGCA", 120, num=3, seed=5, method=method)), method
+        assert torch.equal(online, decoding.generate(model, "ACGTTGCA", 120, num=3, seed=5, method=method)), method
     assert not torch.equal(online[0], online[1])  # rows are sampled, not copied
-    assert not torch.equal(online, generate.generate(model, "ACGTTGCA", 120, num=3, seed=6))  # the seed matters
-    greedy = generate.generate(model, "ACGTTGCA", 70, temperature=0)
-    assert torch.equal(greedy, generate.generate(model, "ACGTTGCA", 70, temperature=0, method="cache"))
+    assert not torch.equal(online, decoding.generate(model, "ACGTTGCA", 120, num=3, seed=6))  # the seed matters
+    greedy = decoding.generate(model, "ACGTTGCA", 70, temperature=0)
+    assert torch.equal(greedy, decoding.generate(model, "ACGTTGCA", 70, temperature=0, method="cache"))
     seq = torch.from_numpy(th.tokenize("ACGTTGCA"))[None]
     with torch.no_grad():
         for base in greedy[0]:  # temperature 0: the most probable base every time
-            assert base == generate.BASE_TOKENS[model(seq)[0, -1, generate.BASE_TOKENS].argmax()]
+            assert base == decoding.BASE_TOKENS[model(seq)[0, -1, decoding.BASE_TOKENS].argmax()]
             seq = torch.cat([seq, base.view(1, 1)], 1)
-    top1 = generate.generate(model, "ACGTTGCA", 70, temperature=1.5, top_k=1, seed=9)
+    top1 = decoding.generate(model, "ACGTTGCA", 70, temperature=1.5, top_k=1, seed=9)
     assert torch.equal(top1, greedy)
     with pytest.raises(th.UserError, match="over the model's l_max 300"):
-        generate.generate(model, "A" * 200, 101)
+        decoding.generate(model, "A" * 200, 101)
     with pytest.raises(th.UserError, match="over the model's l_max 300"):
-        generate.generate(model, "A" * 301, 1)
+        decoding.generate(model, "A" * 301, 1)
     with pytest.raises(th.UserError, match="method must be one of online, cache, forward"):
-        generate.generate(model, "A", 1, method="beam")
+        decoding.generate(model, "A", 1, method="beam")
 
 
 def test_generate_cli_writes_fasta_and_reports_bad_input(tmp_path):
@@ -93,7 +93,7 @@ def test_generate_cli_writes_fasta_and_reports_bad_input(tmp_path):
         assert result.returncode == 0, result.stderr[-2000:]
     records = data.read_fasta(str(tmp_path / "online.fa"))
     assert [name for name, _ in records] == ["sample1", "sample2"] and all(len(ids) == 150 for _, ids in records)
-    expected = generate.generate(th.from_pretrained(FIXTURE), "ACGTACGTAC", 150, num=2, seed=1).numpy()
+    expected = decoding.generate(th.from_pretrained(FIXTURE), "ACGTACGTAC", 150, num=2, seed=1).numpy()
     assert np.array_equal(np.stack([ids for _, ids in records]), expected)  # what the library call draws
     assert (tmp_path / "cache.fa").read_text() == (tmp_path / "online.fa").read_text()
     assert_one_line_error(run_script("generate.py", "--checkpoint", FIXTURE, "--prompt", "ACGT", "--length", 1100),

@@ -17,6 +17,7 @@ import torch
 import data
 import tinyhyena as th
 import train
+import trainer
 from helpers import ROOT, assert_one_line_error, free_port, read_metrics, run_process, run_script
 
 
@@ -303,7 +304,7 @@ def test_accumulated_gradients_are_those_of_the_whole_batch():
     results = []
     for micro, accum in ((4, 1), (2, 2), (1, 4)):
         model.zero_grad(set_to_none=True)
-        loss, records = train.accumulate_gradients(model, job(micro), 0, accum, torch.device("cpu"))
+        loss, records = trainer.accumulate_gradients(model, job(micro), 0, accum, torch.device("cpu"))
         assert len(records) == accum
         results.append((loss, {n: p.grad.clone() for n, p in model.named_parameters()}))
     (whole_loss, whole), *accumulated = results
@@ -316,7 +317,7 @@ def test_accumulated_gradients_are_those_of_the_whole_batch():
 def test_learning_rate_schedule():
     """Linear warm-up to the peak, then a cosine that falls monotonically to 10% of it at max_steps."""
     args = types.SimpleNamespace(lr=1e-3, warmup_steps=10, max_steps=110)
-    lrs = [train.lr_at(step, args) for step in range(120)]
+    lrs = [trainer.lr_at(step, args) for step in range(120)]
     np.testing.assert_allclose(lrs[:10], [1e-3 * (s + 1) / 10 for s in range(10)])
     assert lrs[10] == pytest.approx(1e-3)
     assert lrs[60] == pytest.approx(1e-3 * (0.1 + 0.9 * 0.5))  # half way through the decay
@@ -328,7 +329,7 @@ def test_weight_decay_only_on_matrices_outside_the_filter():
     """AdamW decays the embedding and the projections' and MLP's matrices; never biases, norms, or the implicit
     filter (a function of position); frozen parameters are not handed to the optimizer at all."""
     model = th.HyenaDNA(th.HyenaConfig(d_model=8, n_layer=2, d_inner=16, filter_order=8, l_max=20))
-    decayed, plain = train.adamw(model, types.SimpleNamespace(lr=1e-3, weight_decay=0.1)).param_groups
+    decayed, plain = trainer.adamw(model, types.SimpleNamespace(lr=1e-3, weight_decay=0.1)).param_groups
     assert decayed["weight_decay"] == 0.1 and plain["weight_decay"] == 0.0
     names = {id(p): n for n, p in model.named_parameters()}
     decayed_names = {names[id(p)] for p in decayed["params"]}
@@ -337,7 +338,7 @@ def test_weight_decay_only_on_matrices_outside_the_filter():
     assert decayed_names == expected
     assert {names[id(p)] for p in plain["params"]} == set(names.values()) - expected
     model.blocks[0].requires_grad_(False)
-    groups = train.adamw(model, types.SimpleNamespace(lr=1e-3, weight_decay=0.1)).param_groups
+    groups = trainer.adamw(model, types.SimpleNamespace(lr=1e-3, weight_decay=0.1)).param_groups
     assert not {names[id(p)] for g in groups for p in g["params"]} & {n for n in names.values() if n.startswith("blocks.0.")}
 
 
