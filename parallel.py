@@ -24,6 +24,7 @@ Shapes: B batch, L the whole sequence's length, S = L/N the positions a process 
 """
 
 import dataclasses
+import gc
 import os
 
 import torch
@@ -56,6 +57,9 @@ def run_distributed(work, args, device):
         return work(args, rank, world, device)
     finally:
         if dist.is_initialized():
+            # free what still holds the group (DDP's reducer, finished works, in reference cycles) while the
+            # interpreter is whole: gloo's threads met at its shutdown abort the process (SIGABRT)
+            gc.collect()
             dist.destroy_process_group()
 
 
@@ -208,16 +212,9 @@ class ContextParallelHyena:
         z = fast.causal_short_conv(z, weight, op.short_conv.bias.view(N + 1, d)[:, channels].flatten())
         z = z[..., z.shape[-1] - S:]  # (B, (N+1) d_k, S): the halo stood in for the left padding
         z = Reshard.apply(z.reshape(B, N + 1, -1, S), group, to_channels)  # (B, N+1, g_k, L)
-        y = recurrence(z, h, bias)  # (B, g_k, L)
+        *x, v = z.unbind(1)  # x_0 .. x_{N-1}, v: each (B, g_k, L)
+        y = op.recurrence(x, v, lambda o, v, x_i: fast.gated_causal_conv(v, x_i, h[o], bias[o]))  # (B, g_k, L)
         return Reshard.apply(y[:, None], group, to_positions)[:, 0]  # (B, d_k, S)
-
-
-def recurrence(z, h, bias):
-    """HyenaOperator.forward's gates and long convolutions, on a channel shard: z (B, N+1, G, L) -> (B, G, L)."""
-    *x, v = z.unbind(1)  # x_0 .. x_{N-1}, v
-    for o, x_i in enumerate(reversed(x[1:])):  # x_{N-1} first, as published
-        v = fast.gated_causal_conv(v, x_i, h[o], bias[o])
-    return v * x[0]
 
 
 def enable(model, group):
