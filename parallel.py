@@ -170,9 +170,10 @@ class ContextParallelHyena:
     process's positions -> (B, S, d).
 
     It runs the channels in steps, as the fast path runs them in groups, so that no process holds all (N+1) d
-    projected channels of its positions at once: step k takes d_k = N g_k channels, g_k of each process's,
-    through in_proj, the halo and short convolution, the exchange, the recurrence and the exchange back. Process r
-    owns channels [c_k + r g_k, c_k + (r+1) g_k) of the step starting at channel c_k. Under checkpointing each
+    projected channels of its positions at once (N the operator's order): with n processes, step k takes
+    d_k = n g_k channels, g_k of each process's, through in_proj, the halo and short convolution, the exchange,
+    the recurrence and the exchange back. Process r owns channels [c_k + r g_k, c_k + (r+1) g_k) of the step
+    starting at channel c_k. Under checkpointing each
     step is recomputed alone in backward, its exchanges with it (in the same order in every process).
     channel_group: g_k, the channels per step of each process; None chooses them as fast.group_size does."""
 
