@@ -52,9 +52,9 @@ import tinyhyena as th
 from classifier import (CLASSIFIER_FILE, HEAD_FILE, TASKS, SequenceClassifier, load_classifier, pad_left, readout,
                         save_classifier)
 from data import DataError, Genome, read_inputs
-from tasks import (SELECTION_METRIC, Examples, class_names, collate, cut, read_benchmark_split, read_sequences,
-                      read_table, targets_of, task_metrics)
 from parallel import barrier, run_distributed
+from tasks import (SELECTION_METRIC, Examples, class_names, collate, cut, read_benchmark_split, read_sequences,
+                   read_table, targets_of, task_metrics)
 from trainer import Job, batches, claim_out_dir, log_metrics, prepare_once, train_loop
 
 # ---------------------------------------------------------------------------------------------------------
