@@ -252,9 +252,15 @@ def filters(filt, L, rows=None, checkpoint=False):
         h = torch.mm(W, filt.mlp[:-1](z).t())
         return h.mul_(torch.outer(decay, t).exp_().add_(0.05))
 
-    pieces = [checkpointed(checkpoint, piece, z, t)
-              for z, t in zip(filt.z[:L].split(FILTER_PIECE), filt.t[:L, 0].split(FILTER_PIECE))]
-    return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)
+    zs, ts = filt.z[:L].split(FILTER_PIECE), filt.t[:L, 0].split(FILTER_PIECE)
+    if len(zs) == 1:
+        return checkpointed(checkpoint, piece, zs[0], ts[0])
+    if not torch.is_grad_enabled():  # each piece written into h: no list of pieces to concatenate
+        h = W.new_empty(len(W), L)
+        for start, z, t in zip(range(0, L, FILTER_PIECE), zs, ts):
+            h[:, start:start + len(t)] = piece(z, t)
+        return h
+    return torch.cat([checkpointed(checkpoint, piece, z, t) for z, t in zip(zs, ts)], dim=1)
 
 
 def group_size(B, L, d, N, budget=HEAP_BUFFER_FLOATS):
