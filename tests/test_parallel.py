@@ -17,37 +17,40 @@ import parallel, tinyhyena as th
 from helpers import random_model
 cp, order, K, L, checkpointing, channel_group = map(int, sys.argv[2:8])
 out = sys.argv[8]
-dist.init_process_group("gloo")
-world, rank = dist.get_world_size(), dist.get_rank()
-groups = [dist.new_group(list(range(i, i + cp))) for i in range(0, world, cp)]  # every process makes each group
-group = parallel.ContextGroup(groups[rank // cp])
-cfg = th.HyenaConfig(d_model=8, n_layer=2, d_inner=16, order=order, filter_order=8, short_filter_order=K, l_max=L + 2)
-whole = random_model(cfg, 0).double()
-sharded = random_model(cfg, 0).double()
-parallel.enable(sharded, group)
-for block in sharded.blocks:  # 0: chosen by the budget (one step at these sizes)
-    block.mixer.fast.channel_group = channel_group or None
-sharded.gradient_checkpointing = bool(checkpointing)  # each block, and in it the filters and the recurrence,
-# recomputed in backward: the exchanges run again, in the same order in every process
-ids = torch.randint(7, 12, (2, L + 1), generator=torch.Generator().manual_seed(rank // cp))  # one batch per group
-ids[0, :3] = th.PAD_ID  # padding is left out of the loss
-x, y = ids[:, :-1], ids[:, 1:]
-logits = whole(x)
-loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=th.PAD_ID)
-loss.backward()
-shard_logits = sharded(group.shard(x))
-scaled, mean = parallel.context_loss(sharded, group.shard(x), group.shard(y), group)
-scaled.backward()
-for p in sharded.parameters():  # DDP's average over the processes of one group's scaled losses
-    dist.all_reduce(p.grad, group=group.group)
-    p.grad /= group.size
-gathered = [torch.empty_like(shard_logits) for _ in range(cp)]
-dist.all_gather(gathered, shard_logits.contiguous(), group=group.group)
-rel = lambda a, b: float((a - b).norm() / b.norm())
-errors = {"logits": rel(torch.cat(gathered, 1), logits), "loss": abs(float(mean) / float(loss) - 1),
-          "grads": max(rel(a.grad, b.grad) for a, b in zip(sharded.parameters(), whole.parameters()))}
-json.dump(errors, open(f"{out}/errors{rank}.json", "w"))
-dist.destroy_process_group()  # (before the interpreter shuts down: gloo's threads may hold tensors)
+
+
+def work(args, rank, world, device):  # in the process group, which run_distributed leaves at the end
+    groups = [dist.new_group(list(range(i, i + cp))) for i in range(0, world, cp)]  # every process makes each group
+    group = parallel.ContextGroup(groups[rank // cp])
+    cfg = th.HyenaConfig(d_model=8, n_layer=2, d_inner=16, order=order, filter_order=8, short_filter_order=K, l_max=L + 2)
+    whole = random_model(cfg, 0).double()
+    sharded = random_model(cfg, 0).double()
+    parallel.enable(sharded, group)
+    for block in sharded.blocks:  # 0: chosen by the budget (one step at these sizes)
+        block.mixer.fast.channel_group = channel_group or None
+    sharded.gradient_checkpointing = bool(checkpointing)  # each block, and in it the filters and the recurrence,
+    # recomputed in backward: the exchanges run again, in the same order in every process
+    ids = torch.randint(7, 12, (2, L + 1), generator=torch.Generator().manual_seed(rank // cp))  # one batch per group
+    ids[0, :3] = th.PAD_ID  # padding is left out of the loss
+    x, y = ids[:, :-1], ids[:, 1:]
+    logits = whole(x)
+    loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=th.PAD_ID)
+    loss.backward()
+    shard_logits = sharded(group.shard(x))
+    scaled, mean = parallel.context_loss(sharded, group.shard(x), group.shard(y), group)
+    scaled.backward()
+    for p in sharded.parameters():  # DDP's average over the processes of one group's scaled losses
+        dist.all_reduce(p.grad, group=group.group)
+        p.grad /= group.size
+    gathered = [torch.empty_like(shard_logits) for _ in range(cp)]
+    dist.all_gather(gathered, shard_logits.contiguous(), group=group.group)
+    rel = lambda a, b: float((a - b).norm() / b.norm())
+    errors = {"logits": rel(torch.cat(gathered, 1), logits), "loss": abs(float(mean) / float(loss) - 1),
+              "grads": max(rel(a.grad, b.grad) for a, b in zip(sharded.parameters(), whole.parameters()))}
+    json.dump(errors, open(f"{out}/errors{rank}.json", "w"))
+
+
+parallel.run_distributed(work, None, torch.device("cpu"))
 """
 
 
