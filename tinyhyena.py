@@ -214,23 +214,23 @@ def fft_conv(u, k):
 # ---------------------------------------------------------------------------------------------------------
 # The implicit filter.
 
-def positional_features(l_max, emb_dim, length=None):
+def positional_features(l_max, emb_dim, length=None, dtype=torch.float32):
     """z (length, emb_dim): [t, cos(f*w), -sin(f*w)] with t = position/(l_max-1) in [0, 1] and
     w = 2*pi*position/l_max; and t (length, 1), for positions 0..length-1 (default l_max). As published (the
     columns are the real and imaginary parts of exp(-i*f*w)). The features of a position depend on l_max,
     not on length: a short sequence gets the first rows of the long one's."""
-    position = torch.arange(l_max if length is None else length, dtype=torch.float32)[:, None]  # (length, 1)
+    position = torch.arange(l_max if length is None else length, dtype=dtype)[:, None]  # (length, 1)
     t = position / (l_max - 1)
     w = 2 * math.pi * position / l_max
     bands = (emb_dim - 1) // 2
-    f = torch.linspace(1e-4, bands - 1, bands)[None, :]  # (1, bands)
+    f = torch.linspace(1e-4, bands - 1, bands, dtype=dtype)[None, :]  # (1, bands)
     return torch.cat([t, torch.cos(f * w), -torch.sin(f * w)], dim=-1), t
 
 
-def window_decay_rates(n_filters):
+def window_decay_rates(n_filters, dtype=torch.float32):
     """One decay rate per filter, for the window exp(-|rate| * t): from 1% left at t = 1.5 (slow: the filter
     reaches across the whole context) to 1% left at t = 0.3 (fast: a local filter)."""
-    return torch.linspace(math.log(1e-2) / 1.5, math.log(1e-2) / 0.3, n_filters)
+    return torch.linspace(math.log(1e-2) / 1.5, math.log(1e-2) / 0.3, n_filters, dtype=dtype)
 
 
 class Sin(nn.Module):

@@ -54,6 +54,19 @@ def random_model(cfg, seed, fast=True, channel_group=None):
     return model
 
 
+def with_float64_tables(model):
+    """The model (in float64) with its stored positional features and window rates computed in float64 too:
+    their float32 rounding, amplified by random weights, reached 1e-4 of the output, which would hide
+    differences of that size from the NumPy twin."""
+    for block in model.blocks:
+        filt = block.mixer.filter
+        z, t = th.positional_features(filt.l_max, filt.emb_dim, dtype=torch.float64)
+        with torch.no_grad():
+            filt.z.copy_(z), filt.t.copy_(t)
+            filt.deltas.copy_(th.window_decay_rates(len(filt.deltas), dtype=torch.float64))
+    return model
+
+
 # Lengths where bugs live: 1, the first few, both sides of powers of two and of the fast path's FFT sizes
 # (smooth numbers: 2^a 3^b 5^c), and up to a few thousand.
 LENGTHS = [1, 2, 3, 5, 7, 13, 31, 32, 33, 63, 64, 65, 97, 128, 255, 256, 257, 331, 511, 512, 513, 1000, 1023, 1024,
