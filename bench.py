@@ -124,12 +124,12 @@ def generation_time(method, preset, L, device, budget):
         times = []
         with torch.no_grad():
             if method == "cache":
-                decoder = decoding.Decoder(model, GENERATE_PROMPT + L, "cache")
-                decoder.prefill(bases[None, :half].to(device))
+                state = model.decoding_state(GENERATE_PROMPT + L, th.ConvHistory)
+                model(bases[None, :half].to(device), state)
             for i in range(9 if method == "cache" else 4):  # the first is a warm-up, not timed
                 start = time.perf_counter()
                 if method == "cache":
-                    decoder.step(bases[half + i:half + i + 1].to(device))
+                    model.step(bases[half + i:half + i + 1].to(device), state)
                 else:
                     model(bases[None, :half + i].to(device))
                 sync(device)

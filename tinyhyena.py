@@ -41,10 +41,11 @@ Shapes: B batch, L sequence length (at most l_max), d (D above) d_model, N the o
 convolution's taps, n the FFT size (>= 2L-1), V the padded vocabulary (16).
 
 Reading order: tokenizer, config, the FFT convolution, the implicit filter, the Hyena operator, the block, the
-model, using a trained model (likelihoods, embeddings), loading and saving, and the NumPy twin (the same
-forward pass written again, which the tests hold the model to). This file is the plain path, the function
-itself; fast.py computes the same function in less time and memory, and the model uses it unless built with
-fast=False. checkpoints.py reads and writes the published and Hugging Face checkpoint layouts.
+model and its decoding one token at a time (`step` beside each `forward`), using a trained model
+(likelihoods, embeddings), loading and saving, and the NumPy twin (the same forward pass written again, which
+the tests hold the model to). This file is the plain path, the function itself; fast.py computes the same
+function in less time and memory, and the model uses it unless built with fast=False. checkpoints.py reads
+and writes the published and Hugging Face checkpoint layouts.
 """
 
 import dataclasses
@@ -211,6 +212,38 @@ def fft_conv(u, k):
     return torch.fft.irfft(u_f * k_f, n=n)[..., :L]  # (B, C, L)
 
 
+class ConvHistory:
+    """The same causal convolution over a stream that arrives one position at a time, as decoding reads it
+    (HyenaDNA.step): y[t] = sum_{s<=t} h[..., t-s] a[..., s], summed over the whole history, O(t) per position.
+    h: (C, total), total the most positions the stream will have. decoding.OnlineConv computes the same
+    outputs in O(log^2 t) per position, and keeps to the same methods."""
+
+    def __init__(self, h):
+        self.h, self.total = h, h.shape[-1]
+        self.a, self.t = None, 0  # (B, C, total): the inputs so far; how many there are
+
+    def take(self, a):
+        """Append inputs a (B, C, P) to the history."""
+        B, C, P = a.shape
+        if self.t + P > self.total:
+            raise UserError(f"the decoding state has room for {self.total} positions, not {self.t + P}")
+        if self.a is None:
+            self.a = a.new_zeros(B, C, self.total)
+        self.a[..., self.t:self.t + P] = a
+        self.t += P
+
+    def prefill(self, a):
+        """Start the stream with its first P inputs a (B, C, P) at once -> their outputs (B, C, P), by FFT."""
+        self.a, self.t = None, 0
+        self.take(a)
+        return fft_conv(a, self.h[:, :a.shape[-1]])
+
+    def step(self, a):
+        """The input at the next position t (B, C) -> y[t] (B, C)."""
+        self.take(a[..., None])
+        return (self.a[..., :self.t] * self.h[:, :self.t].flip(-1)).sum(-1)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The implicit filter.
 
@@ -276,6 +309,14 @@ class ImplicitFilter(nn.Module):
 # ---------------------------------------------------------------------------------------------------------
 # The Hyena operator.
 
+@dataclass
+class OperatorState:
+    """What one Hyena operator carries from a position to the next while decoding (HyenaOperator.step):
+    the short convolution's last K-1 inputs, and one state per long convolution (ConvHistory or alike)."""
+    long_convs: list
+    recent: torch.Tensor = None  # (B, (N+1)d, K-1)
+
+
 class HyenaOperator(nn.Module):
     """The Hyena operator of order N (see the top of this file): u (B, L, d) -> (B, L, d)."""
 
@@ -292,22 +333,48 @@ class HyenaOperator(nn.Module):
         self.conv = conv  # the long convolution (export.py passes one per ONNX Runtime target)
         self.fast = FastHyena(cfg) if fast else None  # fast.py: the same function, in channel groups
 
-    def forward(self, u):
-        if self.fast is not None:
+    def forward(self, u, state=None):
+        # state: an OperatorState (decoding_state), left ready for `step` to go on after these L positions
+        if self.fast is not None and state is None:
             return self.fast(self, u)
         B, L, d = u.shape
         N, K = self.cfg.order, self.cfg.short_filter_order
         z = self.in_proj(u).transpose(1, 2)  # (B, (N+1)d, L): channels first, as convolutions want
-        z = self.short_conv(F.pad(z, (K - 1, 0)))  # left padding: output t sees inputs t-K+1 .. t, causal
+        z = F.pad(z, (K - 1, 0))  # left padding: output t sees inputs t-K+1 .. t, causal
+        if state is not None:
+            state.recent = z[..., L:]  # the last K-1 inputs
+        z = self.short_conv(z)
         *x, v = z.split(d, dim=1)  # x_0 .. x_{N-1}, v: each (B, d, L)
-        h = self.filter(L).view(N - 1, d, L)  # one long filter per order and channel
+        h = self.filter(L).view(N - 1, d, L) if state is None else None  # one long filter per order and channel
         bias = self.filter.bias.view(N - 1, d, 1)
 
         def gated_long_conv(o, v, x_i):
             v = v * x_i  # gate
-            return self.conv(v, h[o]) + bias[o] * v  # long convolution, and its skip term
+            y = self.conv(v, h[o]) if state is None else state.long_convs[o].prefill(v)  # long convolution
+            return y + bias[o] * v  # and its skip term
         y = self.recurrence(x, v, gated_long_conv)
         return self.out_proj(y.transpose(1, 2))  # (B, L, d)
+
+    def step(self, u, state):
+        """The operator at the next position t: u (B, d) -> (B, d), from the state the positions before t left
+        (forward over a prompt, then each step)."""
+        d, N = self.cfg.d_model, self.cfg.order
+        window = torch.cat([state.recent, self.in_proj(u)[..., None]], -1)  # (B, (N+1)d, K): inputs t-K+1 .. t
+        state.recent = window[..., 1:]
+        z = (window * self.short_conv.weight[:, 0]).sum(-1) + self.short_conv.bias  # the short convolution at t
+        *x, v = z.split(d, dim=1)  # each (B, d)
+        bias = self.filter.bias.view(N - 1, d)
+
+        def gated_long_conv(o, v, x_i):
+            v = v * x_i
+            return state.long_convs[o].step(v) + bias[o] * v
+        return self.out_proj(self.recurrence(x, v, gated_long_conv))
+
+    def decoding_state(self, total, long_conv=ConvHistory):
+        """An empty OperatorState for sequences of up to `total` positions: the filters are computed for them
+        once. long_conv(h) makes each long convolution's state from its filters h (d, total)."""
+        N, d = self.cfg.order, self.cfg.d_model
+        return OperatorState([long_conv(h) for h in self.filter(total).view(N - 1, d, total)])
 
     @staticmethod
     def recurrence(x, v, gated_long_conv):
@@ -347,12 +414,17 @@ class Block(nn.Module):
         self.dropout = nn.Dropout(cfg.resid_dropout)
         self.fast = FastBlock() if fast else None
 
-    def forward(self, x, checkpoint=False):  # x: (B, L, d)
-        # (checkpoint: this call is a checkpointed block's; the fast path then recomputes its pieces alone)
-        if self.fast is not None:
+    def forward(self, x, checkpoint=False, state=None):  # x: (B, L, d)
+        # (checkpoint: this call is a checkpointed block's; the fast path then recomputes its pieces alone.
+        # state: the mixer's decoding state, see HyenaOperator.forward)
+        if self.fast is not None and state is None:
             return self.fast(self, x, checkpoint)
-        x = x + self.dropout(self.mixer(self.norm1(x)))
+        x = x + self.dropout(self.mixer(self.norm1(x), state))
         return x + self.dropout(self.mlp(self.norm2(x)))
+
+    def step(self, x, state):  # x: (B, d), one position; decoding is inference: no dropout
+        x = x + self.mixer.step(self.norm1(x), state)
+        return x + self.mlp(self.norm2(x))
 
 
 class HyenaDNA(nn.Module):
@@ -401,27 +473,52 @@ class HyenaDNA(nn.Module):
         if lo < 0 or hi >= self.cfg.vocab_size:
             raise UserError(f"token ids must be in [0, {self.cfg.vocab_size}), got values in [{lo}, {hi}]")
 
-    def hidden_states(self, input_ids):
+    def hidden_states(self, input_ids, state=None):
         """(B, L) token ids -> (B, L, d_model), after the final LayerNorm."""
         self.check_input_ids(input_ids)
-        return self.hidden_states_from_embeddings(self.embedding(input_ids.long()))
+        return self.hidden_states_from_embeddings(self.embedding(input_ids.long()), state)
 
-    def hidden_states_from_embeddings(self, x):
+    def hidden_states_from_embeddings(self, x, state=None):
         """(B, L, d_model) input embeddings -> (B, L, d_model) hidden states. Soft prompting enters here, with
         learned vectors in place of some token embeddings."""
         if x.shape[1] > self.cfg.l_max:
             raise UserError(f"sequence length {x.shape[1]} is outside the allowed range [1, {self.cfg.l_max}] (l_max)")
         x = self.dropout(x)
-        for block in self.blocks:
-            if self.gradient_checkpointing and torch.is_grad_enabled():
+        for i, block in enumerate(self.blocks):
+            if state is not None:
+                x = block(x, state=state[i])
+            elif self.gradient_checkpointing and torch.is_grad_enabled():
                 x = torch.utils.checkpoint.checkpoint(block, x, True, use_reentrant=False)
             else:
                 x = block(x)
         return self.ln_f(x)
 
-    def forward(self, input_ids):
-        """(B, L) token ids -> next-token logits (B, L, padded_vocab_size)."""
-        return F.linear(self.hidden_states(input_ids), self.embedding.weight)
+    def forward(self, input_ids, state=None):
+        """(B, L) token ids -> next-token logits (B, L, padded_vocab_size). With a decoding state (see step),
+        also leaves in it what step needs to go on after these L positions."""
+        return F.linear(self.hidden_states(input_ids, state), self.embedding.weight)
+
+    # Decoding. A causal model writes a sequence one token at a time, and Hyena is a recurrence over
+    # positions: each layer's short convolution needs its last K-1 inputs, and each long convolution its
+    # history. So instead of a whole forward pass per new token, forward(prompt, state) reads the prompt
+    # once and step(token, state) goes on from there, exactly the same logits (decoding.py samples with it).
+
+    def decoding_state(self, total, long_conv=ConvHistory):
+        """An empty decoding state for sequences of up to `total` positions (prompt and tokens taken after
+        it): one OperatorState per layer. long_conv: ConvHistory (O(t) per position), or
+        decoding.OnlineConv (the same outputs in O(log^2 t))."""
+        if not 1 <= total <= self.cfg.l_max:
+            raise UserError(f"a decoding state for {total} positions: must be in [1, {self.cfg.l_max}] (l_max)")
+        return [block.mixer.decoding_state(total, long_conv) for block in self.blocks]
+
+    def step(self, input_ids, state):
+        """The model at the next position t: input_ids (B,) the tokens at t -> next-token logits (B, V) for
+        t + 1, from the state that forward over the prompt and the steps since left."""
+        self.check_input_ids(input_ids[:, None])
+        x = self.embedding(input_ids.long())  # (B, d)
+        for block, block_state in zip(self.blocks, state):
+            x = block.step(x, block_state)
+        return F.linear(self.ln_f(x), self.embedding.weight)
 
     def num_params(self):
         return sum(p.numel() for p in self.parameters())

@@ -20,27 +20,27 @@ STEPS = [1, 2, 3, 4, 5, 7, 8, 9, 15, 16, 17, 31, 32, 33, 63, 64, 65, 127, 128, 1
 @given(st.integers(1, 3), st.integers(1, 3), st.integers(1, 40), st.one_of(st.sampled_from(STEPS + [511, 512, 513]),
        st.integers(1, 600)), st.integers(0, 2**31 - 1))
 def test_online_convolution_equals_the_direct_sum(B, C, P, steps, seed):
-    """OnlineConv after a prefill of P positions, then one position at a time: y[t] = sum_{s<=t} h[t-s] a[s]
-    at every t, blocks summed directly and by FFT (past 64 positions) alike."""
+    """OnlineConv and ConvHistory after a prefill of P positions, then one position at a time:
+    y[t] = sum_{s<=t} h[t-s] a[s] at every t, blocks summed directly and by FFT (past 64 positions) alike."""
     g = torch.Generator().manual_seed(seed)
     total = P + steps
     a = torch.randn(B, C, total, generator=g, dtype=torch.float64)
     h = torch.randn(C, total, generator=g, dtype=torch.float64)
     direct = torch.stack([(a[..., :t + 1] * h[:, :t + 1].flip(-1)).sum(-1) for t in range(total)], -1)
-    for method in ("online", "cache"):
-        conv = decoding.OnlineConv(h, method)
-        got = [conv.prefill(a[..., :P])]
-        for t in range(P, total):
-            got.append((conv.past(t) + h[:, 0] * a[..., t])[..., None])
-            conv.append(a[..., t])
+    for long_conv in (decoding.OnlineConv, th.ConvHistory):
+        conv = long_conv(h)
+        got = [conv.prefill(a[..., :P])] + [conv.step(a[..., t])[..., None] for t in range(P, total)]
         torch.testing.assert_close(torch.cat(got, -1), direct, rtol=1e-10, atol=1e-10)
+        with pytest.raises(th.UserError, match=f"room for {total} positions, not {total + 1}"):
+            conv.step(a[..., 0])
 
 
 @given(configs_and_lengths(max_len=400), st.one_of(st.sampled_from(STEPS), st.integers(1, 140)))
-def test_decoders_equal_the_full_forward_pass_at_every_step(case, steps):
-    """Both decoders' next-token logits after the prompt and after every token they take equal a whole forward
-    pass over the sequence so far, to 1e-9 in float64 (orders 2-4, short filters of 1-4 taps, 1-2 layers, any
-    prompt length, steps across the online convolution's block boundaries, batches of 1-3)."""
+def test_decoding_equals_the_full_forward_pass_at_every_step(case, steps):
+    """The model's next-token logits from forward(prompt, state) and after every step(token, state) equal a
+    whole forward pass over the sequence so far, to 1e-9 in float64, with either long-convolution state
+    (orders 2-4, short filters of 1-4 taps, 1-2 layers, any prompt length, steps across the online
+    convolution's block boundaries, batches of 1-3)."""
     cfg, P, B, seed, _ = case
     P = min(P, 64)
     cfg = dataclasses.replace(cfg, l_max=max(cfg.l_max, P + steps))
@@ -49,14 +49,16 @@ def test_decoders_equal_the_full_forward_pass_at_every_step(case, steps):
     ids = torch.randint(0, cfg.vocab_size, (B, total), generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
         full = [model(ids[:, :t])[:, -1] for t in range(P, total + 1)]
-        for method in ("online", "cache"):
-            decoder = decoding.Decoder(model, total, method)
-            logits = decoder.prefill(ids[:, :P])
+        for long_conv in (decoding.OnlineConv, th.ConvHistory):
+            state = model.decoding_state(total, long_conv)
+            logits = model(ids[:, :P], state)[:, -1]
             for t in range(P, total + 1):
                 reference = full[t - P]
-                assert (logits - reference).abs().max() <= 1e-9 * max(1.0, reference.abs().max()), (method, t)
+                assert (logits - reference).abs().max() <= 1e-9 * max(1.0, reference.abs().max()), (long_conv, t)
                 if t < total:
-                    logits = decoder.step(ids[:, t])
+                    logits = model.step(ids[:, t], state)
+    with pytest.raises(th.UserError, match=f"decoding state for {cfg.l_max + 1} positions"):
+        model.decoding_state(cfg.l_max + 1)
 
 
 def test_sampling_is_the_same_with_every_method():
