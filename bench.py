@@ -303,13 +303,13 @@ def main(argv=None):
     p.add_argument("--no_append", action="store_true", help="print the table without appending to BENCHMARKS.md")
     p.add_argument("--_measure", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    args.lengths = args.lengths or ("4096,16384,65536,262144" if args.generate else "1024,32768,131072,1048576")
+    text = args.lengths or ("4096,16384,65536,262144" if args.generate else "1024,32768,131072,1048576")
     try:
-        lengths = [int(x) for x in args.lengths.split(",")]
+        lengths = [int(x) for x in text.split(",")]
     except ValueError:
         lengths = []
     if not lengths or min(lengths) < 1:
-        p.error(f"--lengths {args.lengths!r}: expected positive integers, comma-separated")
+        p.error(f"--lengths {text!r}: expected positive integers, comma-separated")
     cli.pick_device(args.device)
     if args._measure:
         measure_one(args._measure, args.preset, lengths[0], args.device, args.train, args.batch, args.published,

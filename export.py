@@ -53,10 +53,11 @@ def main(argv=None):
                         "always outputs what its task predicts (probabilities or values)")
     p.add_argument("--no-check", dest="check", action="store_false", help="skip the ONNX Runtime comparison")
     args = p.parse_args(argv)
-    if args.out is None:  # not named by the user: never replace a file that is not an earlier export
-        args.out = DEFAULT_OUT
-        if os.path.lexists(args.out) and not (os.path.isfile(args.out) and is_onnx_model(args.out)):
-            raise th.UserError(f"{args.out} exists and is not an ONNX model; pass --out FILE to choose the output")
+    out = args.out
+    if out is None:  # not named by the user: never replace a file that is not an earlier export
+        out = DEFAULT_OUT
+        if os.path.lexists(out) and not (os.path.isfile(out) and is_onnx_model(out)):
+            raise th.UserError(f"{out} exists and is not an ONNX model; pass --out FILE to choose the output")
     checkpoint = args.checkpoint or find_checkpoint()
     if checkpoint is None:
         raise th.UserError("no checkpoint in out/: train one with `python train.py ...`, "
@@ -66,17 +67,16 @@ def main(argv=None):
             raise th.UserError(f"{checkpoint} is a fine-tuned model: its graph outputs what its task predicts, "
                              "drop --outputs")
         model = classifier.load_classifier(checkpoint)
-        args.outputs = classifier.OUTPUT_NAME[model.task]
-        limit = model.max_len
+        outputs, limit = classifier.OUTPUT_NAME[model.task], model.max_len
     else:
-        model, args.outputs = th.from_pretrained(checkpoint), args.outputs or "logits"
-        limit = model.cfg.l_max
+        model = th.from_pretrained(checkpoint)
+        outputs, limit = args.outputs or "logits", model.cfg.l_max
     max_len = args.max_len or limit
     if not 1 <= max_len <= limit:
         raise th.UserError(f"--max_len {max_len} is outside [1, {limit}] (the checkpoint's l_max)")
-    proto = export(model, args.out, args.target, max_len, args.outputs)
+    proto = export(model, out, args.target, max_len, outputs)
     ops = sorted({op for _, op in graph_ops(proto.graph)})
-    print(f"wrote {args.out} ({os.path.getsize(args.out) / 1e6:.1f} MB, target {args.target}, max_len {max_len}); "
+    print(f"wrote {out} ({os.path.getsize(out) / 1e6:.1f} MB, target {args.target}, max_len {max_len}); "
           f"ops: {', '.join(ops)}")
     if not args.check:
         return 0
@@ -86,9 +86,9 @@ def main(argv=None):
             print("check skipped: ONNX Runtime's CUDA provider cannot run here (no GPU, or onnxruntime-gpu missing); "
                   "the cuda graph's Rfft/Irfft have CUDA kernels only. Export with --target cpu to check on the CPU")
             return 0
-        err = check_against_torch(model, args.out, args.outputs, lengths, provider="CUDAExecutionProvider")
+        err = check_against_torch(model, out, outputs, lengths, provider="CUDAExecutionProvider")
     else:
-        err = check_against_torch(model, args.out, args.outputs, lengths)
+        err = check_against_torch(model, out, outputs, lengths)
     print(f"ONNX Runtime vs torch: max relative error {err:.2e} over batch 1-3, lengths {lengths}")
     if err > 1e-4:
         print(f"error: relative error {err:.2e} is above 1e-4", file=sys.stderr)

@@ -55,7 +55,7 @@ from data import DataError, Genome, read_inputs
 from parallel import barrier, run_distributed
 from tasks import (SELECTION_METRIC, Examples, class_names, collate, cut, read_benchmark_split, read_sequences,
                    read_table, targets_of, task_metrics)
-from trainer import Job, batches, claim_out_dir, log_metrics, prepare_once, train_loop
+from trainer import Job, Settings, batches, claim_out_dir, log_metrics, prepare_once, train_loop
 
 # ---------------------------------------------------------------------------------------------------------
 # Data: labelled sequences in the formats users have.
@@ -231,6 +231,59 @@ def build_backbone(args):
     return th.HyenaDNA(th.preset_config(args.preset, l_max=args.seq_len + args.soft_prompt + 2))
 
 
+class FineTuning(Job):
+    """Fine-tuning as trainer.py's loop runs it: this process's batches of labelled sequences, the task's loss,
+    and the validation that keeps the best model in the run folder."""
+
+    def __init__(self, model, args, splits, names, meta, device, rank, world):
+        self.model, self.args, self.splits, self.names, self.meta = model, args, splits, names, meta
+        self.device, self.rank, self.world = device, rank, world
+        self.metric = SELECTION_METRIC[args.task]
+        self.best = -math.inf  # the best validation score so far, by self.metric
+        self.metrics_path = os.path.join(args.out, "metrics.jsonl")
+        self.start = time.time()
+        self.stream = None
+
+    def next_batch(self, step):
+        if self.stream is None:  # the position in the data follows from the step (resume)
+            self.stream = batches(self.splits["train"], self.args.batch_size, self.args.seed, self.rank, self.world,
+                                  step * self.args.grad_accum, self.args.workers, collate)
+        return next(self.stream)
+
+    def loss(self, model, x, y):
+        out = model(x).float()
+        return self.model.loss(out, y), (y.cpu(), out.detach().cpu())
+
+    def train_row(self, step, records):  # a batch is too small a sample for r or the AUROC: classification only
+        if self.args.task != "classify":
+            return {}
+        labels, outputs = zip(*records)
+        return task_metrics(self.args.task, torch.cat(labels).numpy(), torch.cat(outputs).numpy())
+
+    def log(self, step, split, scores):
+        if self.rank == 0:
+            log_metrics(self.metrics_path, {"step": step, "split": split, **scores,
+                                            "elapsed_s": round(time.time() - self.start, 3)})
+
+    def evaluate(self, step):  # every process evaluates (the same model, the same data); the main rank writes
+        val = evaluate(self.model, self.splits["valid"], self.args.eval_batch_size, self.device)
+        score = val[self.metric] if math.isfinite(val[self.metric]) else -math.inf  # NaN: no target could be scored
+        improved = score > self.best or self.best == -math.inf
+        if improved:
+            self.best = score
+        self.log(step, "valid", val)
+        if improved and self.rank == 0:  # the model folder holds the best model on validation
+            save_classifier(self.model, self.args.out, self.names,
+                            {**self.meta, "step": step, f"valid_{self.metric}": val[self.metric]}, self.args.layout)
+        barrier()
+
+    def state_dict(self):
+        return {"best": self.best}
+
+    def load_state_dict(self, state):
+        self.best = state["best"]
+
+
 def fit(args):
     return run_distributed(fit_on, args, cli.pick_device(args.device))
 
@@ -269,72 +322,36 @@ def fit_on(args, rank, world, device):
         targets = torch.as_tensor(np.asarray(train_set.labels))
         model.target_mean.copy_(targets.mean(0))
         model.target_std.copy_(targets.std(0).clamp(min=1e-6) if len(targets) > 1 else torch.ones(len(names)))
-    metric = SELECTION_METRIC[args.task]
     steps_per_epoch = max(1, len(train_set) // (args.batch_size * args.grad_accum * world))
     if len(train_set) < args.batch_size * world:
         what = "windows" if args.species else "training sequences"
         raise DataError(f"{len(train_set)} {what} are fewer than one batch (--batch_size {args.batch_size}"
                         f"{f' in each of {world} processes' if world > 1 else ''})")
-    args.max_steps = args.max_steps or args.epochs * steps_per_epoch
-    args.warmup_steps = max(1, args.max_steps // 100) if args.warmup_steps is None else args.warmup_steps
-    args.eval_interval = args.eval_interval or steps_per_epoch
-    args.ckpt_interval = args.eval_interval  # the state is saved with each validation
-    metrics_path = os.path.join(args.out, "metrics.jsonl")
+    max_steps = args.max_steps or args.epochs * steps_per_epoch
+    eval_interval = args.eval_interval or steps_per_epoch
+    settings = Settings.from_args(args, max_steps=max_steps, eval_interval=eval_interval,
+                                  warmup_steps=max(1, max_steps // 100) if args.warmup_steps is None else args.warmup_steps,
+                                  ckpt_interval=eval_interval)  # the state is saved with each validation
     meta = {"truncate": args.truncate, "max_len": max_len, "trained_on": args.species or args.data}
-    best = {"score": -math.inf}
-    stream = {}
-    start = time.time()
     if main_rank:
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         what = "classes" if args.task == "classify" else f"{args.task} targets"
         print(f"{len(names)} {what} ({', '.join(names[:8])}{', ...' if len(names) > 8 else ''}); train {len(train_set)}, "
               f"valid {len(splits['valid'])}, test {len(splits['test']) if 'test' in splits else 0}; {trainable:,} "
-              f"trainable parameters; {args.max_steps} steps", file=sys.stderr)
-
-    def next_batch(step):
-        if "batches" not in stream:  # the position in the data follows from the step (resume)
-            stream["batches"] = batches(train_set, args.batch_size, args.seed, rank, world, step * args.grad_accum,
-                                        args.workers, collate)
-        return next(stream["batches"])
-
-    def loss(model, x, y):
-        out = model(x).float()
-        return model.module.loss(out, y) if world > 1 else model.loss(out, y), (y.cpu(), out.detach().cpu())
-
-    def train_row(step, records):  # a batch is too small a sample for r or the AUROC: classification only
-        if args.task != "classify":
-            return {}
-        labels, outputs = zip(*records)
-        return task_metrics(args.task, torch.cat(labels).numpy(), torch.cat(outputs).numpy())
-
-    def validate(step):  # every process evaluates (the same model, the same data); the main rank writes
-        val = evaluate(model, splits["valid"], args.eval_batch_size, device)
-        score = val[metric] if math.isfinite(val[metric]) else -math.inf  # NaN: no target could be scored
-        improved = score > best["score"] or best["score"] == -math.inf
-        if improved:
-            best["score"] = score
-        if main_rank:
-            log_metrics(metrics_path, {"step": step, "split": "valid", **val, "elapsed_s": round(time.time() - start, 3)})
-            if improved:  # the model folder holds the best model on validation
-                save_classifier(model, args.out, names, {**meta, "step": step, f"valid_{metric}": val[metric]},
-                                args.layout)
-        barrier()
-
-    job = Job(model=model, next_batch=next_batch, loss=loss, evaluate=validate, train_row=train_row,
-              state=lambda: {"best": best["score"]}, restore=lambda state: best.update(score=state["best"]))
-    outcome = train_loop(job, args, device, rank, world)
+              f"trainable parameters; {max_steps} steps", file=sys.stderr)
+    job = FineTuning(model, args, splits, names, meta, device, rank, world)
+    outcome = train_loop(job, settings, device, rank, world)
     if outcome != "done":
         return 1 if outcome == "diverged" else 0
     if "test" not in splits:
         if main_rank:
-            print(f"best validation {metric} {best['score']:.4f}; no test set given (--test FILE or a split column), "
+            print(f"best validation {job.metric} {job.best:.4f}; no test set given (--test FILE or a split column), "
                   "so no test row")
         return 0
     if main_rank:
         best_model = load_classifier(args.out, device)
         test = evaluate(best_model, splits["test"], args.eval_batch_size, device)
-        log_metrics(metrics_path, {"step": args.max_steps, "split": "test", **test,
-                                   "elapsed_s": round(time.time() - start, 3)})
+        job.log(max_steps, "test", test)
         shown = {"classify": ("accuracy", "mcc", "f1_macro"), "regression": ("pearson", "spearman", "mse"),
                  "multilabel": ("auroc",)}[args.task]
         print(f"test (best validation checkpoint): {', '.join(f'{k} {test[k]:.4f}' for k in shown)}; model in {args.out}")

@@ -9,7 +9,7 @@ Pretrain HyenaDNA by next-nucleotide prediction, on hg38 or any FASTA (and BED).
     torchrun --nproc_per_node 8 train.py --preset large --seq_len 2097152 --context_parallel 2  # each sequence
                                                                             # over 2 GPUs, 4 such groups (parallel.py)
 
-Pretraining is a `trainer.Job` run by the one training loop (trainer.py: AdamW, schedule, accumulation, DDP,
+Pretraining is a `trainer.Job` (`Pretraining`) run by the one training loop (trainer.py: AdamW, schedule, accumulation, DDP,
 signals, exact resume): its batches of genome windows, the next-token loss, the validation loss. It adds
 sequence-length warm-up stages, activation checkpointing when memory needs it, context parallelism
 (parallel.py), and ends with the loss on the held-out test split.
@@ -83,35 +83,36 @@ def parse_args(argv=None):
 
 
 def initial_model(args):
-    """The model a run starts from: a fresh one of --preset, or the --init_from checkpoint's weights. Training
-    longer than that checkpoint's l_max - 2 raises l_max to --seq_len + 2, and with it the filters' positional
+    """(model, seq_len): the model a run starts from, a fresh one of --preset or the --init_from checkpoint's
+    weights, and the training length (--seq_len, or by default 1024 or the checkpoint's l_max - 2). Training
+    longer than the checkpoint's l_max - 2 raises l_max to seq_len + 2, and with it the filters' positional
     features (they are scaled by l_max): the run starts from the checkpoint's weights computing a new function,
     which its first steps adapt to. At or below the checkpoint's length, its l_max and function are kept."""
     if not args.init_from:
-        args.seq_len = args.seq_len or 1024
-        cfg = th.preset_config(args.preset or "tiny", l_max=args.seq_len + 2, embed_dropout=args.dropout)
+        seq_len = args.seq_len or 1024
+        cfg = th.preset_config(args.preset or "tiny", l_max=seq_len + 2, embed_dropout=args.dropout)
         torch.manual_seed(args.seed)  # the same initial weights in every process
-        return th.HyenaDNA(cfg)
+        return th.HyenaDNA(cfg), seq_len
     ckpt = checkpoints.read_checkpoint(args.init_from)
-    args.seq_len = args.seq_len or ckpt.cfg.l_max - 2
-    cfg = dataclasses.replace(ckpt.cfg, l_max=max(ckpt.cfg.l_max, args.seq_len + 2), embed_dropout=args.dropout)
+    seq_len = args.seq_len or ckpt.cfg.l_max - 2
+    cfg = dataclasses.replace(ckpt.cfg, l_max=max(ckpt.cfg.l_max, seq_len + 2), embed_dropout=args.dropout)
     model = th.HyenaDNA(cfg)
     state = dict(ckpt.state)
     if cfg.l_max != ckpt.cfg.l_max:  # the positional tables of the new l_max, the model's own
         state.update({k: v for k, v in model.state_dict().items() if k.endswith((".filter.z", ".filter.t"))})
     checkpoints.load_state_dict(model, state, ckpt.weights_path)
-    return model
+    return model, seq_len
 
 
-def length_stages(args):
-    """[(seq_len, micro_batch, first_step)]: lengths doubling from min_seq_len up to seq_len, the batch
+def length_stages(seq_len, args):
+    """[(length, micro_batch, first_step)]: lengths doubling from --min_seq_len up to seq_len, the batch
     halving as the length doubles so tokens per step stay constant. The warm-up stages share the first
     half of the run equally; the full length gets the rest."""
-    lengths = [args.seq_len]
+    lengths = [seq_len]
     while lengths[0] // 2 >= args.min_seq_len and lengths[0] % 2 == 0:
         lengths.insert(0, lengths[0] // 2)
     per_stage = args.max_steps // 2 // len(lengths) if len(lengths) > 1 else 0
-    return [(L, args.batch_size * args.seq_len // L, i * per_stage) for i, L in enumerate(lengths)]
+    return [(L, args.batch_size * seq_len // L, i * per_stage) for i, L in enumerate(lengths)]
 
 
 def load_data(args):
@@ -160,10 +161,10 @@ def evaluate(model, dataset, args, device, rank, world, context=None):
     return (total[0] / total[1].clamp(min=1)).item()
 
 
-def want_checkpointing(args, cfg, micro_batch, device):
+def want_checkpointing(args, cfg, tokens, device):
     if args.checkpointing != "auto":
         return args.checkpointing == "on"
-    return trainer.checkpointing_needed(cfg, micro_batch * args.seq_len, device)
+    return trainer.checkpointing_needed(cfg, tokens, device)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -181,10 +182,10 @@ def context_group(args, stages, rank, world):
     N = args.context_parallel
     if N == 1:
         return None
-    for L, _, _ in stages:
+    for i, (L, _, _) in enumerate(stages):
         if L % N:
             raise th.UserError(f"sequence length {L} is not divisible by --context_parallel {N}"
-                               + (" (a warm-up stage: set --min_seq_len)" if L != args.seq_len else ""))
+                               + (" (a warm-up stage: set --min_seq_len)" if i < len(stages) - 1 else ""))
     if world % N:
         raise th.UserError(f"--context_parallel {N} does not divide the {world} process(es) of this run "
                            "(start it with torchrun --nproc_per_node)")
@@ -192,72 +193,87 @@ def context_group(args, stages, rank, world):
     return parallel.ContextGroup(groups[rank // N])
 
 
+class Pretraining(trainer.Job):
+    """Next-token prediction on genome windows, in length stages: this process's batches (under context
+    parallelism, its positions of its group's sequences), the loss, and the validation loss."""
+
+    def __init__(self, model, args, seq_len, stages, genome, bed, device, rank, world, context):
+        self.model, self.args, self.seq_len, self.stages = model, args, seq_len, stages
+        self.device, self.rank, self.world, self.context = device, rank, world, context
+        self.train_sets = {L: Windows(genome, L, "train", bed, args.rc_aug) for L, _, _ in stages}
+        self.val_set = Windows(genome, seq_len, "valid", bed)
+        # processes of one context group read the same batches: data parallelism is over the groups
+        self.data_rank, self.data_world = (rank // context.size, world // context.size) if context else (rank, world)
+        self.metrics_path = os.path.join(args.out, "metrics.jsonl")
+        self.start = time.time()
+        self.length, self.stream = None, None  # the stage being read, and its batches
+
+    def stage(self, step):
+        return [s for s in self.stages if s[2] <= step][-1]
+
+    def next_batch(self, step):
+        L, micro_batch, first = self.stage(step)
+        if L != self.length:  # a new stage, or resuming: the position in the data follows from the step
+            self.length = L
+            self.stream = trainer.batches(self.train_sets[L], micro_batch, self.args.seed + L, self.data_rank,
+                                          self.data_world, (step - first) * self.args.grad_accum, self.args.workers)
+        x, y = next(self.stream)
+        return self.context.same_batch(x, y) if self.context else (x, y)
+
+    def loss(self, model, x, y):
+        if self.context:
+            return parallel.context_loss(model, self.context.shard(x), self.context.shard(y), self.context)[0], None
+        return lm_loss(model, x, y), None
+
+    def tokens(self, step):
+        """(length, tokens per step) of the steps up to `step`."""
+        L, micro_batch, _ = self.stage(max(step - 1, 0))
+        return L, micro_batch * L * self.args.grad_accum * self.data_world
+
+    def log(self, step, split, loss, **more):
+        if self.rank == 0:
+            trainer.log_metrics(self.metrics_path, {"step": step, "split": split, "loss": loss, **more,
+                                                    "tokens": step * self.tokens(step)[1], "seq_len": self.seq_len,
+                                                    "elapsed_s": round(time.time() - self.start, 3)})
+
+    def evaluate(self, step):
+        self.log(step, "val", evaluate(self.model, self.val_set, self.args, self.device, self.rank, self.world,
+                                       self.context))
+
+    def train_row(self, step, records):
+        L, per_step = self.tokens(step)
+        return {"tokens": step * per_step, "seq_len": L}
+
+    def save_model(self, step):
+        th.save_pretrained(self.model, self.args.out)
+
+
 def pretrain(args, rank, world, device):
-    main_rank = rank == 0
-    trainer.claim_out_dir(args.out, args.resume, args.overwrite, delete=main_rank)  # before anything is written
+    trainer.claim_out_dir(args.out, args.resume, args.overwrite, delete=rank == 0)  # before anything is written
     base.make_out_dir(args.out)  # up front: a folder that cannot be made fails now, not after loading the data
     if args.dropout >= 1:
         raise th.UserError(f"--dropout must be below 1, got {args.dropout}")
-    model = initial_model(args).to(device)  # (sets --seq_len where it was left to the checkpoint)
-    cfg = model.cfg
-    stages = length_stages(args)
+    model, seq_len = initial_model(args)
+    model = model.to(device)
+    stages = length_stages(seq_len, args)
     context = context_group(args, stages, rank, world)  # (checked before the data is read)
     genome, bed = load_data(args)
-    train_sets = {L: Windows(genome, L, "train", bed, args.rc_aug) for L, _, _ in stages}
-    val_set = Windows(genome, args.seq_len, "valid", bed)
+    job = Pretraining(model, args, seq_len, stages, genome, bed, device, rank, world, context)
     if context:
         parallel.enable(model, context)
-    data_rank, data_world = (rank // context.size, world // context.size) if context else (rank, world)
-    model.gradient_checkpointing = want_checkpointing(args, cfg, args.batch_size, device)
+    model.gradient_checkpointing = want_checkpointing(args, model.cfg, args.batch_size * seq_len, device)
     if model.gradient_checkpointing and device.type == "cpu":
         fast.tune_cpu_memory(memory_first=True)  # memory is what limits the length here (fast.py)
     torch.manual_seed(args.seed * 1000 + rank)  # each process its own dropout and augmentation draws
-    metrics_path = os.path.join(args.out, "metrics.jsonl")
-    start = time.time()
-    stream = {"length": None, "batches": None}
-
-    def next_batch(step):
-        L, micro_batch, first = [s for s in stages if s[2] <= step][-1]
-        if L != stream["length"]:  # a new stage, or resuming: the position in the data follows from the step
-            stream["length"] = L
-            stream["batches"] = trainer.batches(train_sets[L], micro_batch, args.seed + L, data_rank, data_world,
-                                        (step - first) * args.grad_accum, args.workers)
-        x, y = next(stream["batches"])
-        return context.same_batch(x, y) if context else (x, y)
-
-    def tokens(step):
-        L, micro_batch, _ = [s for s in stages if s[2] <= max(step - 1, 0)][-1]
-        return L, micro_batch * L * args.grad_accum * data_world
-
-    def evaluate_val(step):
-        val = evaluate(model, val_set, args, device, rank, world, context)
-        if main_rank:
-            trainer.log_metrics(metrics_path, {"step": step, "split": "val", "loss": val, "tokens": step * tokens(step)[1],
-                                       "seq_len": args.seq_len, "elapsed_s": round(time.time() - start, 3)})
-
-    def train_row(step, records):
-        L, per_step = tokens(step)
-        return {"tokens": step * per_step, "seq_len": L}
-
-    if context:
-        loss = lambda m, x, y: (parallel.context_loss(m, context.shard(x), context.shard(y), context)[0], None)
-    else:
-        loss = lambda m, x, y: (lm_loss(m, x, y), None)
-    job = trainer.Job(model=model, next_batch=next_batch, loss=loss,
-                       evaluate=evaluate_val, train_row=train_row,
-                       save_model=lambda step: th.save_pretrained(model, args.out))
     if args.init_from and not args.resume:
-        evaluate_val(0)  # where the run starts: the checkpoint's loss on the validation windows
-    outcome = trainer.train_loop(job, args, device, rank, world)
+        job.evaluate(0)  # where the run starts: the checkpoint's loss on the validation windows
+    outcome = trainer.train_loop(job, trainer.Settings.from_args(args), device, rank, world)
     if outcome == "diverged":
         return 1
     if outcome == "done":
-        test = evaluate(model, Windows(genome, args.seq_len, "test", bed), args, device, rank, world, context)
-        if main_rank:
-            trainer.log_metrics(metrics_path, {"step": args.max_steps, "split": "test", "loss": test,
-                                       "bits_per_base": test / math.log(2),
-                                       "tokens": args.max_steps * tokens(args.max_steps)[1], "seq_len": args.seq_len,
-                                       "elapsed_s": round(time.time() - start, 3)})
+        test = evaluate(model, Windows(genome, seq_len, "test", bed), args, device, rank, world, context)
+        job.log(args.max_steps, "test", test, bits_per_base=test / math.log(2))
+        if rank == 0:
             print(f"step {args.max_steps}: test loss {test:.4f} nats/base ({test / math.log(2):.4f} bits/base)")
     return 0
 

@@ -1,6 +1,6 @@
 """
 The one training loop, and what it stands on: every kind of training (train.py's pretraining, finetune.py's
-fine-tuning) brings a `Job` and runs `train_loop`.
+fine-tuning) subclasses `Job` with its batches, loss and evaluation, and runs `train_loop` with its `Settings`.
 
 The loop: AdamW (`adamw`: the paper's weight-decay groups) with a cosine schedule after warm-up (`lr_at`),
 gradient accumulation (`accumulate_gradients`), clipping, bf16 on CUDA, evaluation and checkpoint intervals,
@@ -19,8 +19,7 @@ import random
 import signal
 import sys
 import time
-from dataclasses import dataclass
-from typing import Callable
+from dataclasses import dataclass, field, fields
 
 import torch
 import torch.distributed as dist
@@ -149,34 +148,77 @@ def log_metrics(path, record):
 # The loop.
 
 @dataclass
+class Settings:
+    """What train_loop runs by: a command's flags, its defaults resolved (`from_args`)."""
+    out: str  # the run folder: metrics.jsonl, train_state.pt and the command's model files
+    max_steps: int  # optimizer steps
+    lr: float  # the peak learning rate
+    weight_decay: float
+    warmup_steps: int
+    grad_accum: int  # micro-batches per optimizer step
+    eval_interval: int  # steps between evaluations
+    ckpt_interval: int  # steps between checkpoints (the end, and a stop by signal, save one too)
+    resume: bool = False  # continue from out/train_state.pt
+    flags: dict = field(default_factory=dict)  # the command line as run, saved with each checkpoint
+
+    @classmethod
+    def from_args(cls, args, **resolved):
+        """Settings from an argparse namespace; `resolved` gives fields whose flag was left to a default
+        computed by the command (fine-tuning's steps per epoch, say)."""
+        names = {f.name for f in fields(cls)} - {"flags"}
+        values = {name: getattr(args, name) for name in names - resolved.keys()}
+        return cls(**values, **resolved, flags={k: v for k, v in vars(args).items() if k != "func"})
+
+
 class Job:
-    """What a training command brings to train_loop; the loop does the rest."""
+    """What a training command brings to train_loop, which does the rest: a subclass names its model and
+    defines next_batch and loss; the other methods are for what it adds."""
+
     model: torch.nn.Module  # trained in place; its trainable parameters go to AdamW
-    next_batch: Callable  # step -> one micro-batch (inputs, targets) of this process's shard, for that step
-    loss: Callable  # (model, inputs, targets) -> (loss, record); the step's records go to train_row
-    evaluate: Callable  # step -> None: evaluate, log rows (main rank), save what is best; every eval_interval
-    train_row: Callable = lambda step, records: {}  # extra fields of a step's train row in metrics.jsonl
-    save_model: Callable = lambda step: None  # write the model folder (main rank), at each checkpoint
-    state: Callable = lambda: {}  # the command's own state to checkpoint (fine-tuning's best score)
-    restore: Callable = lambda state: None
+
+    def next_batch(self, step):
+        """One micro-batch (inputs, targets) of this process's shard, for the given step."""
+        raise NotImplementedError
+
+    def loss(self, model, inputs, targets):
+        """(loss, record) of a micro-batch through `model` (job.model, or its DDP wrapper); the step's records
+        go to train_row."""
+        raise NotImplementedError
+
+    def evaluate(self, step):
+        """Every eval_interval steps and at the end: evaluate, log (main rank), keep what is best."""
+
+    def train_row(self, step, records):
+        """Extra fields of a step's train row in metrics.jsonl."""
+        return {}
+
+    def save_model(self, step):
+        """Write the model folder (main rank), at each checkpoint."""
+
+    def state_dict(self):
+        """The command's own state to checkpoint beside the model's (fine-tuning's best score)."""
+        return {}
+
+    def load_state_dict(self, state):
+        pass
 
 
-def lr_at(step, args):
+def lr_at(step, settings):
     """Linear warm-up, then cosine decay to 10% of the peak."""
-    if step < args.warmup_steps:
-        return args.lr * (step + 1) / args.warmup_steps
-    progress = (step - args.warmup_steps) / max(1, args.max_steps - args.warmup_steps)
-    return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+    if step < settings.warmup_steps:
+        return settings.lr * (step + 1) / settings.warmup_steps
+    progress = (step - settings.warmup_steps) / max(1, settings.max_steps - settings.warmup_steps)
+    return settings.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
-def adamw(model, args):
+def adamw(model, settings):
     """AdamW as the paper: weight decay on the matrices, none on biases, norms and the implicit filter's
     parameters (its MLP is a function of position, not a feature map). Frozen parameters are left out."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     decay = [p for n, p in named if p.dim() >= 2 and ".filter." not in n]
     no_decay = [p for n, p in named if not (p.dim() >= 2 and ".filter." not in n)]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.95))
+    return torch.optim.AdamW([{"params": decay, "weight_decay": settings.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=settings.lr, betas=(0.9, 0.95))
 
 
 def accumulate_gradients(ddp, job, step, grad_accum, device, world=1):
@@ -202,80 +244,88 @@ def accumulate_gradients(ddp, job, step, grad_accum, device, world=1):
 
 
 @contextlib.contextmanager
-def stop_requests():
-    """While the loop runs, SIGTERM or SIGINT asks it to stop at the end of the step (stop["signal"] is set); the
-    caller's own handlers are back afterwards."""
-    stop = {"signal": None}
+def stop_requests(device, world=1):
+    """While the loop runs, SIGTERM or SIGINT asks it to stop at the end of the step; the caller's own handlers
+    are back afterwards. Yields stop_requested(): whether any process was asked, so that all stop at the same
+    step."""
+    asked = []
+    previous = {sig: signal.signal(sig, lambda signum, frame: asked.append(signum))
+                for sig in (signal.SIGTERM, signal.SIGINT)}
 
-    def request_stop(signum, frame):
-        stop["signal"] = signum
-    previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    def stop_requested():
+        flag = torch.tensor([float(bool(asked))], device=device)
+        if world > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return flag.item() > 0
     try:
-        yield stop
+        yield stop_requested
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
 
 
-def train_loop(job, args, device, rank=0, world=1):
-    """Train job.model for args.max_steps optimizer steps (args: lr, weight_decay, warmup_steps, grad_accum,
-    eval_interval, ckpt_interval, out, resume). Returns "done", "stopped" (by a signal: checkpoint saved) or
-    "diverged" (a non-finite loss: the last checkpoint kept)."""
+def load_train_state(path, model, optimizer, job, rank, world):
+    """Restore a run from its train_state.pt: the model, the optimizer, this process's random state and the
+    job's own state. Returns the step it had reached."""
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: nothing to resume")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    rng = state.get("rng", [state])  # (one process's state, as older checkpoints hold it)
+    if len(rng) != world:
+        raise DataError(f"{path} was written by {len(rng)} process(es); resume it with the same number (this run "
+                        f"has {world}): each process's data shard and random state are its own")
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    restore_rng_state(rng[rank])
+    job.load_state_dict(state.get("job", {}))
+    return state["step"]
+
+
+def save_train_state(path, step, model, optimizer, job, settings, rank, world):
+    """Checkpoint the run at `step`: every process's random state is gathered, and the main rank writes
+    train_state.pt (atomically) and the job's model folder."""
+    states = [None] * world
+    if world > 1:
+        dist.all_gather_object(states, rng_state())
+    else:
+        states = [rng_state()]
+    if rank == 0:
+        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "rng": states,
+                 "args": settings.flags, "job": job.state_dict()}
+        base.atomic_write(path, lambda tmp: torch.save(state, tmp))
+        job.save_model(step)
+    parallel.barrier()
+
+
+def train_loop(job, settings, device, rank=0, world=1):
+    """Train job.model for settings.max_steps optimizer steps. Returns "done", "stopped" (by a signal:
+    checkpoint saved) or "diverged" (a non-finite loss: the last checkpoint kept)."""
     model, main_rank = job.model, rank == 0
-    optimizer = adamw(model, args)
-    metrics_path, state_path = os.path.join(args.out, "metrics.jsonl"), os.path.join(args.out, "train_state.pt")
+    optimizer = adamw(model, settings)
+    metrics_path = os.path.join(settings.out, "metrics.jsonl")
+    state_path = os.path.join(settings.out, "train_state.pt")
     step = 0
-    if args.resume:
-        if not os.path.isfile(state_path):
-            raise DataError(f"{state_path}: nothing to resume")
-        state = torch.load(state_path, map_location="cpu", weights_only=True)
-        rng = state.get("rng", [state])  # (one process's state, as older checkpoints hold it)
-        if len(rng) != world:
-            raise DataError(f"{state_path} was written by {len(rng)} process(es); resume it with the same number "
-                            f"(this run has {world}): each process's data shard and random state are its own")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        step = state["step"]
-        restore_rng_state(rng[rank])
-        job.restore(state.get("job", {}))
+    if settings.resume:
+        step = load_train_state(state_path, model, optimizer, job, rank, world)
         if main_rank:
             drop_metrics_after(metrics_path, step)
     ddp = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
-
-    def checkpoint():  # every process's random state, gathered; the files written by the main rank
-        states = [None] * world
-        if world > 1:
-            dist.all_gather_object(states, rng_state())
-        else:
-            states = [rng_state()]
-        if main_rank:
-            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "rng": states,
-                     "args": {k: v for k, v in vars(args).items() if k != "func"}, "job": job.state()}
-            base.atomic_write(state_path, lambda tmp: torch.save(state, tmp))
-            job.save_model(step)
-        parallel.barrier()
-
-    with stop_requests() as stop:
-        def stop_requested():  # a stop asked of any process stops them all at the same step
-            flag = torch.tensor([float(stop["signal"] is not None)], device=device)
-            if world > 1:
-                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            return flag.item() > 0
-
-        from tqdm import tqdm
-        bar = tqdm(total=args.max_steps, initial=step, disable=not main_rank, dynamic_ncols=True, file=sys.stderr)
-        start_time = time.time()
-        model.train()
-        outcome = "done"
-        while step < args.max_steps:
+    from tqdm import tqdm
+    bar = tqdm(total=settings.max_steps, initial=step, disable=not main_rank, dynamic_ncols=True, file=sys.stderr)
+    start_time = time.time()
+    model.train()
+    outcome = "done"
+    with stop_requests(device, world) as stop_requested:
+        while step < settings.max_steps:
             if stop_requested():
                 outcome = "stopped"
                 break
+            lr = lr_at(step, settings)
             for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, args)
-            loss, records = accumulate_gradients(ddp, job, step, args.grad_accum, device, world)
+                group["lr"] = lr
+            loss, records = accumulate_gradients(ddp, job, step, settings.grad_accum, device, world)
             if not math.isfinite(loss):
-                print(f"error: loss is {loss} at step {step}; stopping. The last good checkpoint in {args.out} "
+                print(f"error: loss is {loss} at step {step}; stopping. The last good checkpoint in {settings.out} "
                       "is kept (try a lower --lr)", file=sys.stderr)
                 outcome = "diverged"
                 break
@@ -287,15 +337,15 @@ def train_loop(job, args, device, rank=0, world=1):
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.4f}")
                 log_metrics(metrics_path, {"step": step, "split": "train", "loss": loss, **job.train_row(step, records),
-                                           "lr": lr_at(step - 1, args), "grad_norm": grad_norm,
+                                           "lr": lr, "grad_norm": grad_norm,
                                            "elapsed_s": round(time.time() - start_time, 3)})
-            if step % args.eval_interval == 0 or step == args.max_steps:
+            if step % settings.eval_interval == 0 or step == settings.max_steps:
                 job.evaluate(step)
-            if step % args.ckpt_interval == 0 and step < args.max_steps:
-                checkpoint()
+            if step % settings.ckpt_interval == 0 and step < settings.max_steps:
+                save_train_state(state_path, step, model, optimizer, job, settings, rank, world)
         bar.close()
         if outcome != "diverged":
-            checkpoint()
-        if outcome == "stopped" and main_rank:
-            print(f"stopped by a signal at step {step}; checkpoint saved in {args.out} (continue with --resume)")
-        return outcome
+            save_train_state(state_path, step, model, optimizer, job, settings, rank, world)
+    if outcome == "stopped" and main_rank:
+        print(f"stopped by a signal at step {step}; checkpoint saved in {settings.out} (continue with --resume)")
+    return outcome

@@ -1,5 +1,6 @@
 """cli.py: every script's bad command lines are one line, `error: ...`, and exit status 1."""
 
+import ast
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
@@ -182,3 +183,22 @@ def test_libraries_below_scripts_above_and_no_circle():
     for m in sorted(graph):
         visit(m)
     assert imports_of("tinyhyena", top_level_only=False) - imports_of("tinyhyena", top_level_only=True) == {"checkpoints"}
+
+
+def test_only_parse_args_writes_to_the_parsed_flags():
+    """A command's flags are read, never rewritten, after parsing: a default a command computes later (a
+    length left to the checkpoint, fine-tuning's steps per epoch) is a value of its own, so that what a
+    function was given is what the user typed. parse_args may fill the defaults that follow from other flags."""
+    written = []
+    for path in sorted(ROOT.glob("*.py")):
+        for function in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef)) or function.name == "parse_args":
+                continue
+            for node in ast.walk(function):
+                targets = node.targets if isinstance(node, ast.Assign) else \
+                    [node.target] if isinstance(node, (ast.AugAssign, ast.AnnAssign)) else []
+                for target in targets:
+                    for t in (target.elts if isinstance(target, ast.Tuple) else [target]):
+                        if isinstance(t, ast.Attribute) and isinstance(t.value, ast.Name) and t.value.id == "args":
+                            written.append(f"{path.name}:{t.lineno} {function.name}: args.{t.attr}")
+    assert not written, written
