@@ -124,41 +124,48 @@ def check_replaceable(directory):
                         "nothing was changed (choose another folder, or empty it)")
 
 
-def _fasta_chunks(path):
-    """(record name, ids, line number) for each line of a FASTA, plain or gzipped: ids is None at a record's
-    header line and the line's token ids after it. DataError naming the file and line on bad input."""
+def fasta_lines(path):
+    """(header, line, line number) for each line of a FASTA, plain or gzipped, the one FASTA parser: at a record's
+    header line, its text after '>' (the name, then any description) and None; after it, the record's header
+    and the line's bases (bytes, stripped). Blank lines are skipped. DataError naming the file and line on bad
+    input."""
     try:
         with open_maybe_gzipped(path) as f:
-            name, seen = None, 0
+            header, seen = None, 0
             for lineno, line in enumerate(f, 1):
                 if line.startswith(b">"):
-                    name = line[1:].split()[0].decode("ascii", "replace") if line[1:].strip() else ""
-                    if not name:
+                    header = line[1:].strip().decode("utf-8", "replace")
+                    if not header:
                         raise DataError(f"{path}:{lineno}: record without a name")
                     seen += 1
-                    yield name, None, lineno
+                    yield header, None, lineno
                     continue
-                seq = line.strip()
-                if not seq:
+                bases = line.strip()
+                if not bases:
                     continue
-                if name is None:
+                if header is None:
                     raise DataError(f"{path}:{lineno}: not a FASTA file (sequence before any '>' header)")
-                yield name, BYTE_TO_ID[np.frombuffer(seq, dtype=np.uint8)], lineno
+                yield header, bases, lineno
             if not seen:
                 raise DataError(f"{path}: not a FASTA file (no '>' record)")
     except (EOFError, zlib.error, gzip.BadGzipFile) as e:
         raise DataError(f"{path}: truncated or corrupt gzip ({e})") from None
 
 
+def record_name(header):
+    """A record's name: its header's first word (">chr1 AC:CM000663.2 ..." -> "chr1")."""
+    return header.split()[0]
+
+
 def read_fasta(path):
     """[(name, uint8 token ids)] of every record, in file order. For files that fit in memory; prepare()
     streams a genome of any size to disk instead."""
     records = []
-    for name, ids, _ in _fasta_chunks(path):
-        if ids is None:
-            records.append((name, []))
+    for header, bases, _ in fasta_lines(path):
+        if bases is None:
+            records.append((record_name(header), []))
         else:
-            records[-1][1].append(ids)
+            records[-1][1].append(BYTE_TO_ID[np.frombuffer(bases, dtype=np.uint8)])
     return [(name, np.concatenate(parts) if parts else np.zeros(0, np.uint8)) for name, parts in records]
 
 
@@ -180,8 +187,9 @@ def prepare(fasta, out=None, quiet=False):
     tmp = tempfile.mkdtemp(prefix=os.path.basename(out) + ".tmp", dir=parent)
     chroms, current, written = {}, None, 0
     try:
-        for name, ids, lineno in _fasta_chunks(fasta):
-            if ids is None:  # a new record
+        for header, bases, lineno in fasta_lines(fasta):
+            if bases is None:  # a new record
+                name = record_name(header)
                 if name in chroms or "/" in name or name.startswith("."):
                     raise DataError(f"{fasta}:{lineno}: bad or repeated record name {name!r}")
                 if current:
@@ -189,6 +197,7 @@ def prepare(fasta, out=None, quiet=False):
                 chroms[name] = 0
                 current = open(os.path.join(tmp, name + ".u8"), "wb")
                 continue
+            ids = BYTE_TO_ID[np.frombuffer(bases, dtype=np.uint8)]
             current.write(ids.tobytes())
             chroms[name] += len(ids)
             written += len(ids)

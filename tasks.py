@@ -16,7 +16,7 @@ import torch
 import tinyhyena as th
 from base import DataError
 from classifier import pad_left
-from data import open_maybe_gzipped, read_fasta, reverse_complement
+from data import fasta_lines, open_maybe_gzipped, read_fasta, reverse_complement
 
 SELECTION_METRIC = {"classify": "mcc", "regression": "pearson", "multilabel": "auroc"}  # picks the best model
 
@@ -103,30 +103,26 @@ def resolve_label_columns(spec, columns, path):
     return found
 
 
-def read_labelled_fasta(path, text, need_label, label_columns):
+def read_labelled_fasta(path, need_label, label_columns):
     """The Nucleotide Transformer tasks' FASTA (train.fna, test.fna): each header ends in |label -> rows as
     read_table gives them (name, sequence, label, line)."""
     if label_columns not in (None, "label"):
         raise DataError(f"{path}: a FASTA's label is the end of each header (>name|label); --label_columns is for CSV/TSV")
     rows, lines = [], []
-    for lineno, line in enumerate(text, 1):
-        if line.startswith(">"):
-            name, bar, label = line[1:].strip().rpartition("|")
-            if need_label and (not bar or not label.strip()):
-                raise DataError(f"{path}:{lineno}: header has no label after a '|' (expected >name|label, as in the "
-                                "Nucleotide Transformer tasks' .fna files)")
-            rows.append({"name": name if bar else label, "label": label.strip() if bar else "", "line": lineno})
-            lines.append([])
-        elif line.strip():
-            if not rows:
-                raise DataError(f"{path}:{lineno}: sequence before the first '>' header")
-            lines[-1].append(line.strip())
+    for header, bases, lineno in fasta_lines(path):
+        if bases is not None:
+            lines[-1].append(bases)
+            continue
+        name, bar, label = header.rpartition("|")
+        if need_label and (not bar or not label.strip()):
+            raise DataError(f"{path}:{lineno}: header has no label after a '|' (expected >name|label, as in the "
+                            "Nucleotide Transformer tasks' .fna files)")
+        rows.append({"name": name if bar else label, "label": label.strip() if bar else "", "line": lineno})
+        lines.append([])
     for row, parts in zip(rows, lines):
-        row["sequence"] = "".join(parts)
+        row["sequence"] = b"".join(parts).decode("ascii", "replace")
         if not row["sequence"]:
             raise DataError(f"{path}:{row['line']}: empty sequence")
-    if not rows:
-        raise DataError(f"{path}: no sequences")
     return rows, ["label"] if need_label else []
 
 
@@ -141,7 +137,7 @@ def read_table(path, need_label=True, label_columns=None):
     with open_maybe_gzipped(path) as raw:
         text = raw.read().decode("utf-8", errors="replace").splitlines()
     if text and text[0].startswith(">"):
-        return read_labelled_fasta(path, text, need_label, label_columns)
+        return read_labelled_fasta(path, need_label, label_columns)
     reader = csv.DictReader(text, delimiter=delimiter)
     columns = reader.fieldnames or []
     if "sequence" not in columns and "seq" in columns:  # the hub copies of the genomic benchmarks

@@ -98,10 +98,10 @@ def test_finetune_learns_each_data_format(tmp_path):
 
 def test_labelled_fasta_and_seq_column_errors(tmp_path):
     """The .fna and seq-column readers: ids, labels and sequences as written, errors naming file and line."""
-    (tmp_path / "a.fna").write_text(">chr1:5-9|promoter\nACGT\nAC\n>x|y|0\nGG\n")
+    (tmp_path / "a.fna").write_text(">chr1:5-9|promoter\nACGT\nAC\n>x|y|0\nGG\n\n>r 7 minus strand|1\nacgN\n")
     rows, columns = tasks.read_table(str(tmp_path / "a.fna"))
     assert columns == ["label"] and [(r["name"], r["sequence"], r["label"], r["line"]) for r in rows] == \
-        [("chr1:5-9", "ACGTAC", "promoter", 1), ("x|y", "GG", "0", 4)]
+        [("chr1:5-9", "ACGTAC", "promoter", 1), ("x|y", "GG", "0", 4), ("r 7 minus strand", "acgN", "1", 7)]
     (tmp_path / "b.fna").write_text(">s1|1\nACGT\n>s2\nACGT\n")
     with pytest.raises(data.DataError, match=r"b.fna:3: header has no label after a '\|'"):
         tasks.read_table(str(tmp_path / "b.fna"))
