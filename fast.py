@@ -250,7 +250,7 @@ def filters(filt, L, rows=None, checkpoint=False):
 
     def piece(z, t):  # z (P, emb_dim), t (P,) -> (n_filters, P)
         h = torch.mm(W, filt.mlp[:-1](z).t())
-        return h.mul_(torch.outer(decay, t).exp_().add_(0.05))
+        return h.mul_(torch.outer(decay, t).exp_().add_(0.05))  # tinyhyena.filter_window, in place
 
     zs, ts = filt.z[:L].split(FILTER_PIECE), filt.t[:L, 0].split(FILTER_PIECE)
     if len(zs) == 1:

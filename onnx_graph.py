@@ -289,7 +289,7 @@ def hyena_in_groups(op, u):
                      pick(op.short_conv.bias, rows), groups=(N + 1) * G)
         *x, v = z.split(G, dim=1)  # x_0 .. x_{N-1}, v: each (B, G, L)
         f = rows[:(N - 1) * G]  # their filters, (N-1) per channel, ordered as the rows
-        window = torch.exp(-pick(filt.deltas, f).abs()[:, None] * t.t()) + 0.05  # ((N-1)G, L)
+        window = th.filter_window(t, pick(filt.deltas, f)).t()  # ((N-1)G, L)
         h = (pick(filt.mlp[-1].weight, f) @ features * window).view(N - 1, G, L)  # as ImplicitFilter.forward
         bias = pick(filt.bias, f).view(N - 1, G, 1)
         def gated_long_conv(o, v, x_i):

@@ -260,6 +260,12 @@ def positional_features(l_max, emb_dim, length=None, dtype=torch.float32):
     return torch.cat([t, torch.cos(f * w), -torch.sin(f * w)], dim=-1), t
 
 
+def filter_window(t, rates):
+    """The window exp(-|rate| * t) + 0.05 (L, n) at positions t (L, 1), one decay rate per filter (n,): it
+    fades each filter with distance, to a floor of 0.05 that keeps every lag reachable."""
+    return torch.exp(-t * rates.abs()) + 0.05
+
+
 def window_decay_rates(n_filters, dtype=torch.float32):
     """One decay rate per filter, for the window exp(-|rate| * t): from 1% left at t = 1.5 (slow: the filter
     reaches across the whole context) to 1% left at t = 0.3 (fast: a local filter)."""
@@ -302,8 +308,7 @@ class ImplicitFilter(nn.Module):
             z, t = positional_features(self.l_max, self.emb_dim, L)  # it holds no l_max-long tables
         else:
             z, t = self.z[:L], self.t[:L]  # (L, emb_dim), (L, 1)
-        window = torch.exp(-t * self.deltas.abs()) + 0.05  # (L, n_filters)
-        return (self.mlp(z) * window).t()  # (n_filters, L)
+        return (self.mlp(z) * filter_window(t, self.deltas)).t()  # (n_filters, L)
 
 
 # ---------------------------------------------------------------------------------------------------------
