@@ -386,8 +386,8 @@ class HyenaOperator(nn.Module):
         """The Hyena recurrence over the projected streams x_0 .. x_{N-1} and v: v is gated by x_{N-1} and
         convolved with the first long filter, then gated by x_{N-2} and convolved with the second, ..., and
         gated by x_0 last. gated_long_conv(o, v, x_i) is the o-th gate and long convolution with its skip term;
-        the fast path, context parallelism, the decoder and the ONNX graph each bring their own and share this
-        order of operations."""
+        forward, step, the fast path, context parallelism and the ONNX graph each bring their own and share
+        this order of operations."""
         for o, x_i in enumerate(reversed(x[1:])):  # x_{N-1} first, as published
             v = gated_long_conv(o, v, x_i)
         return v * x[0]  # the last gate
