@@ -341,24 +341,26 @@ class FastHyena:
         # h_o (*) (v * x_i) + bias_o * (v * x_i), gate and convolution in one
         return op.recurrence(x, v, lambda o, v, x_i: gated_causal_conv(v, x_i, h[o], bias[o, g]))
 
-    def cached_spectrum(self, filt, L):
-        """The filters' spectra rfft(h, n) (n_filters, n/2+1), n = fft_size(2L-1), for use without a gradient;
-        None where they would not fit in spectrum_cache_bytes. Without a gradient the filters depend only on the
-        weights and L, so a model that reads many inputs of one length (scoring, embedding, evaluation) computes
-        them once. They are recomputed when L, the device, autocast or any weight changes (every in-place update
-        of a tensor, an optimizer step or load_state_dict, bumps its version counter)."""
+    def cached_spectrum(self, filt, L, rows=None):
+        """The filters' spectra rfft(h, n) (n_filters, n/2+1), n = fft_size(2L-1), or those of the filters `rows`
+        (an index tensor), for use without a gradient; None where they would not fit in spectrum_cache_bytes.
+        Without a gradient the filters depend only on the weights and L, so a model that reads many inputs of
+        one length (scoring, embedding, evaluation) computes them once. They are recomputed when L, the rows,
+        the device, autocast or any weight changes (every in-place update of a tensor, an optimizer step or
+        load_state_dict, bumps its version counter)."""
         n = fft_size(2 * L - 1)
         tensors = list(filt.parameters()) + list(filt.buffers())
         dtype = torch.promote_types(tensors[0].dtype, torch.float32)
-        n_bytes = filt.deltas.numel() * (n // 2 + 1) * 2 * dtype.itemsize
-        if n_bytes > self.spectrum_cache_bytes:
+        n_filters = filt.deltas.numel() if rows is None else len(rows)
+        if n_filters * (n // 2 + 1) * 2 * dtype.itemsize > self.spectrum_cache_bytes:
             return None
         device = tensors[0].device.type
-        key = (L, torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None,
+        key = (L, None if rows is None else tuple(rows.tolist()),
+               torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None,
                *[(p.data_ptr(), p._version) for p in tensors])
         if self.spectrum_cache is None or self.spectrum_cache[0] != key:
             self.spectrum_cache = None  # free the old spectra before making new ones
-            h = filters(filt, L).to(dtype)  # (in float32, as gated_causal_conv runs the FFTs)
+            h = filters(filt, L, rows).to(dtype)  # (in float32, as gated_causal_conv runs the FFTs)
             spectrum = h.new_empty(h.shape[0], n // 2 + 1, dtype=dtype.to_complex())
             for i in range(0, h.shape[0], 16):  # 16 filters at a time: all at once would pad a copy of all of
                 # them, and MKL's batched FFT is several times slower per row on a few rows

@@ -165,9 +165,10 @@ class WithHalo(torch.autograd.Function):
         return grad_z, None, None
 
 
-class ContextParallelHyena:
+class ContextParallelHyena(fast.FastHyena):
     """HyenaOperator's path under context parallelism, in place of FastHyena (see enable): u (B, S, d), this
-    process's positions -> (B, S, d).
+    process's positions -> (B, S, d). Without a gradient it keeps its filters' spectra between calls, as
+    FastHyena does.
 
     It runs the channels in steps, as the fast path runs them in groups, so that no process holds all (N+1) d
     projected channels of its positions at once (N the operator's order): with n processes, step k takes
@@ -177,9 +178,9 @@ class ContextParallelHyena:
     step is recomputed alone in backward, its exchanges with it (in the same order in every process).
     channel_group: g_k, the channels per step of each process; None chooses them as fast.group_size does."""
 
-    def __init__(self, group):
+    def __init__(self, cfg, group):
+        super().__init__(cfg)
         self.group = group
-        self.channel_group = None
 
     def __call__(self, op, u, checkpoint=False):
         group, cfg = self.group, op.cfg
@@ -195,7 +196,8 @@ class ContextParallelHyena:
         starts = [group.size * sum(sizes[:k]) for k in range(len(sizes))]  # each step's first channel
         channels = torch.cat([torch.arange(c + group.rank * g, c + (group.rank + 1) * g) for c, g in zip(starts, sizes)])
         rows = (torch.arange(N - 1)[:, None] * d + channels).flatten().to(u.device)  # this process's filters
-        h = fast.filters(op.filter, L, rows, checkpoint).view(N - 1, G, L)
+        h = None if torch.is_grad_enabled() else self.cached_spectrum(op.filter, L, rows)  # (spectra)
+        h = (fast.filters(op.filter, L, rows, checkpoint) if h is None else h).view(N - 1, G, -1)
         bias = op.filter.bias[rows].view(N - 1, G)
         y = torch.cat([fast.checkpointed(checkpoint, self.channel_step, op, u, h_k, bias_k, slice(c, c + group.size * g))
                        for h_k, bias_k, c, g in zip(h.split(sizes, 1), bias.split(sizes, 1), starts, sizes)], dim=1)
@@ -224,7 +226,7 @@ def enable(model, group):
     if model.cfg.d_model % group.size:
         raise th.UserError(f"d_model {model.cfg.d_model} is not divisible by --context_parallel {group.size}")
     for block in model.blocks:  # (HyenaOperator.forward takes the path its `fast` holds, on either kind of model)
-        block.mixer.fast = ContextParallelHyena(group)
+        block.mixer.fast = ContextParallelHyena(model.cfg, group)
     return model
 
 

@@ -47,6 +47,10 @@ def work(args, rank, world, device):  # in the process group, which run_distribu
     rel = lambda a, b: float((a - b).norm() / b.norm())
     errors = {"logits": rel(torch.cat(gathered, 1), logits), "loss": abs(float(mean) / float(loss) - 1),
               "grads": max(rel(a.grad, b.grad) for a, b in zip(sharded.parameters(), whole.parameters()))}
+    with torch.no_grad():  # without a gradient: from the filters' spectra, made at the first call and then kept
+        first = sharded(group.shard(x))
+        errors["kept"] = all(block.mixer.fast.spectrum_cache is not None for block in sharded.blocks)
+        errors["no_grad"] = max(rel(first, shard_logits), rel(sharded(group.shard(x)), shard_logits))
     json.dump(errors, open(f"{out}/errors{rank}.json", "w"))
 
 
@@ -62,7 +66,8 @@ def test_context_parallel_equals_one_process(tmp_path, world, cp, order, K, L, c
     each group its own batch) equal one process's on the same weights and batch: orders 2-3, a short filter of
     1 tap (no halo) and of 4 (a 3-position halo), with and without gradient checkpointing, the channels in one
     step, in steps of 3 and 1 channels of each process (the last step of 3 is one channel short). (train.py's test
-    runs the published 3 taps, in groups of 2 among 4 processes.)"""
+    runs the published 3 taps, in groups of 2 among 4 processes.) Without a gradient, the logits from the kept
+    filters' spectra are the same."""
     (tmp_path / "worker.py").write_text(WORKER)
     result = run_process("-m", "torch.distributed.run", "--nproc_per_node", world, "--master_port", free_port(),
                          tmp_path / "worker.py", ROOT, cp, order, K, L, checkpointing, channel_group,
@@ -71,6 +76,7 @@ def test_context_parallel_equals_one_process(tmp_path, world, cp, order, K, L, c
     for rank in range(world):
         errors = json.loads((tmp_path / f"errors{rank}.json").read_text())
         assert errors["logits"] <= 1e-10 and errors["loss"] <= 1e-10 and errors["grads"] <= 1e-10, (rank, errors)
+        assert errors["kept"] and errors["no_grad"] <= 1e-10, (rank, errors)
 
 
 @pytest.mark.distributed
