@@ -511,8 +511,8 @@ class HyenaDNA(nn.Module):
     def decoding_state(self, total, long_conv=ConvHistory):
         """An empty decoding state for sequences of up to `total` positions (prompt and tokens taken after
         it): one OperatorState per layer. long_conv: ConvHistory (O(t) per position), or
-        decoding.OnlineConv (the same outputs in O(log^2 t)). Decoding is inference: step applies no dropout,
-        so forward over the prompt equals it in eval mode."""
+        decoding.OnlineConv (the same outputs in O(log^2 t)). Decoding is inference: step applies no dropout, so
+        decode in eval mode, where forward applies none either."""
         if not 1 <= total <= self.cfg.l_max:
             raise UserError(f"a decoding state for {total} positions: must be in [1, {self.cfg.l_max}] (l_max)")
         return [block.mixer.decoding_state(total, long_conv) for block in self.blocks]
