@@ -9,8 +9,9 @@ Pretrain HyenaDNA by next-nucleotide prediction, on hg38 or any FASTA (and BED).
     torchrun --nproc_per_node 8 train.py --preset large --seq_len 2097152 --context_parallel 2  # each sequence
                                                                             # over 2 GPUs, 4 such groups (parallel.py)
 
-Pretraining is a `trainer.Job` (`Pretraining`) run by the one training loop (trainer.py: AdamW, schedule, accumulation, DDP,
-signals, exact resume): its batches of genome windows, the next-token loss, the validation loss. It adds
+Pretraining is a `trainer.Job` (`Pretraining`) run by the one training loop (trainer.py: AdamW, schedule,
+accumulation, DDP, signals, exact resume): its batches of genome windows, the next-token loss, the validation
+loss. It adds
 sequence-length warm-up stages, activation checkpointing when memory needs it, context parallelism
 (parallel.py), and ends with the loss on the held-out test split.
 """
@@ -226,7 +227,7 @@ class Pretraining(trainer.Job):
         return lm_loss(model, x, y), None
 
     def tokens(self, step):
-        """(length, tokens per step) of the steps up to `step`."""
+        """(length, tokens per step) of step number `step`, the one just taken (its stage's)."""
         L, micro_batch, _ = self.stage(max(step - 1, 0))
         return L, micro_batch * L * self.args.grad_accum * self.data_world
 
