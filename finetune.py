@@ -329,8 +329,8 @@ def fit_on(args, rank, world, device):
                         f"{f' in each of {world} processes' if world > 1 else ''})")
     max_steps = args.max_steps or args.epochs * steps_per_epoch
     eval_interval = args.eval_interval or steps_per_epoch
-    settings = Settings.from_args(args, max_steps=max_steps, eval_interval=eval_interval,
-                                  warmup_steps=max(1, max_steps // 100) if args.warmup_steps is None else args.warmup_steps,
+    warmup_steps = max(1, max_steps // 100) if args.warmup_steps is None else args.warmup_steps
+    settings = Settings.from_args(args, max_steps=max_steps, warmup_steps=warmup_steps, eval_interval=eval_interval,
                                   ckpt_interval=eval_interval)  # the state is saved with each validation
     meta = {"truncate": args.truncate, "max_len": max_len, "trained_on": args.species or args.data}
     if main_rank:

@@ -11,9 +11,8 @@ Pretrain HyenaDNA by next-nucleotide prediction, on hg38 or any FASTA (and BED).
 
 Pretraining is a `trainer.Job` (`Pretraining`) run by the one training loop (trainer.py: AdamW, schedule,
 accumulation, DDP, signals, exact resume): its batches of genome windows, the next-token loss, the validation
-loss. It adds
-sequence-length warm-up stages, activation checkpointing when memory needs it, context parallelism
-(parallel.py), and ends with the loss on the held-out test split.
+loss. It adds sequence-length warm-up stages, activation checkpointing when memory needs it, context
+parallelism (parallel.py), and ends with the loss on the held-out test split.
 """
 
 import dataclasses
