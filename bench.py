@@ -13,7 +13,8 @@ torch's scaled_dot_product_attention, until it runs out of memory or time; and t
 export.py for the device, run by ONNX Runtime (inference only). With --published PATH (the published
 HyenaDNA standalone file, HazyResearch/hyena-dna `standalone_hyenadna.py`; it needs `pip install einops`), the
 published implementation of the same size is measured too, in the same environment, alternating with
-tinyhyena. The table is appended to BENCHMARKS.md with the device, versions and date.
+tinyhyena. The table is printed with the device, versions and date; with --append it is also added to the end
+of BENCHMARKS.md's history.
 """
 
 import argparse
@@ -31,6 +32,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import base
+import checkpoints
 import cli
 import fast
 import tinyhyena as th
@@ -125,7 +128,7 @@ def generation_time(method, preset, L, device, budget):
         with torch.no_grad():
             if method == "cache":
                 state = model.decoding_state(GENERATE_PROMPT + L, th.ConvHistory)
-                model(bases[None, :half].to(device), state)
+                model.prefill(bases[None, :half].to(device), state)
             for i in range(9 if method == "cache" else 4):  # the first is a warm-up, not timed
                 start = time.perf_counter()
                 if method == "cache":
@@ -162,7 +165,7 @@ def generation_table(args, lengths):
                 line = f"| {L:,} | {method} | {bound}{result['seconds']:.2f} | {rate} | {result['peak_gb']:.2f} |"
             lines.append(line)
             print(line, flush=True)
-    emit(lines, args.no_append)
+    emit(lines, args.append)
     return 0
 
 
@@ -286,7 +289,7 @@ def main(argv=None):
     # implementation measured: each measurement's process runs this main too
     p = cli.ArgumentParser(description=__doc__.strip().splitlines()[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
-    p.add_argument("--preset", default="tiny", choices=["tiny", "large", *th.PRESETS])
+    p.add_argument("--preset", default="tiny", choices=["tiny", "large", *checkpoints.PRESETS])
     p.add_argument("--lengths", help="comma-separated (default 1024,32768,131072,1048576; with --generate "
                                      "4096,16384,65536,262144)")
     p.add_argument("--batch", type=cli.positive_int, default=1, help="sequences per call")
@@ -300,7 +303,7 @@ def main(argv=None):
                    help="with --published: alternating rounds (medians reported)")
     p.add_argument("--generate", action="store_true",
                    help="time sampling --lengths bases (default 4096,16384,65536,262144) with each decoding method")
-    p.add_argument("--no_append", action="store_true", help="print the table without appending to BENCHMARKS.md")
+    p.add_argument("--append", action="store_true", help="also add the table to the end of BENCHMARKS.md")
     p.add_argument("--_measure", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     text = args.lengths or ("4096,16384,65536,262144" if args.generate else "1024,32768,131072,1048576")
@@ -356,17 +359,22 @@ def main(argv=None):
                      f"{fmt(r['floor_s'], '.3f')} | {fmt(ratio, '.2f')} | {fmt(r['attention_s'], '.3f')} | "
                      f"{fmt(r['attention_gb'], '.2f')} | {fmt(r['onnx_s'], '.3f')} | {fmt(r['onnx_gb'], '.2f')} | "
                      f"{r['note']} |")
-    emit(lines, args.no_append)
+    emit(lines, args.append)
     return 0
 
 
-def emit(lines, no_append):
-    """Print the table and append it to BENCHMARKS.md (only ever appended: earlier tables stay)."""
+BENCHMARKS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "BENCHMARKS.md")
+
+
+def emit(lines, append):
+    """Print the table; with `append`, add it to the end of BENCHMARKS.md (its history, in date order),
+    rewriting the file atomically: earlier tables stay as they are."""
     table = "\n".join(lines) + "\n"
     print(table)
-    if not no_append:
-        with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "BENCHMARKS.md"), "a") as f:
-            f.write(table)
+    if append:
+        with open(BENCHMARKS) as f:
+            old = f.read()
+        base.write_text(BENCHMARKS, [old.rstrip("\n") + "\n\n", table])
 
 
 def fmt(x, spec):
@@ -401,7 +409,7 @@ def side_by_side(args, lengths):
                     f"{fmt(mem['published'], '.2f')} | {fmt(mem['hyena'], '.2f')} | {spread} |")
             lines.append(line)
             print(line, flush=True)
-    emit(lines, args.no_append)
+    emit(lines, args.append)
     return 0
 
 

@@ -1,6 +1,8 @@
 """
-Checkpoint formats: reading and writing the folders a HyenaDNA model comes in. tinyhyena.from_pretrained and
-tinyhyena.save_pretrained are the public calls; this file is what they do.
+Checkpoint formats: reading and writing the folders a HyenaDNA model comes in, and the published models'
+sizes. tinyhyena.from_pretrained and tinyhyena.save_pretrained are the public calls. This file sits below the
+model: it reads a folder into a config and tensors in the model's names, and writes a model's back, but it
+imports nothing of tinyhyena (the caller hands it the config class and the token map).
 
 A checkpoint is a folder holding config.json and weights, in one of three layouts:
   - published HyenaDNA (PyTorch Lightning): config.json with the operator's fields nested under "layer",
@@ -22,7 +24,18 @@ from dataclasses import dataclass
 import torch
 
 from base import MissingFileError, UserError, atomic_write, write_text
-from tinyhyena import BASES, SPECIAL_TOKENS, HyenaConfig, HyenaDNA
+
+
+# The published checkpoints (LongSafari/hyenadna-*) by size; l_max is the trained length + 2, d_inner 4 d_model.
+PRESETS = {
+    "tiny-1k": dict(d_model=128, n_layer=2, l_max=1024 + 2),
+    "tiny-1k-d256": dict(d_model=256, n_layer=2, l_max=1024 + 2),
+    "tiny-16k-d128": dict(d_model=128, n_layer=2, l_max=16384 + 2),
+    "small-32k": dict(d_model=256, n_layer=4, l_max=32768 + 2),
+    "medium-160k": dict(d_model=256, n_layer=8, l_max=160000 + 2),
+    "medium-450k": dict(d_model=256, n_layer=8, l_max=450000 + 2),
+    "large-1m": dict(d_model=256, n_layer=8, l_max=1_000_000 + 2),
+}
 
 
 class _Opaque:
@@ -222,6 +235,32 @@ def load_state_dict(model, state_dict, source):
     model.load_state_dict(fixed)
 
 
+# The published config.json: tinyhyena.HyenaConfig's fields, the operator's nested under "layer" (where
+# short_filter_order is "local_order"). Other fields are kept aside in cfg.extra and written back.
+_PUBLISHED_FIELDS = ["d_model", "n_layer", "d_inner", "vocab_size", "pad_vocab_size_multiple", "embed_dropout",
+                     "resid_dropout", "layer_norm_epsilon"]
+_PUBLISHED_LAYER_FIELDS = {"l_max": "l_max", "order": "order", "filter_order": "filter_order",
+                           "emb_dim": "emb_dim", "w": "w", "local_order": "short_filter_order"}
+
+
+def config_from_published(d, config_class):
+    """config_class (tinyhyena.HyenaConfig) from a published config.json dict, validated. A field is read at
+    either level (ours flattened, the published nested), the rest kept in cfg.extra."""
+    d, layer = dict(d), dict(d.get("layer", {}))
+    d.pop("layer", None)
+    names = {**{k: k for k in _PUBLISHED_FIELDS}, **_PUBLISHED_LAYER_FIELDS, "short_filter_order": "short_filter_order"}
+    fields = {ours: source.pop(theirs) for source in (d, layer) for theirs, ours in names.items() if theirs in source}
+    return config_class(**fields, extra={**d, "layer": layer}).validate()
+
+
+def config_to_published(cfg):
+    """The published config.json dict of cfg (a tinyhyena.HyenaConfig)."""
+    extra = dict(cfg.extra)
+    layer = dict(extra.pop("layer", {}))
+    layer.update({"_name_": "hyena", **{theirs: getattr(cfg, ours) for theirs, ours in _PUBLISHED_LAYER_FIELDS.items()}})
+    return {**extra, **{k: getattr(cfg, k) for k in _PUBLISHED_FIELDS}, "residual_in_fp32": True, "layer": layer}
+
+
 # The hub port's config.json: its field -> ours. Fields it has that change nothing here (dropouts of the
 # operator, initializer_range, ...) are kept aside and written back.
 _HF_FIELDS = {"d_model": "d_model", "n_layer": "n_layer", "d_inner": "d_inner", "vocab_size": "vocab_size",
@@ -244,22 +283,20 @@ def is_hf_config(d):
     return isinstance(d, dict) and "max_seq_len" in d and "layer" not in d
 
 
-def config_from_hf(d):
-    """HyenaConfig from a hub config.json dict. ValueError naming the field for what tinyhyena cannot
-    represent."""
+def config_from_hf(d, config_class):
+    """config_class (tinyhyena.HyenaConfig) from a hub config.json dict. UserError naming the field for what
+    tinyhyena cannot represent."""
     for name, (value, why) in _HF_REQUIRED.items():
         if name in d and d[name] != value and not (isinstance(value, float) and isinstance(d[name], (int, float))
                                                    and math.isclose(d[name], value)):
             raise UserError(f"config field {name} is {d[name]!r}; tinyhyena reads only {value!r} ({why})")
     fields = {ours: d[theirs] for theirs, ours in _HF_FIELDS.items() if d.get(theirs) is not None}
-    fields.setdefault("d_inner", 4 * fields.get("d_model", HyenaConfig.d_model))
+    fields.setdefault("d_inner", 4 * fields.get("d_model", config_class.d_model))
     fields["resid_dropout"] = 0.0  # the port's blocks have no residual dropout
     if not isinstance(fields.get("w", 1), (int, float)):
         raise UserError(f"config field activation_freq must be a number, got {fields['w']!r}")
     extra = {k: v for k, v in d.items() if k not in _HF_FIELDS}
-    cfg = HyenaConfig(**fields, extra={"hf": extra})
-    cfg.validate()
-    return cfg
+    return config_class(**fields, extra={"hf": extra}).validate()
 
 
 def config_to_hf(cfg, **fields):
@@ -295,15 +332,16 @@ WEIGHT_FILES = ("model.pt", "weights.ckpt", "model.safetensors", "pytorch_model.
 @dataclass
 class Checkpoint:
     """What a checkpoint folder holds, read but not yet built into a model."""
-    cfg: HyenaConfig
+    cfg: object  # a tinyhyena.HyenaConfig
     state: dict  # the backbone's tensors in this module's names
     rest: dict  # tensors outside the backbone, by their own names (a hub classifier's score.weight)
     config: dict  # config.json as written
     weights_path: str
 
 
-def read_checkpoint(path):
-    """Read a checkpoint folder in any of the three layouts (see above). Errors name the file."""
+def read_checkpoint(path, config_class):
+    """Read a checkpoint folder in any of the three layouts (see above); its config as a config_class
+    (tinyhyena.HyenaConfig). Errors name the file."""
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise MissingFileError(f"{path}: checkpoint folder not found")
@@ -311,7 +349,9 @@ def read_checkpoint(path):
     try:
         with open(config_path) as f:
             config = json.load(f)
-        cfg = config_from_hf(config) if is_hf_config(config) else HyenaConfig.from_dict(config)
+        if not isinstance(config, dict):
+            raise TypeError(f"a JSON object was expected, not {type(config).__name__}")
+        cfg = config_from_hf(config, config_class) if is_hf_config(config) else config_from_published(config, config_class)
     except FileNotFoundError:
         raise MissingFileError(f"{config_path}: file not found (a checkpoint folder holds config.json)") from None
     except (json.JSONDecodeError, UnicodeDecodeError, TypeError, ValueError, AttributeError) as e:
@@ -333,14 +373,6 @@ def read_checkpoint(path):
     return Checkpoint(cfg, state, rest, config, weights_path)
 
 
-def load_model(path, device="cpu", fast=True):
-    """tinyhyena.from_pretrained: the model of a checkpoint folder in any of the three layouts, in eval mode."""
-    ckpt = read_checkpoint(path)
-    model = HyenaDNA(ckpt.cfg, fast=fast)
-    load_state_dict(model, ckpt.state, ckpt.weights_path)
-    return model.to(device).eval()
-
-
 def hf_state_dict(model, prefix="hyena.backbone.", lm_head=True):
     """The model's tensors under the hub port's names and shapes, with the tied LM head unless lm_head is
     False (a sequence classifier has none)."""
@@ -357,7 +389,7 @@ def hf_state_dict(model, prefix="hyena.backbone.", lm_head=True):
 HF_TOKENIZER_FILES = ("tokenizer_config.json", "special_tokens_map.json")
 
 
-def write_hf_tokenizer(path, cfg):
+def write_hf_tokenizer(path, cfg, special_tokens, bases):
     """The port's tokenizer files, so that AutoTokenizer.from_pretrained(path, trust_remote_code=True) loads
     its HyenaDNATokenizer from the port's code, as config.json's auto_map does for the model: one id per
     character (tinyhyena's token map), [SEP] ending each sequence, padding on the left."""
@@ -365,25 +397,26 @@ def write_hf_tokenizer(path, cfg):
                "pad_token": "[PAD]", "mask_token": "[MASK]", "unk_token": "[UNK]"}
     added = {str(i): {"content": token, "lstrip": False, "normalized": False, "rstrip": False,
                       "single_word": False, "special": True}
-             for token, i in SPECIAL_TOKENS.items()}
+             for token, i in special_tokens.items()}
     config = {"auto_map": {"AutoTokenizer": [f"{HF_CODE_REPO}--tokenization_hyena.HyenaDNATokenizer", None]},
-              "tokenizer_class": "HyenaDNATokenizer", "characters": list(BASES), "model_max_length": cfg.l_max,
+              "tokenizer_class": "HyenaDNATokenizer", "characters": list(bases), "model_max_length": cfg.l_max,
               "padding_side": "left", "added_tokens_decoder": added, "clean_up_tokenization_spaces": True, **special}
     write_text(os.path.join(path, "tokenizer_config.json"), [json.dumps(config, indent=2)])
     write_text(os.path.join(path, "special_tokens_map.json"), [json.dumps(special, indent=2)])
 
 
-def save_model(model, path, layout="tinyhyena"):
-    """tinyhyena.save_pretrained: write the model into the folder `path`, each file atomically (see there)."""
+def save_model(model, path, layout, special_tokens, bases):
+    """tinyhyena.save_pretrained: write the model into the folder `path`, each file atomically (see there);
+    special_tokens and bases are its token map, for the hub layout's tokenizer files."""
     if layout not in ("tinyhyena", "hf"):
         raise UserError(f"layout must be 'tinyhyena' or 'hf', got {layout!r}")
     os.makedirs(path, exist_ok=True)
     if layout == "hf":
         write_safetensors(os.path.join(path, "model.safetensors"), hf_state_dict(model), {"format": "pt"})
-        write_hf_tokenizer(path, model.cfg)
+        write_hf_tokenizer(path, model.cfg, special_tokens, bases)
         config = config_to_hf(model.cfg)
     else:
         state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
         atomic_write(os.path.join(path, "model.pt"), lambda tmp: torch.save(state, tmp))
-        config = model.cfg.to_dict()
+        config = config_to_published(model.cfg)
     write_text(os.path.join(path, "config.json"), [json.dumps(config, indent=2)])

@@ -183,7 +183,7 @@ def save_hf_classifier(model, out, class_names, meta):
     tensors = checkpoints.hf_state_dict(model.backbone, lm_head=False)
     tensors["score.weight"] = model.head.weight.detach().cpu().clone()
     checkpoints.write_safetensors(os.path.join(out, "model.safetensors"), tensors, {"format": "pt"})
-    checkpoints.write_hf_tokenizer(out, model.backbone.cfg)
+    checkpoints.write_hf_tokenizer(out, model.backbone.cfg, th.SPECIAL_TOKENS, th.BASES)
     problem = {task: problem for problem, task in HF_PROBLEM_TYPES.items()}[model.task]
     config = checkpoints.config_to_hf(model.backbone.cfg, architectures=["HyenaDNAForSequenceClassification"],
                                       num_labels=len(class_names), problem_type=problem,
@@ -256,7 +256,7 @@ def load_classifier(path, device="cpu"):
     HyenaDNAForSequenceClassification folders. `class_names` names the outputs, `task` says what they are."""
     path = os.fspath(path)
     if not os.path.isfile(os.path.join(path, CLASSIFIER_FILE)) and os.path.isfile(os.path.join(path, "config.json")):
-        ckpt = checkpoints.read_checkpoint(path)
+        ckpt = checkpoints.read_checkpoint(path, th.HyenaConfig)
         if checkpoints.is_hf_config(ckpt.config):
             return hf_classifier(ckpt, path).to(device).eval()
     info = read_classifier_info(path)

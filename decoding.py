@@ -2,7 +2,7 @@
 Sampling DNA one base at a time, exactly and fast: `OnlineConv`, the long convolutions' decoding state in
 O(log^2 t) per position, and `generate`. generate.py is its command line.
 
-The model decodes itself (tinyhyena.py: `forward(prompt, state)` reads a prompt in one pass, then
+The model decodes itself (tinyhyena.py: `prefill(prompt, state)` reads a prompt in one pass, then
 `step(token, state)` goes on one position at a time), and keeps, per layer, the short convolution's last K-1
 inputs and one state per long convolution. Each long convolution's output at t is y[t] = sum_{s<=t} h[t-s] a[s]
 over the gated stream a it reads. tinyhyena.ConvHistory sums the whole history at each position: O(t) per
@@ -32,15 +32,26 @@ METHODS = ("online", "cache", "forward")
 DIRECT_BLOCK = 64  # blocks up to this size are summed directly: a small Toeplitz product beats three FFT calls
 
 
-class OnlineConv(th.ConvHistory):
+class OnlineConv:
     """The causal convolution y[t] = sum_{s<=t} h[..., t-s] a[..., s] of a stream a that arrives one position at a
     time, in O(log^2 t) per position (see the top of this file): tinyhyena.ConvHistory's outputs, by its
     methods. h: (C, total) filters; `prefill(a)` takes the first P positions (B, C, P) at once and returns their
     outputs; `step(a_t)` takes the input at the next position (B, C) and returns its output."""
 
     def __init__(self, h):
-        super().__init__(h)
+        self.h, self.total = h, h.shape[-1]
+        self.a, self.t = None, 0  # (B, C, total): the inputs so far; how many there are
         self.spectra, self.toeplitz = {}, {}  # per block size U: the filter's lags 1 .. 2U-1
+
+    def take(self, a):
+        """Append inputs a (B, C, P) to the history."""
+        B, C, P = a.shape
+        if self.t + P > self.total:
+            raise th.UserError(f"the decoding state has room for {self.total} positions, not {self.t + P}")
+        if self.a is None:
+            self.a = a.new_zeros(B, C, self.total)
+        self.a[..., self.t:self.t + P] = a
+        self.t += P
 
     def prefill(self, a):
         self.a, self.t = None, 0
@@ -122,7 +133,7 @@ def generate(model, prompt, length, num=1, temperature=1.0, top_k=None, seed=0, 
     out = seqs.new_empty(num, length)
     if method != "forward":
         state = model.decoding_state(max(total, len(ids)), LONG_CONVS[method])
-        logits = model(seqs, state)[:, -1]  # the prompt in one pass
+        logits = model.prefill(seqs, state)[:, -1]  # the prompt in one pass
     for i in range(length):
         if method == "forward":
             logits = model(torch.cat([seqs, out[:, :i]], 1))[:, -1]

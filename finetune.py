@@ -437,7 +437,7 @@ def parse_args(argv=None):
                                            "start with prefix (default: label)")
     model = f.add_mutually_exclusive_group()
     model.add_argument("--checkpoint", type=cli.existing_path, help="pretrained folder: published HyenaDNA or one of ours")
-    model.add_argument("--preset", choices=["tiny", "large", *th.PRESETS],
+    model.add_argument("--preset", choices=["tiny", "large", *checkpoints.PRESETS],
                        help="train from scratch at a published size (with --seq_len)")
     f.add_argument("--seq_len", type=cli.positive_int, help="longest sequence / species window (default: the model's l_max)")
     f.add_argument("--pool", choices=["mean", "last"], help="mean (default) or last token's hidden state")

@@ -35,6 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import base
+import checkpoints
 import classifier
 import tinyhyena as th
 
@@ -294,7 +295,7 @@ def hyena_in_groups(op, u):
         bias = pick(filt.bias, f).view(N - 1, G, 1)
         def gated_long_conv(o, v, x_i):
             v = v * x_i
-            return op.conv(v, h[o]) + bias[o] * v
+            return causal_conv(v, h[o]) + bias[o] * v
         y = op.recurrence(x, v, gated_long_conv).transpose(1, 2).reshape(-1, G)  # (B·L, G)
         return torch.addmm(total, y, pick(op.out_proj.weight, c, 1).t())  # plus its part of out_proj
 
@@ -329,6 +330,14 @@ class GroupedBlock(nn.Module):
         return x + mlp_in_groups(b.mlp, b.norm2(x))
 
 
+class UncheckedModel(th.HyenaDNA):
+    """The model on the plain path, without the check of its input ids: a traced graph has no values to check
+    (its metadata tells an app the token map and max_len)."""
+
+    def check_input_ids(self, input_ids):
+        pass
+
+
 class ExportedModel(nn.Module):
     """The model on tinyhyena's plain path, with one target's long convolution (a causal_conv node), filters
     computed for the input's length, and each block in groups (GroupedBlock). Inputs are not checked here:
@@ -340,7 +349,7 @@ class ExportedModel(nn.Module):
         super().__init__()
         self.task = getattr(model, "task", None)
         lm = model.backbone if self.task else model
-        plain = th.HyenaDNA(lm.cfg, fast=False, conv=torch.ops.tinyhyena.causal_conv)
+        plain = UncheckedModel(lm.cfg, fast=False)
         plain.load_state_dict(lm.state_dict())
         self.model = classifier.with_backbone(model, plain) if self.task else plain.eval()
         for block in plain.blocks:  # the graph computes the positional features: free the l_max-long tables
@@ -416,7 +425,7 @@ def export(model, path, target="cuda", max_len=None, outputs="logits"):
     strip_node_metadata(proto.graph)
     meta = {"tokens": json.dumps({**th.SPECIAL_TOKENS, **th.BASE_IDS}), "pad_id": str(th.PAD_ID),
             "unknown_base_id": str(th.N_ID), "l_max": str(cfg.l_max), "max_len": str(max_len),
-            "config": json.dumps(cfg.to_dict()), "target": target, "outputs": outputs,
+            "config": json.dumps(checkpoints.config_to_published(cfg)), "target": target, "outputs": outputs,
             "tinyhyena_version": th.__version__}
     if is_classifier:
         meta.update(class_names=json.dumps(model.class_names), task=model.task, pool=model.pool,

@@ -225,7 +225,7 @@ def enable(model, group):
     divisible by the group's size. The model then takes each process's shard of positions (group.shard)."""
     if model.cfg.d_model % group.size:
         raise th.UserError(f"d_model {model.cfg.d_model} is not divisible by --context_parallel {group.size}")
-    for block in model.blocks:  # (HyenaOperator.forward takes the path its `fast` holds, on either kind of model)
+    for block in model.blocks:  # the model's one seam (tinyhyena.py): each operator's `fast` runs in its place
         block.mixer.fast = ContextParallelHyena(model.cfg, group)
     return model
 

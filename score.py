@@ -33,6 +33,58 @@ from data import (DataError, find_chrom, load_genome, open_maybe_gzipped, read_f
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Records of any length: scored in windows of at most the model's l_max, each base once.
+
+def pad_right(sequences):
+    """list of 1-D int arrays -> (B, longest) int64 ids, right-padded with [PAD], and (B,) lengths: the causal
+    model never sees the padding after a position (see tinyhyena.log_likelihood's lengths)."""
+    rows = [torch.as_tensor(np.asarray(s, dtype=np.int64)) for s in sequences]
+    return torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=th.PAD_ID), \
+        torch.tensor([len(s) for s in rows])
+
+
+def scoring_windows(length, window, context):
+    """Cover positions 1..length-1 of a record with windows of `window` bases so that each position is predicted
+    exactly once, with at least `context` bases before it inside its window (fewer only near the record's
+    start). Returns [(start, first)]: the window [start, start + window) scores positions [first, its end)."""
+    if length <= window:
+        return [(0, 1)] if length > 1 else []
+    if not 0 <= context < window:
+        raise th.UserError(f"context {context} must be in [0, window {window})")
+    plan, first = [], 1
+    while first < length:
+        # base `first` is predicted from the ones before it, so its window starts at least one base earlier;
+        # the last window is moved back to end at the record's end
+        start = max(0, min(first - max(context, 1), length - window))
+        plan.append((start, first))
+        first = start + window
+    return plan
+
+
+@torch.no_grad()
+def record_log_probs(model, ids, window=None, context=None, batch_size=8):
+    """1-D ids of a record of any length -> (length-1,) float32 log-probabilities of its bases 1..length-1,
+    scored in windows of at most `window` (default l_max) bases with `context` (default window // 2) bases of
+    context before each (see scoring_windows)."""
+    window = window or model.cfg.l_max
+    context = window // 2 if context is None else context
+    if not 1 <= window <= model.cfg.l_max:
+        raise th.UserError(f"window {window} is outside [1, {model.cfg.l_max}] (l_max)")
+    ids = torch.as_tensor(np.asarray(ids, dtype=np.int64))
+    device = next(model.parameters()).device
+    out = torch.zeros(max(0, len(ids) - 1))
+    plan = scoring_windows(len(ids), window, context)
+    for i in range(0, len(plan), batch_size):
+        chunk = plan[i:i + batch_size]
+        logp = th.log_likelihood(model, torch.stack([ids[s:s + window] for s, _ in chunk]).to(device)).cpu()
+        for row, (start, first) in enumerate(chunk):
+            stop = min(start + window, len(ids))
+            out[first - 1:stop - 1] = logp[row, first - start - 1:stop - start - 1]
+    return out
+
+
+
+# ---------------------------------------------------------------------------------------------------------
 # VCF
 
 @dataclass
@@ -138,7 +190,7 @@ def score_variants(model, genome, variants, window=1024, both_strands=False, bat
 
     def flush():
         seqs = [ids for *_, r, a in pending for ids in (r, a)]
-        ids, lengths = th.pad_right(seqs)
+        ids, lengths = pad_right(seqs)
         logp = th.log_likelihood(model, ids.to(device), lengths.to(device)).cpu().numpy()
         for k, (i, strand, r, a) in enumerate(pending):
             results[i][strand] = llr_of_pair(logp[2 * k], logp[2 * k + 1], r, a)
@@ -199,7 +251,7 @@ def cmd_sequences(args, rank, world, device):
         raise th.UserError(f"--context {context} must be in [0, --window {window})")
     rows, per_base = ["id\tlength\tnats_per_base\tbits_per_base\tperplexity\n"], []
     for name, ids in tqdm(records, desc="records", unit="rec", file=sys.stderr, disable=args.quiet or rank > 0):
-        logp = th.record_log_probs(model, ids, window, context, args.batch_size).numpy()
+        logp = record_log_probs(model, ids, window, context, args.batch_size).numpy()
         nats = -float(logp.mean()) if logp.size else math.nan
         rows.append(f"{name}\t{len(ids)}\t{fmt(nats)}\t{fmt(nats / math.log(2))}\t{fmt(math.exp(nats))}\n")
         if args.per_base:  # bedGraph: 0-based start, end exclusive; base 0 has no prediction

@@ -38,17 +38,18 @@ The rest is a standard pre-norm residual network: token embedding -> blocks of (
 residual, LayerNorm -> MLP -> residual) -> LayerNorm -> logits from the tied embedding matrix.
 
 Shapes: B batch, L sequence length (at most l_max), d (D above) d_model, N the operator's order, K the short
-convolution's taps, n the FFT size (>= 2L-1), V the padded vocabulary (16).
+convolution's taps, V the padded vocabulary (16).
 
-Reading order: tokenizer, config, the FFT convolution, the implicit filter, the Hyena operator, the block, the
-model and its decoding one token at a time (`step` beside each `forward`), using a trained model
-(likelihoods, embeddings), loading and saving, and the NumPy twin (the same forward pass written again, which
-the tests hold the model to). This file is the plain path, the function itself; fast.py computes the same
-function in less time and memory, and the model uses it unless built with fast=False. checkpoints.py reads
-and writes the published and Hugging Face checkpoint layouts.
+Reading order: config, FFT convolution, implicit filter, Hyena operator, block, model, decoding (`prefill`
+and `step` beside `forward`), tokenizer, using a trained model, loading and saving, and the NumPy twin.
+
+This file is the plain path, the function itself; fast.py computes it in less time and memory, held to this
+file by property tests. Each HyenaOperator and Block has one attribute, `fast`, that chooses: None runs the
+code below, anything else is called in its place as `fast(module, input)`. HyenaDNA(cfg) puts fast.py's paths
+there, HyenaDNA(cfg, fast=False) None (same parameters, same state_dict). That attribute is the file's one
+seam, where parallel.py puts context parallelism; onnx_graph.py and checkpoints.py build from the modules.
 """
 
-import dataclasses
 import math
 from dataclasses import dataclass, field
 
@@ -57,6 +58,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import checkpoints
 from base import UserError  # (th.UserError: the error type every module raises)
 from fast import FastBlock, FastHyena
 
@@ -64,49 +66,14 @@ __version__ = "0.1.0"
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Tokenizer: one id per nucleotide, the ids of the published HyenaDNA tokenizer.
-
-SPECIAL_TOKENS = {"[CLS]": 0, "[SEP]": 1, "[BOS]": 2, "[MASK]": 3, "[PAD]": 4, "[RESERVED]": 5, "[UNK]": 6}
-BASES = "ACGTN"
-BASE_IDS = {base: 7 + i for i, base in enumerate(BASES)}  # A=7 C=8 G=9 T=10 N=11
-PAD_ID = SPECIAL_TOKENS["[PAD]"]
-N_ID = BASE_IDS["N"]
-VOCAB_SIZE = 12
-
-# A 256-entry byte table makes tokenizing a gigabase a single vectorised lookup. Lowercase (soft-masked)
-# bases are ordinary bases; any other byte (IUPAC codes, digits, ...) is an unknown base, N.
-BYTE_TO_ID = np.full(256, N_ID, dtype=np.uint8)
-for _base, _id in BASE_IDS.items():
-    BYTE_TO_ID[ord(_base)] = BYTE_TO_ID[ord(_base.lower())] = _id
-_ID_TO_TEXT = [""] * VOCAB_SIZE
-for _tok, _id in {**SPECIAL_TOKENS, **BASE_IDS}.items():
-    _ID_TO_TEXT[_id] = _tok
-
-
-def tokenize(seq):
-    """DNA string (or bytes) -> int64 ids, one per letter."""
-    raw = seq.encode("ascii", errors="replace") if isinstance(seq, str) else bytes(seq)
-    return BYTE_TO_ID[np.frombuffer(raw, dtype=np.uint8)].astype(np.int64)
-
-
-def detokenize(ids):
-    """ids -> string; bases come back uppercase, special tokens as their names ("[PAD]")."""
-    ids = np.asarray(ids).ravel()
-    if ids.size and (ids.min() < 0 or ids.max() >= VOCAB_SIZE):
-        raise UserError(f"token ids must be in [0, {VOCAB_SIZE}), got values in [{ids.min()}, {ids.max()}]")
-    return "".join(_ID_TO_TEXT[i] for i in ids.tolist())
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Config: the fields of the published config.json, flattened (the published file nests the operator's
-# fields under "layer"; `from_dict`/`to_dict` translate).
+# The config: the fields of the published config.json, flattened (checkpoints.py reads and writes its layouts).
 
 @dataclass
 class HyenaConfig:
     d_model: int = 128
     n_layer: int = 2
     d_inner: int = 512  # MLP hidden width, 4 * d_model in every published model
-    vocab_size: int = VOCAB_SIZE
+    vocab_size: int = 12  # the tokenizer's ids (below)
     pad_vocab_size_multiple: int = 8  # embedding rows are padded to a multiple of this
     embed_dropout: float = 0.1
     resid_dropout: float = 0.0
@@ -117,7 +84,7 @@ class HyenaConfig:
     filter_order: int = 64  # width of the filter MLP
     emb_dim: int = 5  # positional features: t, and (emb_dim-1)//2 cosine/sine pairs
     w: float = 10.0  # initial frequency of the sine activations
-    short_filter_order: int = 3  # kernel of the causal depthwise conv ("local_order")
+    short_filter_order: int = 3  # K, the taps of the causal depthwise conv ("local_order")
     # published fields this implementation reads but that do not change the function
     extra: dict = field(default_factory=dict, repr=False, compare=False)
 
@@ -126,75 +93,16 @@ class HyenaConfig:
         m = self.pad_vocab_size_multiple
         return (self.vocab_size + m - 1) // m * m
 
-    @classmethod
-    def from_dict(cls, d):
-        d = dict(d)
-        layer = dict(d.pop("layer", {}))
-        flat = {}
-        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
-        renamed = {"local_order": "short_filter_order"}
-        for k, v in list(d.items()) + list(layer.items()):
-            k = renamed.get(k, k)
-            if k in names:
-                flat[k] = v
-        extra = {k: v for k, v in d.items() if k not in names}
-        extra["layer"] = {k: v for k, v in layer.items() if renamed.get(k, k) not in names}
-        cfg = cls(**flat, extra=extra)
-        cfg.validate()
-        return cfg
-
-    def to_dict(self):
-        """The published config.json layout (operator fields nested under "layer")."""
-        extra = dict(self.extra)
-        layer = dict(extra.pop("layer", {}))
-        layer.update(_name_="hyena", l_max=self.l_max, order=self.order, filter_order=self.filter_order,
-                     emb_dim=self.emb_dim, w=self.w, local_order=self.short_filter_order)
-        out = dict(extra)
-        out.update(d_model=self.d_model, n_layer=self.n_layer, d_inner=self.d_inner, vocab_size=self.vocab_size,
-                   pad_vocab_size_multiple=self.pad_vocab_size_multiple, embed_dropout=self.embed_dropout,
-                   resid_dropout=self.resid_dropout, layer_norm_epsilon=self.layer_norm_epsilon,
-                   residual_in_fp32=True, layer=layer)
-        return out
-
-    def validate(self):
-        positive = ["d_model", "n_layer", "d_inner", "vocab_size", "pad_vocab_size_multiple", "l_max",
-                    "filter_order", "emb_dim", "short_filter_order"]
-        for name in positive:
+    def validate(self):  # -> self
+        lowest = dict(d_model=1, n_layer=1, d_inner=1, vocab_size=1, pad_vocab_size_multiple=1, l_max=2, order=2,
+                      filter_order=1, emb_dim=3, short_filter_order=1)
+        for name, low in lowest.items():
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise UserError(f"config field {name} must be a positive integer, got {value!r}")
-        if not isinstance(self.order, int) or self.order < 2:
-            raise UserError(f"config field order must be an integer >= 2, got {self.order!r}")
-        if self.emb_dim < 3 or self.emb_dim % 2 == 0:
-            raise UserError(f"config field emb_dim must be odd and >= 3 (t plus cos/sin pairs), got {self.emb_dim}")
-        if self.l_max < 2:
-            raise UserError(f"config field l_max must be >= 2, got {self.l_max}")
-
-
-# The published checkpoints (LongSafari/hyenadna-*); l_max is the trained length + 2.
-PRESETS = {
-    "tiny-1k": dict(d_model=128, n_layer=2, l_max=1024 + 2),
-    "tiny-1k-d256": dict(d_model=256, n_layer=2, l_max=1024 + 2),
-    "tiny-16k-d128": dict(d_model=128, n_layer=2, l_max=16384 + 2),
-    "small-32k": dict(d_model=256, n_layer=4, l_max=32768 + 2),
-    "medium-160k": dict(d_model=256, n_layer=8, l_max=160000 + 2),
-    "medium-450k": dict(d_model=256, n_layer=8, l_max=450000 + 2),
-    "large-1m": dict(d_model=256, n_layer=8, l_max=1_000_000 + 2),
-}
-
-
-def preset_config(name, **overrides):
-    """HyenaConfig of a published model by name (see PRESETS); `tiny` and `large` are short for tiny-1k
-    and large-1m. Overrides (l_max=..., say) replace fields."""
-    name = {"tiny": "tiny-1k", "large": "large-1m"}.get(name, name)
-    if name not in PRESETS:
-        raise UserError(f"unknown preset {name!r}; choose one of: tiny, large, {', '.join(PRESETS)}")
-    fields = dict(PRESETS[name])
-    fields["d_inner"] = 4 * fields["d_model"]
-    fields.update(overrides)
-    cfg = HyenaConfig(**fields)
-    cfg.validate()
-    return cfg
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise UserError(f"config field {name} must be an integer >= {low}, got {value!r}")
+        if self.emb_dim % 2 == 0:
+            raise UserError(f"config field emb_dim must be odd (t plus cos/sin pairs), got {self.emb_dim}")
+        return self
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -212,46 +120,13 @@ def fft_conv(u, k):
     return torch.fft.irfft(u_f * k_f, n=n)[..., :L]  # (B, C, L)
 
 
-class ConvHistory:
-    """The same causal convolution over a stream that arrives one position at a time, as decoding reads it
-    (HyenaDNA.step): y[t] = sum_{s<=t} h[..., t-s] a[..., s], summed over the whole history, O(t) per position.
-    h: (C, total), total the most positions the stream will have. decoding.OnlineConv computes the same
-    outputs in O(log^2 t) per position, and keeps to the same methods."""
-
-    def __init__(self, h):
-        self.h, self.total = h, h.shape[-1]
-        self.a, self.t = None, 0  # (B, C, total): the inputs so far; how many there are
-
-    def take(self, a):
-        """Append inputs a (B, C, P) to the history."""
-        B, C, P = a.shape
-        if self.t + P > self.total:
-            raise UserError(f"the decoding state has room for {self.total} positions, not {self.t + P}")
-        if self.a is None:
-            self.a = a.new_zeros(B, C, self.total)
-        self.a[..., self.t:self.t + P] = a
-        self.t += P
-
-    def prefill(self, a):
-        """Start the stream with its first P inputs a (B, C, P) at once -> their outputs (B, C, P), by FFT."""
-        self.a, self.t = None, 0
-        self.take(a)
-        return fft_conv(a, self.h[:, :a.shape[-1]])
-
-    def step(self, a):
-        """The input at the next position t (B, C) -> y[t] (B, C)."""
-        self.take(a[..., None])
-        return (self.a[..., :self.t] * self.h[:, :self.t].flip(-1)).sum(-1)
-
-
 # ---------------------------------------------------------------------------------------------------------
 # The implicit filter.
 
 def positional_features(l_max, emb_dim, length=None, dtype=torch.float32):
-    """z (length, emb_dim): [t, cos(f*w), -sin(f*w)] with t = position/(l_max-1) in [0, 1] and
-    w = 2*pi*position/l_max; and t (length, 1), for positions 0..length-1 (default l_max). As published (the
-    columns are the real and imaginary parts of exp(-i*f*w)). The features of a position depend on l_max,
-    not on length: a short sequence gets the first rows of the long one's."""
+    """z (length, emb_dim): [t, cos(f*w), -sin(f*w)], the real and imaginary parts of exp(-i*f*w), with
+    t = position/(l_max-1) and w = 2*pi*position/l_max; and t (length, 1), for positions 0..length-1 (default
+    l_max), as published. They depend on l_max, not on length: a short sequence gets the long one's first rows."""
     position = torch.arange(l_max if length is None else length, dtype=dtype)[:, None]  # (length, 1)
     t = position / (l_max - 1)
     w = 2 * math.pi * position / l_max
@@ -304,28 +179,17 @@ class ImplicitFilter(nn.Module):
         self.bias = nn.Parameter(torch.randn(n_filters))  # the skip term D of the paper
 
     def forward(self, L):
-        if torch.compiler.is_exporting():  # a graph computes the features for its input's length, so that
-            z, t = positional_features(self.l_max, self.emb_dim, L)  # it holds no l_max-long tables
-        else:
-            z, t = self.z[:L], self.t[:L]  # (L, emb_dim), (L, 1)
+        z, t = self.z[:L], self.t[:L]  # (L, emb_dim), (L, 1)
         return (self.mlp(z) * filter_window(t, self.deltas)).t()  # (n_filters, L)
 
 
 # ---------------------------------------------------------------------------------------------------------
 # The Hyena operator.
 
-@dataclass
-class OperatorState:
-    """What one Hyena operator carries from a position to the next while decoding (HyenaOperator.step):
-    the short convolution's last K-1 inputs, and one state per long convolution (ConvHistory or alike)."""
-    long_convs: list
-    recent: torch.Tensor = None  # (B, (N+1)d, K-1)
-
-
 class HyenaOperator(nn.Module):
     """The Hyena operator of order N (see the top of this file): u (B, L, d) -> (B, L, d)."""
 
-    def __init__(self, cfg, fast=True, conv=fft_conv):
+    def __init__(self, cfg, fast=True):
         super().__init__()
         self.cfg = cfg
         d, N, K = cfg.d_model, cfg.order, cfg.short_filter_order
@@ -333,36 +197,51 @@ class HyenaOperator(nn.Module):
         self.short_conv = nn.Conv1d((N + 1) * d, (N + 1) * d, K, groups=(N + 1) * d)  # depthwise
         self.filter = ImplicitFilter(cfg)
         self.out_proj = nn.Linear(d, d)
-        if fast and conv is not fft_conv:
-            raise ValueError("another long convolution runs on the plain path: build the model with fast=False")
-        self.conv = conv  # the long convolution (export.py passes one per ONNX Runtime target)
-        self.fast = FastHyena(cfg) if fast else None  # fast.py: the same function, in channel groups
+        self.fast = FastHyena(cfg) if fast else None  # the fast path, or None: this class's code (see the top)
 
-    def forward(self, u, state=None):
-        # state: an OperatorState (decoding_state), left ready for `step` to go on after these L positions
-        if self.fast is not None and state is None:
+    def forward(self, u):
+        if self.fast is not None:
             return self.fast(self, u)
         B, L, d = u.shape
         N, K = self.cfg.order, self.cfg.short_filter_order
         z = self.in_proj(u).transpose(1, 2)  # (B, (N+1)d, L): channels first, as convolutions want
-        z = F.pad(z, (K - 1, 0))  # left padding: output t sees inputs t-K+1 .. t, causal
-        if state is not None:
-            state.recent = z[..., L:]  # the last K-1 inputs
-        z = self.short_conv(z)
+        z = self.short_conv(F.pad(z, (K - 1, 0)))  # left padding: output t sees inputs t-K+1 .. t, causal
         *x, v = z.split(d, dim=1)  # x_0 .. x_{N-1}, v: each (B, d, L)
-        h = self.filter(L).view(N - 1, d, L) if state is None else None  # one long filter per order and channel
+        h = self.filter(L).view(N - 1, d, L)  # one long filter per order and channel
         bias = self.filter.bias.view(N - 1, d, 1)
 
         def gated_long_conv(o, v, x_i):
             v = v * x_i  # gate
-            y = self.conv(v, h[o]) if state is None else state.long_convs[o].prefill(v)  # long convolution
-            return y + bias[o] * v  # and its skip term
+            return fft_conv(v, h[o]) + bias[o] * v  # long convolution, and its skip term
         y = self.recurrence(x, v, gated_long_conv)
         return self.out_proj(y.transpose(1, 2))  # (B, L, d)
 
+    @staticmethod
+    def recurrence(x, v, gated_long_conv):
+        """The recurrence over the streams x_0 .. x_{N-1} and v: gated by x_{N-1} and convolved with the first
+        long filter, then by x_{N-2} and the second, ..., and gated by x_0 last. gated_long_conv(o, v, x_i) is
+        the o-th gate and long convolution with its skip term: each way of computing the operator (forward,
+        prefill, step, fast.py, parallel.py, onnx_graph.py) brings its own, in this order of operations."""
+        for o, x_i in enumerate(reversed(x[1:])):  # x_{N-1} first, as published
+            v = gated_long_conv(o, v, x_i)
+        return v * x[0]  # the last gate
+
+    def prefill(self, u, state):
+        """forward(u) over a prompt u (B, P, d) -> (B, P, d), leaving in `state` what step needs to go on."""
+        _, P, d = u.shape
+        N, K = self.cfg.order, self.cfg.short_filter_order
+        z = F.pad(self.in_proj(u).transpose(1, 2), (K - 1, 0))  # (B, (N+1)d, K-1+P)
+        state.recent = z[..., P:]  # the short convolution's last K-1 inputs
+        *x, v = self.short_conv(z).split(d, dim=1)
+        bias = self.filter.bias.view(N - 1, d, 1)
+
+        def gated_long_conv(o, v, x_i):
+            v = v * x_i
+            return state.long_convs[o].prefill(v) + bias[o] * v
+        return self.out_proj(self.recurrence(x, v, gated_long_conv).transpose(1, 2))
+
     def step(self, u, state):
-        """The operator at the next position t: u (B, d) -> (B, d), from the state the positions before t left
-        (forward over a prompt, then each step)."""
+        """The operator at the next position t: u (B, d) -> (B, d), from the state the positions before t left."""
         d, N = self.cfg.d_model, self.cfg.order
         window = torch.cat([state.recent, self.in_proj(u)[..., None]], -1)  # (B, (N+1)d, K): inputs t-K+1 .. t
         state.recent = window[..., 1:]
@@ -375,22 +254,39 @@ class HyenaOperator(nn.Module):
             return state.long_convs[o].step(v) + bias[o] * v
         return self.out_proj(self.recurrence(x, v, gated_long_conv))
 
-    def decoding_state(self, total, long_conv=ConvHistory):
-        """An empty OperatorState for sequences of up to `total` positions: the filters are computed for them
-        once. long_conv(h) makes each long convolution's state from its filters h (d, total)."""
-        N, d = self.cfg.order, self.cfg.d_model
-        return OperatorState([long_conv(h) for h in self.filter(total).view(N - 1, d, total)])
 
-    @staticmethod
-    def recurrence(x, v, gated_long_conv):
-        """The Hyena recurrence over the projected streams x_0 .. x_{N-1} and v: v is gated by x_{N-1} and
-        convolved with the first long filter, then gated by x_{N-2} and convolved with the second, ..., and
-        gated by x_0 last. gated_long_conv(o, v, x_i) is the o-th gate and long convolution with its skip term;
-        forward, step, the fast path, context parallelism and the ONNX graph each bring their own and share
-        this order of operations."""
-        for o, x_i in enumerate(reversed(x[1:])):  # x_{N-1} first, as published
-            v = gated_long_conv(o, v, x_i)
-        return v * x[0]  # the last gate
+@dataclass
+class OperatorState:
+    """What one Hyena operator carries from a position to the next while decoding: the short convolution's
+    last K-1 inputs, and one state per long convolution (ConvHistory, or decoding.OnlineConv)."""
+    long_convs: list
+    recent: torch.Tensor = None  # (B, (N+1)d, K-1)
+
+
+class ConvHistory:
+    """fft_conv over a stream that arrives one position at a time, as decoding reads it: y[t] = sum_{s<=t}
+    h[..., t-s] a[..., s], summed over the whole history, O(t) per position. h: (C, total), total the most
+    positions the stream will have. decoding.OnlineConv gives the same outputs in O(log^2 t) per position."""
+
+    def __init__(self, h):
+        self.h, self.a = h, None  # the inputs so far, (B, C, t)
+
+    def prefill(self, a):
+        """Start the stream with its first P inputs a (B, C, P) at once -> their outputs (B, C, P), by FFT."""
+        self.a = a[..., :0]
+        return fft_conv(self.take(a), self.h[:, :a.shape[-1]])
+
+    def step(self, a):
+        """The input at the next position t (B, C) -> y[t] (B, C)."""
+        a = self.take(a[..., None])
+        return (a * self.h[:, :a.shape[-1]].flip(-1)).sum(-1)
+
+    def take(self, a):
+        """The inputs so far, with a (B, C, P) appended."""
+        self.a = torch.cat([self.a, a], -1)
+        if self.a.shape[-1] > self.h.shape[-1]:
+            raise UserError(f"the decoding state has room for {self.h.shape[-1]} positions, not {self.a.shape[-1]}")
+        return self.a
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -410,39 +306,41 @@ class Block(nn.Module):
     """Pre-norm residual block. The residual stream stays float32 under bf16 autocast (adding a bf16 branch
     to a float32 stream gives float32), as the published `residual_in_fp32` asks."""
 
-    def __init__(self, cfg, fast=True, conv=fft_conv):
+    def __init__(self, cfg, fast=True):
         super().__init__()
         self.norm1 = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_epsilon)
-        self.mixer = HyenaOperator(cfg, fast, conv)
+        self.mixer = HyenaOperator(cfg, fast)
         self.norm2 = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_epsilon)
         self.mlp = MLP(cfg)
         self.dropout = nn.Dropout(cfg.resid_dropout)
-        self.fast = FastBlock() if fast else None
+        self.fast = FastBlock() if fast else None  # the fast path, or None: this class's code
 
-    def forward(self, x, checkpoint=False, state=None):  # x: (B, L, d)
-        # (checkpoint: this call is a checkpointed block's; the fast path then recomputes its pieces alone.
-        # state: the mixer's decoding state, see HyenaOperator.forward)
-        if self.fast is not None and state is None:
+    def forward(self, x, checkpoint=False):  # x: (B, L, d)
+        # (checkpoint: this call recomputes a checkpointed block; the fast path then recomputes its pieces alone)
+        if self.fast is not None:
             return self.fast(self, x, checkpoint)
-        x = x + self.dropout(self.mixer(self.norm1(x), state))
+        x = x + self.dropout(self.mixer(self.norm1(x)))
         return x + self.dropout(self.mlp(self.norm2(x)))
 
-    def step(self, x, state):  # x: (B, d), one position; decoding is inference: no dropout
+    def prefill(self, x, state):  # decoding is inference: no dropout
+        x = x + self.mixer.prefill(self.norm1(x), state)
+        return x + self.mlp(self.norm2(x))
+
+    def step(self, x, state):  # x: (B, d), one position
         x = x + self.mixer.step(self.norm1(x), state)
         return x + self.mlp(self.norm2(x))
 
 
 class HyenaDNA(nn.Module):
     """The language model: (B, L) token ids -> next-token logits (B, L, V). fast=False builds the same model
-    (same parameters, same state_dict) on this file's plain path alone, whose long convolution `conv` is."""
+    (same parameters, same state_dict) on this file's plain path alone."""
 
-    def __init__(self, cfg, fast=True, conv=fft_conv):
+    def __init__(self, cfg, fast=True):
         super().__init__()
-        cfg.validate()
-        self.cfg = cfg
+        self.cfg = cfg.validate()
         self.embedding = nn.Embedding(cfg.padded_vocab_size, cfg.d_model)  # also the LM head (tied)
         self.dropout = nn.Dropout(cfg.embed_dropout)
-        self.blocks = nn.ModuleList(Block(cfg, fast, conv) for _ in range(cfg.n_layer))
+        self.blocks = nn.ModuleList(Block(cfg, fast) for _ in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_epsilon)
         # Recompute each block's activations in backward instead of storing them: memory for long sequences.
         self.gradient_checkpointing = False
@@ -457,92 +355,119 @@ class HyenaDNA(nn.Module):
             for proj in (block.mixer.out_proj, block.mlp.fc2):
                 nn.init.normal_(proj.weight, std=0.02 / math.sqrt(2 * cfg.n_layer))
 
-    def check_input_ids(self, input_ids):
-        """ValueError naming the problem unless input_ids is an integer (B, L) tensor of token ids with
-        1 <= L <= l_max."""
-        if not isinstance(input_ids, torch.Tensor):
-            raise UserError(f"input_ids must be a torch.Tensor, got {type(input_ids).__name__}")
-        if input_ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
-            raise UserError(f"input_ids must be an integer tensor (int64), got dtype {input_ids.dtype}")
-        if input_ids.dim() != 2:
-            raise UserError(f"input_ids must have shape (batch, length), got {input_ids.dim()} dims "
-                             f"{tuple(input_ids.shape)}")
-        if torch.compiler.is_exporting():  # a traced graph has no concrete values to check
-            return
-        B, L = input_ids.shape
-        if not 1 <= L <= self.cfg.l_max:
-            raise UserError(f"sequence length {L} is outside the allowed range [1, {self.cfg.l_max}] (l_max)")
-        if B < 1:
-            raise UserError("input_ids has an empty batch")
-        lo, hi = int(input_ids.min()), int(input_ids.max())
-        if lo < 0 or hi >= self.cfg.vocab_size:
-            raise UserError(f"token ids must be in [0, {self.cfg.vocab_size}), got values in [{lo}, {hi}]")
+    def forward(self, input_ids):
+        """(B, L) token ids -> next-token logits (B, L, padded_vocab_size)."""
+        return F.linear(self.hidden_states(input_ids), self.embedding.weight)
 
-    def hidden_states(self, input_ids, state=None):
+    def hidden_states(self, input_ids):
         """(B, L) token ids -> (B, L, d_model), after the final LayerNorm."""
         self.check_input_ids(input_ids)
-        return self.hidden_states_from_embeddings(self.embedding(input_ids.long()), state)
+        return self.hidden_states_from_embeddings(self.embedding(input_ids.long()))
 
-    def hidden_states_from_embeddings(self, x, state=None):
+    def hidden_states_from_embeddings(self, x):
         """(B, L, d_model) input embeddings -> (B, L, d_model) hidden states. Soft prompting enters here, with
         learned vectors in place of some token embeddings."""
         if x.shape[1] > self.cfg.l_max:
             raise UserError(f"sequence length {x.shape[1]} is outside the allowed range [1, {self.cfg.l_max}] (l_max)")
         x = self.dropout(x)
-        for i, block in enumerate(self.blocks):
-            if state is not None:
-                x = block(x, state=state[i])
-            elif self.gradient_checkpointing and torch.is_grad_enabled():
+        for block in self.blocks:
+            if self.gradient_checkpointing and torch.is_grad_enabled():
                 x = torch.utils.checkpoint.checkpoint(block, x, True, use_reentrant=False)
             else:
                 x = block(x)
         return self.ln_f(x)
 
-    def forward(self, input_ids, state=None):
-        """(B, L) token ids -> next-token logits (B, L, padded_vocab_size). With a decoding state (see step),
-        also leaves in it what step needs to go on after these L positions."""
-        return F.linear(self.hidden_states(input_ids, state), self.embedding.weight)
+    def check_input_ids(self, input_ids):
+        """UserError naming the problem unless input_ids is an integer (B, L) tensor of token ids, 1 <= L <= l_max."""
+        if not isinstance(input_ids, torch.Tensor) or input_ids.is_floating_point() or input_ids.is_complex():
+            what = f"dtype {input_ids.dtype}" if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+            raise UserError(f"input_ids must be an integer torch.Tensor (int64), got {what}")
+        if input_ids.dim() != 2 or input_ids.shape[0] < 1:
+            raise UserError(f"input_ids must have shape (batch, length), got {tuple(input_ids.shape)}")
+        if not 1 <= input_ids.shape[1] <= self.cfg.l_max:
+            raise UserError(f"sequence length {input_ids.shape[1]} is outside the allowed range "
+                            f"[1, {self.cfg.l_max}] (l_max)")
+        lo, hi = int(input_ids.min()), int(input_ids.max())
+        if lo < 0 or hi >= self.cfg.vocab_size:
+            raise UserError(f"token ids must be in [0, {self.cfg.vocab_size}), got values in [{lo}, {hi}]")
 
     # Decoding. A causal model writes a sequence one token at a time, and Hyena is a recurrence over
     # positions: each layer's short convolution needs its last K-1 inputs, and each long convolution its
-    # history. So instead of a whole forward pass per new token, forward(prompt, state) reads the prompt
-    # once and step(token, state) goes on from there, exactly the same logits (decoding.py samples with it).
+    # history. So instead of a whole forward pass per new token, prefill(prompt, state) reads the prompt once
+    # and step(token, state) goes on from there, with exactly forward's logits (decoding.py samples with it).
+    # Decoding is inference: prefill and step apply no dropout, so decode in eval mode.
 
     def decoding_state(self, total, long_conv=ConvHistory):
         """An empty decoding state for sequences of up to `total` positions (prompt and tokens taken after
-        it): one OperatorState per layer. long_conv: ConvHistory (O(t) per position), or
-        decoding.OnlineConv (the same outputs in O(log^2 t)). Decoding is inference: step applies no dropout, so
-        decode in eval mode, where forward applies none either."""
+        it): one OperatorState per layer. long_conv: ConvHistory (O(t) per position), or decoding.OnlineConv
+        (the same outputs in O(log^2 t))."""
         if not 1 <= total <= self.cfg.l_max:
             raise UserError(f"a decoding state for {total} positions: must be in [1, {self.cfg.l_max}] (l_max)")
-        return [block.mixer.decoding_state(total, long_conv) for block in self.blocks]
+        N, d = self.cfg.order, self.cfg.d_model  # each filter computed once, for every position decoded
+        return [OperatorState([long_conv(h) for h in block.mixer.filter(total).view(N - 1, d, total)])
+                for block in self.blocks]
+
+    def prefill(self, input_ids, state):
+        """forward(input_ids) over a prompt (B, P) -> logits (B, P, V), filling `state` for step."""
+        self.check_input_ids(input_ids)
+        x = self.embedding(input_ids.long())
+        for block, block_state in zip(self.blocks, state):
+            x = block.prefill(x, block_state)
+        return F.linear(self.ln_f(x), self.embedding.weight)
 
     def step(self, input_ids, state):
         """The model at the next position t: input_ids (B,) the tokens at t -> next-token logits (B, V) for
-        t + 1, from the state that forward over the prompt and the steps since left."""
+        t + 1, from the state that prefill and the steps since left."""
         self.check_input_ids(input_ids[:, None])
         x = self.embedding(input_ids.long())  # (B, d)
         for block, block_state in zip(self.blocks, state):
             x = block.step(x, block_state)
         return F.linear(self.ln_f(x), self.embedding.weight)
 
-    def num_params(self):
-        return sum(p.numel() for p in self.parameters())
+
+# ---------------------------------------------------------------------------------------------------------
+# Tokenizer: one id per nucleotide, the ids of the published HyenaDNA tokenizer.
+
+SPECIAL_TOKENS = {"[CLS]": 0, "[SEP]": 1, "[BOS]": 2, "[MASK]": 3, "[PAD]": 4, "[RESERVED]": 5, "[UNK]": 6}
+BASES = "ACGTN"
+BASE_IDS = {base: 7 + i for i, base in enumerate(BASES)}  # A=7 C=8 G=9 T=10 N=11
+PAD_ID, N_ID, VOCAB_SIZE = SPECIAL_TOKENS["[PAD]"], BASE_IDS["N"], 12
+
+# A 256-entry byte table makes tokenizing a gigabase a single vectorised lookup. Lowercase (soft-masked)
+# bases are ordinary bases; any other byte (IUPAC codes, digits, ...) is an unknown base, N.
+BYTE_TO_ID = np.full(256, N_ID, dtype=np.uint8)
+for _base, _id in BASE_IDS.items():
+    BYTE_TO_ID[ord(_base)] = BYTE_TO_ID[ord(_base.lower())] = _id
+_ID_TO_TEXT = sorted({**SPECIAL_TOKENS, **BASE_IDS}, key={**SPECIAL_TOKENS, **BASE_IDS}.get)  # id -> text
+
+
+def tokenize(seq):
+    """DNA string (or bytes) -> int64 ids, one per letter."""
+    raw = seq.encode("ascii", errors="replace") if isinstance(seq, str) else bytes(seq)
+    return BYTE_TO_ID[np.frombuffer(raw, dtype=np.uint8)].astype(np.int64)
+
+
+def detokenize(ids):
+    """ids -> string; bases come back uppercase, special tokens as their names ("[PAD]")."""
+    ids = np.asarray(ids).ravel()
+    if ids.size and (ids.min() < 0 or ids.max() >= VOCAB_SIZE):
+        raise UserError(f"token ids must be in [0, {VOCAB_SIZE}), got values in [{ids.min()}, {ids.max()}]")
+    return "".join(_ID_TO_TEXT[i] for i in ids.tolist())
+
+
+def preset_config(name, **overrides):
+    """HyenaConfig of a published model by name (checkpoints.PRESETS: tiny-1k ... large-1m; `tiny` and
+    `large` are short for tiny-1k and large-1m). Overrides (l_max=..., say) replace fields."""
+    name = {"tiny": "tiny-1k", "large": "large-1m"}.get(name, name)
+    if name not in checkpoints.PRESETS:
+        raise UserError(f"unknown preset {name!r}; choose one of: tiny, large, {', '.join(checkpoints.PRESETS)}")
+    sizes = checkpoints.PRESETS[name]
+    return HyenaConfig(**{"d_inner": 4 * sizes["d_model"], **sizes, **overrides}).validate()
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Using a trained model: likelihoods and embeddings. Batches of unequal lengths are padded on the RIGHT here:
-# the model is causal, so a position never sees the padding after it, and every score and embedding is the
-# one the sequence gets alone (up to float rounding), whatever it is batched with.
-
-def pad_right(sequences, pad_id=PAD_ID):
-    """list of 1-D int arrays -> (B, max length) int64 tensor, padded with pad_id, and (B,) lengths."""
-    lengths = torch.tensor([len(s) for s in sequences])
-    ids = torch.full((len(sequences), int(lengths.max())), pad_id, dtype=torch.long)
-    for row, seq in enumerate(sequences):
-        ids[row, :len(seq)] = torch.as_tensor(np.asarray(seq, dtype=np.int64))
-    return ids, lengths
-
+# Using a trained model: likelihoods and embeddings. Batches of unequal lengths are padded on the RIGHT: a
+# causal model never sees the padding after a position, so each sequence gets the scores it gets alone.
 
 @torch.no_grad()
 def log_likelihood(model, input_ids, lengths=None):
@@ -552,48 +477,9 @@ def log_likelihood(model, input_ids, lengths=None):
     logits = model(input_ids)[:, :-1].float()  # (B, L-1, V): position t predicts token t+1
     logp = torch.log_softmax(logits, -1).gather(-1, input_ids[:, 1:, None].long())[..., 0]
     if lengths is not None:
-        logp = logp.masked_fill(torch.arange(logp.shape[1], device=logp.device) >= lengths.to(logp.device)[:, None] - 1, 0.0)
+        past_end = torch.arange(logp.shape[1], device=logp.device) >= lengths.to(logp.device)[:, None] - 1
+        logp = logp.masked_fill(past_end, 0.0)
     return logp
-
-
-def scoring_windows(length, window, context):
-    """Cover positions 1..length-1 of a record with windows of `window` bases so that each position is predicted
-    exactly once, with at least `context` bases before it inside its window (fewer only near the record's
-    start). Returns [(start, first)]: the window [start, start + window) scores positions [first, its end)."""
-    if length <= window:
-        return [(0, 1)] if length > 1 else []
-    if not 0 <= context < window:
-        raise UserError(f"context {context} must be in [0, window {window})")
-    plan, first = [], 1
-    while first < length:
-        # base `first` is predicted from the ones before it, so its window starts at least one base earlier;
-        # the last window is moved back to end at the record's end
-        start = max(0, min(first - max(context, 1), length - window))
-        plan.append((start, first))
-        first = start + window
-    return plan
-
-
-@torch.no_grad()
-def record_log_probs(model, ids, window=None, context=None, batch_size=8):
-    """1-D ids of a record of any length -> (length-1,) float32 log-probabilities of its bases 1..length-1,
-    scored in windows of at most `window` (default l_max) bases with `context` (default window // 2) bases of
-    context before each (see scoring_windows)."""
-    window = window or model.cfg.l_max
-    context = window // 2 if context is None else context
-    if not 1 <= window <= model.cfg.l_max:
-        raise UserError(f"window {window} is outside [1, {model.cfg.l_max}] (l_max)")
-    ids = torch.as_tensor(np.asarray(ids, dtype=np.int64))
-    device = next(model.parameters()).device
-    out = torch.zeros(max(0, len(ids) - 1))
-    plan = scoring_windows(len(ids), window, context)
-    for i in range(0, len(plan), batch_size):
-        chunk = plan[i:i + batch_size]
-        logp = log_likelihood(model, torch.stack([ids[s:s + window] for s, _ in chunk]).to(device)).cpu()
-        for row, (start, first) in enumerate(chunk):
-            stop = min(start + window, len(ids))
-            out[first - 1:stop - 1] = logp[row, first - start - 1:stop - start - 1]
-    return out
 
 
 @torch.no_grad()
@@ -603,7 +489,7 @@ def embed(model, sequences, pool="mean", batch_size=32):
     the causal model has read all of it. Sequences are batched by similar length to waste little on padding."""
     if pool not in ("mean", "last"):
         raise UserError(f"pool must be 'mean' or 'last', got {pool!r}")
-    seqs = [tokenize(s) if isinstance(s, (str, bytes)) else np.asarray(s) for s in sequences]
+    seqs = [tokenize(s) if isinstance(s, (str, bytes)) else np.ascontiguousarray(s) for s in sequences]
     for i, s in enumerate(seqs):
         if not 1 <= len(s) <= model.cfg.l_max:
             raise UserError(f"sequence {i} has length {len(s)}, outside [1, {model.cfg.l_max}] (l_max)")
@@ -612,27 +498,25 @@ def embed(model, sequences, pool="mean", batch_size=32):
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
     for i in range(0, len(order), batch_size):
         rows = order[i:i + batch_size]
-        ids, lengths = pad_right([seqs[r] for r in rows])
+        ids = nn.utils.rnn.pad_sequence([torch.as_tensor(seqs[r]) for r in rows], True, PAD_ID).long()
         hidden = model.hidden_states(ids.to(device)).float()  # (B, L, d)
-        lengths = lengths.to(device)
-        if pool == "mean":
-            real = (torch.arange(ids.shape[1], device=device) < lengths[:, None]).float()  # (B, L)
-            vectors = (hidden * real[..., None]).sum(1) / lengths[:, None]
-        else:
-            vectors = hidden[torch.arange(len(rows), device=device), lengths - 1]
-        out[rows] = vectors.cpu().numpy()
+        lengths = torch.tensor([len(seqs[r]) for r in rows], device=device)
+        real = torch.arange(ids.shape[1], device=device) < lengths[:, None]  # (B, L): not padding
+        mean = (hidden * real[..., None]).sum(1) / lengths[:, None]
+        out[rows] = (mean if pool == "mean" else hidden[torch.arange(len(rows), device=device), lengths - 1]).cpu()
     return out
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Loading and saving. The layouts (published, Hugging Face hub, this project's) live in checkpoints.py.
+# Loading and saving. checkpoints.py reads and writes the folders' layouts; here they become a model.
 
 def from_pretrained(path, device="cpu", fast=True):
-    """Load a checkpoint folder: a published HyenaDNA one (config.json + weights.ckpt), a Hugging Face hub
-    one (config.json + model.safetensors or pytorch_model.bin) or one written by this project (config.json +
-    model.pt). In eval mode."""
-    import checkpoints  # (it imports this file: imported on first use)
-    return checkpoints.load_model(path, device, fast)
+    """The model of a checkpoint folder, in eval mode: a published HyenaDNA one (config.json + weights.ckpt),
+    a Hugging Face hub one (+ model.safetensors or pytorch_model.bin) or this project's (+ model.pt)."""
+    ckpt = checkpoints.read_checkpoint(path, HyenaConfig)
+    model = HyenaDNA(ckpt.cfg, fast=fast)
+    checkpoints.load_state_dict(model, ckpt.state, ckpt.weights_path)
+    return model.to(device).eval()
 
 
 def save_pretrained(model, path, layout="tinyhyena"):
@@ -640,8 +524,7 @@ def save_pretrained(model, path, layout="tinyhyena"):
     "tinyhyena": config.json + model.pt, what this project reads fastest. layout "hf": config.json +
     model.safetensors for the Hugging Face hub, which transformers loads with the published port's code
     (AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)); from_pretrained reads it too."""
-    import checkpoints
-    checkpoints.save_model(model, path, layout)
+    checkpoints.save_model(model, path, layout, SPECIAL_TOKENS, BASES)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -41,7 +41,7 @@ def parse_args(argv=None):
     p.add_argument("--bed", type=cli.existing_file,
                    help="intervals: BED3 to BED12; a 4th column of train/valid/test in every row is the split")
     p.add_argument("--data", type=cli.existing_path, help="folder prepared by data.py (default: data/hg38 when prepared)")
-    p.add_argument("--preset", choices=["tiny", "large", *th.PRESETS],
+    p.add_argument("--preset", choices=["tiny", "large", *checkpoints.PRESETS],
                    help="model size of a fresh model: tiny (default), large or a published name")
     p.add_argument("--init_from", type=cli.existing_path, metavar="CHECKPOINT",
                    help="start from a pretrained checkpoint folder (published, hub or tinyhyena) instead of random weights")
@@ -93,7 +93,7 @@ def initial_model(args):
         cfg = th.preset_config(args.preset or "tiny", l_max=seq_len + 2, embed_dropout=args.dropout)
         torch.manual_seed(args.seed)  # the same initial weights in every process
         return th.HyenaDNA(cfg), seq_len
-    ckpt = checkpoints.read_checkpoint(args.init_from)
+    ckpt = checkpoints.read_checkpoint(args.init_from, th.HyenaConfig)
     seq_len = args.seq_len or ckpt.cfg.l_max - 2
     cfg = dataclasses.replace(ckpt.cfg, l_max=max(ckpt.cfg.l_max, seq_len + 2), embed_dropout=args.dropout)
     model = th.HyenaDNA(cfg)

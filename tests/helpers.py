@@ -268,3 +268,7 @@ def composition_rows(n, seed, length=100):
         gc = (count["G"] + count["C"]) / length
         rows.append((seq, gc, [int(gc > 0.5), int(count["A"] > count["T"]), int(count["G"] > count["C"])]))
     return rows
+
+
+def n_params(model):
+    return sum(p.numel() for p in model.parameters())

@@ -2,7 +2,8 @@
 
 import pytest
 
-from helpers import run_script
+import bench
+from helpers import ROOT, run_script
 
 
 def cells(row):
@@ -19,8 +20,10 @@ def is_number(text):
 
 @pytest.mark.slow
 def test_bench_runs_at_a_tiny_size():
-    result = run_script("bench.py", "--lengths", 64, "--train", "--no_append", "--timeout", 300)
+    before = (ROOT / "BENCHMARKS.md").read_bytes()
+    result = run_script("bench.py", "--lengths", 64, "--train", "--timeout", 300)
     assert result.returncode == 0, result.stderr[-2000:]
+    assert (ROOT / "BENCHMARKS.md").read_bytes() == before  # written only when asked (--append)
     rows = [cells(line) for line in result.stdout.splitlines() if line.startswith("| 64 |")]
     assert [r[1] for r in rows] == ["inference", "train step"]
     # length, mode, tinyhyena s and GB, floor s, ratio, attention s and GB, onnxruntime s and GB, note
@@ -31,8 +34,19 @@ def test_bench_runs_at_a_tiny_size():
 
 @pytest.mark.slow
 def test_bench_times_each_decoding_method():
-    result = run_script("bench.py", "--generate", "--lengths", 40, "--no_append", "--timeout", 300)
+    result = run_script("bench.py", "--generate", "--lengths", 40, "--timeout", 300)
     assert result.returncode == 0, result.stderr[-2000:]
     rows = [cells(line) for line in result.stdout.splitlines() if line.startswith("| 40 |")][-3:]  # the table
     assert [r[1] for r in rows] == ["online", "cache", "forward"]
     assert all(is_number(c) and not c.startswith(">=") for r in rows for c in r[2:5]), rows  # measured, no bound
+
+
+def test_append_adds_the_table_at_the_end_and_keeps_the_rest(tmp_path, monkeypatch, capsys):
+    path = tmp_path / "BENCHMARKS.md"
+    path.write_text("# Benchmarks\n\n## History\n\nold table\n")
+    monkeypatch.setattr(bench, "BENCHMARKS", str(path))
+    bench.emit(["## new", "| a |"], append=False)
+    assert path.read_text() == "# Benchmarks\n\n## History\n\nold table\n"
+    bench.emit(["## new", "| a |"], append=True)
+    assert path.read_text() == "# Benchmarks\n\n## History\n\nold table\n\n## new\n| a |\n"
+    assert "| a |" in capsys.readouterr().out

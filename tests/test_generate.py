@@ -37,7 +37,7 @@ def test_online_convolution_equals_the_direct_sum(B, C, P, steps, seed):
 
 @given(configs_and_lengths(max_len=400), st.one_of(st.sampled_from(STEPS), st.integers(1, 140)))
 def test_decoding_equals_the_full_forward_pass_at_every_step(case, steps):
-    """The model's next-token logits from forward(prompt, state) and after every step(token, state) equal a
+    """The model's next-token logits from prefill(prompt, state) and after every step(token, state) equal a
     whole forward pass over the sequence so far, to 1e-9 in float64, with either long-convolution state
     (orders 2-4, short filters of 1-4 taps, 1-2 layers, any prompt length, steps across the online
     convolution's block boundaries, batches of 1-3)."""
@@ -51,7 +51,7 @@ def test_decoding_equals_the_full_forward_pass_at_every_step(case, steps):
         full = [model(ids[:, :t])[:, -1] for t in range(P, total + 1)]
         for long_conv in (decoding.OnlineConv, th.ConvHistory):
             state = model.decoding_state(total, long_conv)
-            logits = model(ids[:, :P], state)[:, -1]
+            logits = model.prefill(ids[:, :P], state)[:, -1]
             for t in range(P, total + 1):
                 reference = full[t - P]
                 assert (logits - reference).abs().max() <= 1e-9 * max(1.0, reference.abs().max()), (long_conv, t)

@@ -20,7 +20,7 @@ from helpers import FIXTURE, assert_one_line_error, markov_table, random_model, 
 @given(st.integers(0, 3000), st.integers(2, 300), st.data())
 def test_scoring_windows_predict_every_base_once(length, window, data):
     context = data.draw(st.integers(0, window - 1))
-    plan = th.scoring_windows(length, window, context)
+    plan = score.scoring_windows(length, window, context)
     scored = [t for i, (start, first) in enumerate(plan) for t in range(first, min(start + window, length))]
     assert scored == list(range(1, length))  # each base once, in order; base 0 has no prediction
     for start, first in plan:
@@ -37,15 +37,15 @@ def test_windowed_scoring_equals_a_single_pass_where_the_window_covers_the_recor
     top = logits.max(-1, keepdims=True)
     log_probs = logits - top - np.log(np.exp(logits - top).sum(-1, keepdims=True))
     by_twin = log_probs[np.arange(len(ids) - 1), ids[1:]]  # log P(base t | bases before it), t = 1 .. 699
-    assert np.allclose(th.record_log_probs(model, ids).numpy(), by_twin, atol=1e-4)  # window = l_max: one pass
-    assert np.allclose(th.record_log_probs(model, ids[:450]).numpy(), by_twin[:449], atol=1e-4)
-    windowed = th.record_log_probs(model, ids, window=256, context=100, batch_size=3)
-    for start, first in th.scoring_windows(len(ids), 256, 100):  # each window's bases, as that window alone
+    assert np.allclose(score.record_log_probs(model, ids).numpy(), by_twin, atol=1e-4)  # window = l_max: one pass
+    assert np.allclose(score.record_log_probs(model, ids[:450]).numpy(), by_twin[:449], atol=1e-4)
+    windowed = score.record_log_probs(model, ids, window=256, context=100, batch_size=3)
+    for start, first in score.scoring_windows(len(ids), 256, 100):  # each window's bases, as that window alone
         stop = min(start + 256, len(ids))
         alone = th.log_likelihood(model, torch.from_numpy(ids[start:stop])[None])[0]
         assert torch.allclose(windowed[first - 1:stop - 1], alone[first - start - 1:], atol=1e-5)
     # right padding changes nothing before it (the model is causal)
-    padded, lengths = th.pad_right([ids[:300], ids[:500]])
+    padded, lengths = score.pad_right([ids[:300], ids[:500]])
     assert torch.allclose(th.log_likelihood(model, padded, lengths)[0, :299], single[:299], atol=1e-4)
     assert (th.log_likelihood(model, padded, lengths)[0, 299:] == 0).all()
 
@@ -69,7 +69,7 @@ def test_regions_of_a_genome_as_input(tmp_path, fixture_classifier):
     assert [r[0] for r in rows] == list(by_hand)
     model = th.from_pretrained(FIXTURE)
     for row, seq in zip(rows, by_hand.values()):
-        logp = th.record_log_probs(model, th.tokenize(seq), model.cfg.l_max, model.cfg.l_max // 2, 32).numpy()
+        logp = score.record_log_probs(model, th.tokenize(seq), model.cfg.l_max, model.cfg.l_max // 2, 32).numpy()
         assert int(row[1]) == len(seq) and abs(float(row[2]) + logp.mean()) < 1e-5
     result = run_script("finetune.py", "predict", "--checkpoint", fixture_classifier, "--fasta", tmp_path / "g.fa",
                         "--bed", tmp_path / "r.bed", "--out", tmp_path / "p.tsv")

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import tinyhyena as th
-from helpers import FIXTURE, configs_and_lengths, needs_cuda, random_model, rel_err, with_float64_tables
+from helpers import FIXTURE, configs_and_lengths, n_params, needs_cuda, random_model, rel_err, with_float64_tables
 
 
 def check_twin(cfg, L, B, seed, group, device, fast=True):
@@ -104,10 +104,11 @@ def small_model():
     (torch.tensor([[-1, 8]]), r"token ids must be in \[0, 12\)"),
     (torch.full((1, 51), 7), r"length 51 is outside the allowed range \[1, 50\]"),
     (torch.zeros((1, 0), dtype=torch.long), r"length 0 is outside"),
-    (torch.tensor([7, 8]), r"shape \(batch, length\), got 1 dims"),
-    (torch.full((1, 2, 3), 7), r"got 3 dims"),
-    (torch.tensor([[7.0, 8.0]]), r"integer tensor .* got dtype torch.float32"),
-    (np.array([[7, 8]]), r"must be a torch.Tensor"),
+    (torch.tensor([7, 8]), r"shape \(batch, length\), got \(2,\)"),
+    (torch.full((1, 2, 3), 7), r"got \(1, 2, 3\)"),
+    (torch.zeros((0, 3), dtype=torch.long), r"shape \(batch, length\), got \(0, 3\)"),
+    (torch.tensor([[7.0, 8.0]]), r"integer torch.Tensor .* got dtype torch.float32"),
+    (np.array([[7, 8]]), r"integer torch.Tensor .* got ndarray"),
 ])
 def test_bad_input_ids(small_model, ids, message):
     with pytest.raises(ValueError, match=message):
@@ -134,9 +135,9 @@ def test_presets_are_the_published_models(name, d_model, n_layer, trained):
     per_layer += (5 * 64 + 64) + 2 * (64 * 64 + 64) + 64 + 64 * d + d  # filter MLP, one shared freq, last layer, bias
     per_layer += 2 * 2 * d + (d * 4 * d + 4 * d) + (4 * d * d + d)  # two norms, the MLP
     model = th.HyenaDNA(cfg)
-    assert model.num_params() == 16 * d + n_layer * per_layer + 2 * d  # + embedding, final norm
+    assert n_params(model) == 16 * d + n_layer * per_layer + 2 * d  # + embedding, final norm
     if name == "large-1m":
-        assert 6.4e6 < model.num_params() < 6.8e6  # "about 6.6M parameters"
+        assert 6.4e6 < n_params(model) < 6.8e6  # "about 6.6M parameters"
 
 
 def test_fresh_model_is_initialised_as_published():
