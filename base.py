@@ -7,6 +7,7 @@ scripts print it as one line, `error: <message>`, and exit 1 (cli.run_command). 
 (`atomic_write`): a reader, a crash or a power loss sees the old file or the new one, never half of one.
 """
 
+import contextlib
 import os
 import sys
 
@@ -34,6 +35,27 @@ def make_out_dir(path, flag="--out"):
         os.makedirs(path, exist_ok=True)
     except OSError as e:
         raise UserError(f"{flag} {path}: cannot create the folder ({e.strerror or e})") from None
+
+
+@contextlib.contextmanager
+def output_folder(path, flag="--out"):
+    """Create a command's output folder up front, so that one that cannot be made fails before any work
+    (make_out_dir); if the command then fails, remove again the folders made here that are still empty, so that
+    a command that fails on its input leaves nothing behind."""
+    made, folder = [], os.path.abspath(path)
+    while not os.path.exists(folder):
+        made.append(folder)  # the deepest first
+        folder = os.path.dirname(folder)
+    make_out_dir(path, flag)
+    try:
+        yield path
+    except BaseException:
+        for folder in made:
+            try:
+                os.rmdir(folder)  # only an empty one
+            except OSError:
+                break
+        raise
 
 
 def fsync_path(path):

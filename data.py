@@ -83,11 +83,40 @@ def verify_gzip(path):
 # Preparing a FASTA: streamed, so a 3.1 GB genome needs little memory.
 
 def open_maybe_gzipped(path):
+    """The input file at path, opened for reading bytes (gunzipped when it is gzip): every reader of a sequence,
+    table, BED or VCF file opens it here. Its first 64 KiB are checked first, so that what is not a text file is
+    refused before any work: DataError naming the file when it is missing, a gzip that does not decompress, or
+    binary (NUL bytes, or more than 10% of its bytes outside printable ASCII)."""
     if not os.path.isfile(path):
         raise DataError(f"{path}: file not found")
     with open(path, "rb") as f:
         gzipped = f.read(2) == b"\x1f\x8b"
-    return gzip.open(path, "rb") if gzipped else open(path, "rb")
+    opener = gzip.open if gzipped else open
+    try:
+        with opener(path, "rb") as f:
+            head = f.read(1 << 16)
+    except (EOFError, OSError, zlib.error) as e:
+        raise DataError(f"{path}: a gzip file that does not decompress ({e})") from None
+    if b"\0" in head or len(head.translate(None, TEXT_BYTES)) > 0.1 * len(head):
+        what = "gzipped binary data" if gzipped else "binary data"
+        raise DataError(f"{path}: {what}, not a text file (expected FASTA, CSV/TSV or one sequence a line)")
+    return opener(path, "rb")
+
+
+TEXT_BYTES = bytes(range(32, 127)) + b"\t\n\r"  # what a text file is made of
+# What a sequence may hold: the IUPAC nucleotide codes in either case (N and the ambiguity codes are read as
+# N), and gaps. A record with more than MAX_OTHER of anything else is not DNA (protein, a wrong file).
+NUCLEOTIDE_CODES = b"ACGTUNRYSWKMBDHVacgtunryswkmbdhv-.*"
+MAX_OTHER = 0.1
+
+
+def check_nucleotides(path, where, bases, count=None):
+    """DataError naming the file and `where` (its line or record) unless at most MAX_OTHER of the bytes `bases`
+    are outside NUCLEOTIDE_CODES. count: (other bytes, all bytes) when the caller has counted them already."""
+    other, total = count or (len(bases.translate(None, NUCLEOTIDE_CODES)), len(bases))
+    if other > MAX_OTHER * total:
+        raise DataError(f"{path}:{where}: {other} of {total} characters are not nucleotide codes (IUPAC: "
+                        "ACGTN, RYSWKMBDHV, any case); not a DNA sequence")
 
 
 def _source_stamp(path):
@@ -128,26 +157,32 @@ def fasta_lines(path):
     """(header, line, line number) for each line of a FASTA, plain or gzipped, the one FASTA parser: at a record's
     header line, its text after '>' (the name, then any description) and None; after it, the record's header
     and the line's bases (bytes, stripped). Blank lines are skipped. DataError naming the file and line on bad
-    input."""
+    input: a first line that is not a '>' header, a record without a name, or a record of which more than
+    MAX_OTHER is not nucleotide codes (check_nucleotides)."""
     try:
         with open_maybe_gzipped(path) as f:
-            header, seen = None, 0
+            header, seen, start, other, total = None, 0, 0, 0, 0
             for lineno, line in enumerate(f, 1):
                 if line.startswith(b">"):
+                    if header is not None:
+                        check_nucleotides(path, f"{start}: record {record_name(header)!r}", b"", (other, total))
                     header = line[1:].strip().decode("utf-8", "replace")
                     if not header:
                         raise DataError(f"{path}:{lineno}: record without a name")
-                    seen += 1
+                    seen, start, other, total = seen + 1, lineno, 0, 0
                     yield header, None, lineno
                     continue
                 bases = line.strip()
                 if not bases:
                     continue
                 if header is None:
-                    raise DataError(f"{path}:{lineno}: not a FASTA file (sequence before any '>' header)")
+                    raise DataError(f"{path}:{lineno}: not a FASTA file: its first line should be a '>' header, "
+                                    f"not {line.strip()[:20].decode('utf-8', 'replace')!r}")
+                other, total = other + len(bases.translate(None, NUCLEOTIDE_CODES)), total + len(bases)
                 yield header, bases, lineno
             if not seen:
                 raise DataError(f"{path}: not a FASTA file (no '>' record)")
+            check_nucleotides(path, f"{start}: record {record_name(header)!r}", b"", (other, total))
     except (EOFError, zlib.error, gzip.BadGzipFile) as e:
         raise DataError(f"{path}: truncated or corrupt gzip ({e})") from None
 

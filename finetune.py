@@ -293,69 +293,69 @@ def fit_on(args, rank, world, device):
     batches, the task's loss, the validation that keeps the best model, and the final test row."""
     main_rank = rank == 0
     claim_out_dir(args.out, args.resume, args.overwrite, RUN_FILES, delete=main_rank)  # before anything is written
-    base.make_out_dir(args.out)  # up front: a folder that cannot be made fails before any work
-    written = "hf" if os.path.isfile(os.path.join(args.out, "model.safetensors")) else \
-        "tinyhyena" if os.path.isfile(os.path.join(args.out, CLASSIFIER_FILE)) else None
-    if args.resume and written not in (None, args.layout):  # one folder, one layout: no stale weights beside
-        raise th.UserError(f"{args.out} holds a run written with --layout {written}; resume it with --layout {written}")
-    backbone = build_backbone(args)  # first: its l_max bounds the sequences
-    if args.dropout is not None:  # the embedding dropout of this run, written into the config it saves
-        if args.dropout >= 1:
-            raise th.UserError(f"--dropout must be below 1, got {args.dropout}")
-        backbone.cfg = dataclasses.replace(backbone.cfg, embed_dropout=args.dropout)
-        backbone.dropout.p = args.dropout
-    hub = args.layout == "hf"  # the hub's classifier: the last token's state after an appended [SEP], no bias
-    max_len = backbone.cfg.l_max - args.soft_prompt - hub
-    if max_len < 1:
-        raise th.UserError(f"--soft_prompt {args.soft_prompt} leaves no room for a sequence within l_max {backbone.cfg.l_max}")
-    max_len = min(max_len, args.seq_len or max_len)
-    splits, names = prepare_splits(args, max_len)
-    torch.manual_seed(args.seed)  # the same head in every process
-    model = SequenceClassifier(backbone, len(names), args.pool, args.soft_prompt, args.class_tokens,
-                               args.freeze, args.task, end_token=th.SPECIAL_TOKENS["[SEP]"] if hub else None).to(device)
-    if hub:
-        torch.nn.init.zeros_(model.head.bias)
-        model.head.bias.requires_grad_(False)
-    torch.manual_seed(args.seed * 1000 + rank)  # each process its own dropout and augmentation draws
-    train_set = splits["train"]
-    if args.task == "regression" and not hub:  # (the hub's head has no scale: it learns the raw targets)
-        targets = torch.as_tensor(np.asarray(train_set.labels))
-        model.target_mean.copy_(targets.mean(0))
-        model.target_std.copy_(targets.std(0).clamp(min=1e-6) if len(targets) > 1 else torch.ones(len(names)))
-    steps_per_epoch = max(1, len(train_set) // (args.batch_size * args.grad_accum * world))
-    if len(train_set) < args.batch_size * world:
-        what = "windows" if args.species else "training sequences"
-        raise DataError(f"{len(train_set)} {what} are fewer than one batch (--batch_size {args.batch_size}"
-                        f"{f' in each of {world} processes' if world > 1 else ''})")
-    max_steps = args.max_steps or args.epochs * steps_per_epoch
-    eval_interval = args.eval_interval or steps_per_epoch
-    warmup_steps = max(1, max_steps // 100) if args.warmup_steps is None else args.warmup_steps
-    settings = Settings.from_args(args, max_steps=max_steps, warmup_steps=warmup_steps, eval_interval=eval_interval,
-                                  ckpt_interval=eval_interval)  # the state is saved with each validation
-    meta = {"truncate": args.truncate, "max_len": max_len, "trained_on": args.species or args.data}
-    if main_rank:
-        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        what = "classes" if args.task == "classify" else f"{args.task} targets"
-        print(f"{len(names)} {what} ({', '.join(names[:8])}{', ...' if len(names) > 8 else ''}); train {len(train_set)}, "
-              f"valid {len(splits['valid'])}, test {len(splits['test']) if 'test' in splits else 0}; {trainable:,} "
-              f"trainable parameters; {max_steps} steps", file=sys.stderr)
-    job = FineTuning(model, args, splits, names, meta, device, rank, world)
-    outcome = train_loop(job, settings, device, rank, world)
-    if outcome != "done":
-        return 1 if outcome == "diverged" else 0
-    if "test" not in splits:
+    with base.output_folder(args.out):  # up front; removed again if the run fails before writing into it
+        written = "hf" if os.path.isfile(os.path.join(args.out, "model.safetensors")) else \
+            "tinyhyena" if os.path.isfile(os.path.join(args.out, CLASSIFIER_FILE)) else None
+        if args.resume and written not in (None, args.layout):  # one folder, one layout: no stale weights beside
+            raise th.UserError(f"{args.out} holds a run written with --layout {written}; resume it with --layout {written}")
+        backbone = build_backbone(args)  # first: its l_max bounds the sequences
+        if args.dropout is not None:  # the embedding dropout of this run, written into the config it saves
+            if args.dropout >= 1:
+                raise th.UserError(f"--dropout must be below 1, got {args.dropout}")
+            backbone.cfg = dataclasses.replace(backbone.cfg, embed_dropout=args.dropout)
+            backbone.dropout.p = args.dropout
+        hub = args.layout == "hf"  # the hub's classifier: the last token's state after an appended [SEP], no bias
+        max_len = backbone.cfg.l_max - args.soft_prompt - hub
+        if max_len < 1:
+            raise th.UserError(f"--soft_prompt {args.soft_prompt} leaves no room for a sequence within l_max {backbone.cfg.l_max}")
+        max_len = min(max_len, args.seq_len or max_len)
+        splits, names = prepare_splits(args, max_len)
+        torch.manual_seed(args.seed)  # the same head in every process
+        model = SequenceClassifier(backbone, len(names), args.pool, args.soft_prompt, args.class_tokens,
+                                   args.freeze, args.task, end_token=th.SPECIAL_TOKENS["[SEP]"] if hub else None).to(device)
+        if hub:
+            torch.nn.init.zeros_(model.head.bias)
+            model.head.bias.requires_grad_(False)
+        torch.manual_seed(args.seed * 1000 + rank)  # each process its own dropout and augmentation draws
+        train_set = splits["train"]
+        if args.task == "regression" and not hub:  # (the hub's head has no scale: it learns the raw targets)
+            targets = torch.as_tensor(np.asarray(train_set.labels))
+            model.target_mean.copy_(targets.mean(0))
+            model.target_std.copy_(targets.std(0).clamp(min=1e-6) if len(targets) > 1 else torch.ones(len(names)))
+        steps_per_epoch = max(1, len(train_set) // (args.batch_size * args.grad_accum * world))
+        if len(train_set) < args.batch_size * world:
+            what = "windows" if args.species else "training sequences"
+            raise DataError(f"{len(train_set)} {what} are fewer than one batch (--batch_size {args.batch_size}"
+                            f"{f' in each of {world} processes' if world > 1 else ''})")
+        max_steps = args.max_steps or args.epochs * steps_per_epoch
+        eval_interval = args.eval_interval or steps_per_epoch
+        warmup_steps = max(1, max_steps // 100) if args.warmup_steps is None else args.warmup_steps
+        settings = Settings.from_args(args, max_steps=max_steps, warmup_steps=warmup_steps, eval_interval=eval_interval,
+                                      ckpt_interval=eval_interval)  # the state is saved with each validation
+        meta = {"truncate": args.truncate, "max_len": max_len, "trained_on": args.species or args.data}
         if main_rank:
-            print(f"best validation {job.metric} {job.best:.4f}; no test set given (--test FILE or a split column), "
-                  "so no test row")
+            trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+            what = "classes" if args.task == "classify" else f"{args.task} targets"
+            print(f"{len(names)} {what} ({', '.join(names[:8])}{', ...' if len(names) > 8 else ''}); train {len(train_set)}, "
+                  f"valid {len(splits['valid'])}, test {len(splits['test']) if 'test' in splits else 0}; {trainable:,} "
+                  f"trainable parameters; {max_steps} steps", file=sys.stderr)
+        job = FineTuning(model, args, splits, names, meta, device, rank, world)
+        outcome = train_loop(job, settings, device, rank, world)
+        if outcome != "done":
+            return 1 if outcome == "diverged" else 0
+        if "test" not in splits:
+            if main_rank:
+                print(f"best validation {job.metric} {job.best:.4f}; no test set given (--test FILE or a split column), "
+                      "so no test row")
+            return 0
+        if main_rank:
+            best_model = load_classifier(args.out, device)
+            test = evaluate(best_model, splits["test"], args.eval_batch_size, device)
+            job.log(max_steps, "test", test)
+            shown = {"classify": ("accuracy", "mcc", "f1_macro"), "regression": ("pearson", "spearman", "mse"),
+                     "multilabel": ("auroc",)}[args.task]
+            print(f"test (best validation checkpoint): {', '.join(f'{k} {test[k]:.4f}' for k in shown)}; model in {args.out}")
         return 0
-    if main_rank:
-        best_model = load_classifier(args.out, device)
-        test = evaluate(best_model, splits["test"], args.eval_batch_size, device)
-        job.log(max_steps, "test", test)
-        shown = {"classify": ("accuracy", "mcc", "f1_macro"), "regression": ("pearson", "spearman", "mse"),
-                 "multilabel": ("auroc",)}[args.task]
-        print(f"test (best validation checkpoint): {', '.join(f'{k} {test[k]:.4f}' for k in shown)}; model in {args.out}")
-    return 0
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -363,8 +363,8 @@ def fit_on(args, rank, world, device):
 
 def predict(args):
     device = cli.pick_device(args.device)
+    records = read_inputs(args, read_sequences)  # first: a bad file is refused before the model is loaded
     model = load_classifier(args.checkpoint, device)
-    records = read_inputs(args, read_sequences)
     seqs = [cut(ids, model.max_len, model.truncate) for _, ids in records]
     n_cut = sum(len(ids) > model.max_len for _, ids in records)
     if n_cut:
@@ -392,8 +392,8 @@ def embed(args):
 
 def embed_on(args, rank, world, device):
     from tqdm import tqdm
+    records = read_inputs(args, read_sequences)  # first: a bad file is refused before the model is loaded
     model = parallel.for_inference(th.from_pretrained(args.checkpoint, device), args.context_parallel, world)
-    records = read_inputs(args, read_sequences)
     limit = model.cfg.l_max
     n_cut = sum(len(ids) > limit for _, ids in records)
     if n_cut:

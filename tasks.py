@@ -16,7 +16,7 @@ import torch
 import tinyhyena as th
 from base import DataError
 from classifier import pad_left
-from data import fasta_lines, open_maybe_gzipped, read_fasta, reverse_complement
+from data import check_nucleotides, fasta_lines, open_maybe_gzipped, read_fasta, reverse_complement
 
 SELECTION_METRIC = {"classify": "mcc", "regression": "pearson", "multilabel": "auroc"}  # picks the best model
 
@@ -78,10 +78,11 @@ def read_benchmark_split(root, split):
         if not files:
             raise DataError(f"{os.path.join(folder, name)}: empty class folder (no .txt sequence files)")
         for path in files:
-            with open(path, "rb") as f:
+            with open_maybe_gzipped(path) as f:
                 seq = b"".join(f.read().split())
             if not seq:
                 raise DataError(f"{path}: holds no sequence")
+            check_nucleotides(path, 1, seq)
             rows.append((seq, name))
     return rows
 
@@ -154,6 +155,7 @@ def read_table(path, need_label=True, label_columns=None):
         seq = (row.get("sequence") or "").strip()
         if not seq:
             raise DataError(f"{path}:{lineno}: empty sequence")
+        check_nucleotides(path, lineno, seq.encode("utf-8", "replace"))
         for column in labels:
             if not (row.get(column) or "").strip():
                 raise DataError(f"{path}:{lineno}: empty {column}")
@@ -198,10 +200,14 @@ def read_sequences(path):
         rows, _ = read_table(path, need_label=False)
         key = next((k for k in ("name", "id") if k in rows[0]), None)
         return [(row[key] if key else str(row["line"] - 1), th.tokenize(row["sequence"])) for row in rows]
+    if "," in first or "\t" in first:
+        raise DataError(f"{path}:1: a table without a 'sequence' or 'seq' column (header {first.strip()[:60]!r}); "
+                        "expected FASTA, CSV/TSV with a sequence column, or one sequence a line")
     out = []
     with open_maybe_gzipped(path) as f:
         for lineno, line in enumerate(f, 1):
             if line.strip():
+                check_nucleotides(path, lineno, line.strip())
                 out.append((str(lineno), th.BYTE_TO_ID[np.frombuffer(line.strip(), dtype=np.uint8)]))
     if not out:
         raise DataError(f"{path}: no sequences")

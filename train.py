@@ -250,32 +250,32 @@ class Pretraining(trainer.Job):
 
 def pretrain(args, rank, world, device):
     trainer.claim_out_dir(args.out, args.resume, args.overwrite, delete=rank == 0)  # before anything is written
-    base.make_out_dir(args.out)  # up front: a folder that cannot be made fails now, not after loading the data
-    if args.dropout >= 1:
-        raise th.UserError(f"--dropout must be below 1, got {args.dropout}")
-    model, seq_len = initial_model(args)
-    model = model.to(device)
-    stages = length_stages(seq_len, args)
-    context = context_group(args, stages, rank, world)  # (checked before the data is read)
-    genome, bed = load_data(args)
-    job = Pretraining(model, args, seq_len, stages, genome, bed, device, rank, world, context)
-    if context:
-        parallel.enable(model, context)
-    model.gradient_checkpointing = want_checkpointing(args, model.cfg, args.batch_size * seq_len, device)
-    if model.gradient_checkpointing and device.type == "cpu":
-        fast.tune_cpu_memory(memory_first=True)  # memory is what limits the length here (fast.py)
-    torch.manual_seed(args.seed * 1000 + rank)  # each process its own dropout and augmentation draws
-    if args.init_from and not args.resume:
-        job.evaluate(0)  # where the run starts: the checkpoint's loss on the validation windows
-    outcome = trainer.train_loop(job, trainer.Settings.from_args(args), device, rank, world)
-    if outcome == "diverged":
-        return 1
-    if outcome == "done":
-        test = evaluate(model, Windows(genome, seq_len, "test", bed), args, device, rank, world, context)
-        job.log(args.max_steps, "test", test, bits_per_base=test / math.log(2))
-        if rank == 0:
-            print(f"step {args.max_steps}: test loss {test:.4f} nats/base ({test / math.log(2):.4f} bits/base)")
-    return 0
+    with base.output_folder(args.out):  # up front; removed again if the run fails before writing into it
+        if args.dropout >= 1:
+            raise th.UserError(f"--dropout must be below 1, got {args.dropout}")
+        model, seq_len = initial_model(args)
+        model = model.to(device)
+        stages = length_stages(seq_len, args)
+        context = context_group(args, stages, rank, world)  # (checked before the data is read)
+        genome, bed = load_data(args)
+        job = Pretraining(model, args, seq_len, stages, genome, bed, device, rank, world, context)
+        if context:
+            parallel.enable(model, context)
+        model.gradient_checkpointing = want_checkpointing(args, model.cfg, args.batch_size * seq_len, device)
+        if model.gradient_checkpointing and device.type == "cpu":
+            fast.tune_cpu_memory(memory_first=True)  # memory is what limits the length here (fast.py)
+        torch.manual_seed(args.seed * 1000 + rank)  # each process its own dropout and augmentation draws
+        if args.init_from and not args.resume:
+            job.evaluate(0)  # where the run starts: the checkpoint's loss on the validation windows
+        outcome = trainer.train_loop(job, trainer.Settings.from_args(args), device, rank, world)
+        if outcome == "diverged":
+            return 1
+        if outcome == "done":
+            test = evaluate(model, Windows(genome, seq_len, "test", bed), args, device, rank, world, context)
+            job.log(args.max_steps, "test", test, bits_per_base=test / math.log(2))
+            if rank == 0:
+                print(f"step {args.max_steps}: test loss {test:.4f} nats/base ({test / math.log(2):.4f} bits/base)")
+        return 0
 
 
 if __name__ == "__main__":

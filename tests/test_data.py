@@ -16,7 +16,7 @@ import data
 import tasks
 import tinyhyena as th
 import trainer
-from helpers import assert_one_line_error, run_script
+from helpers import FIXTURE, assert_one_line_error, run_script
 
 
 @settings(max_examples=100, deadline=None)
@@ -206,3 +206,76 @@ def test_reverse_complement_augmentation_flips_about_half_the_windows(genome):
     examples = tasks.Examples(seqs, [1], rc_aug=True)
     outcomes = [th.detokenize(examples[0][0]) for _ in range(400)]
     assert set(outcomes) == {"AACGTTTGCA", "TGCAAACGTT"} and 160 <= outcomes.count("TGCAAACGTT") <= 240
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Every reader refuses what is not a sequence file: in one line naming the file, before any work, writing nothing.
+
+def write_bad(kind, folder):
+    """A file of the given kind of wrongness; returns its path."""
+    rng = np.random.default_rng(0)
+    path = folder / {"table without sequence": "x.csv", "corrupt gzip": "x.fa.gz"}.get(kind, "x.fa")
+    content = {
+        "random bytes": rng.integers(0, 256, 3000, dtype=np.uint8).tobytes(),  # what the issue gave embed
+        "binary": b"\x93NUMPY\x01\x00v\x00{'descr': '<f4'}" + bytes(200),  # a .npy
+        "mostly binary": bytes(range(128, 256)) * 8 + b">x\nACGT\n",  # no NUL, but not text
+        "corrupt gzip": b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\x03" + rng.integers(0, 256, 500, dtype=np.uint8).tobytes(),
+        "not FASTA": b"chrom\tstart\tend\nchr1\t10\t20\n",  # a BED, given where a FASTA is needed
+        "protein": b">sp|P69905|HBA_HUMAN\nMVLSPADKTNVKAAWGKVGAHAGEYGAEALERMFLSFPTTKTYFPHFDLSHGSAQVKGHGKKVADALTNAVAHV\n",
+        "table without sequence": b"name,label\nx,1\ny,0\n",
+        "text": b"hello this is a letter\nnot DNA at all\n",
+    }[kind]
+    path.write_bytes(content)
+    return path
+
+
+def command_reading(name, bad, tmp_path):
+    """The command line `name` run on the file `bad` (and whatever else it needs, written beside it)."""
+    out = tmp_path / "out"
+    if name == "score variants":
+        (tmp_path / "v.vcf").write_text("#CHROM\tPOS\tID\tREF\tALT\nchr1\t2\t.\tA\tC\n")
+    return {
+        "train": ["train.py", "--fasta", bad, "--preset", "tiny", "--seq_len", 64, "--max_steps", 1, "--out", out],
+        "score sequences": ["score.py", "sequences", "--checkpoint", FIXTURE, "--input", bad, "--out", tmp_path / "s.tsv"],
+        "score variants": ["score.py", "variants", "--checkpoint", FIXTURE, "--fasta", bad, "--vcf", tmp_path / "v.vcf",
+                           "--out", tmp_path / "llr.tsv"],
+        "generate": ["generate.py", "--checkpoint", FIXTURE, "--prompt_fasta", bad, "--length", 5, "--out", tmp_path / "g.fa"],
+        "embed": ["finetune.py", "embed", "--checkpoint", FIXTURE, "--input", bad, "--out", tmp_path / "e.npy"],
+        "predict": ["finetune.py", "predict", "--checkpoint", FIXTURE, "--input", bad, "--out", tmp_path / "p.tsv"],
+        "fit": ["finetune.py", "fit", "--checkpoint", FIXTURE, "--data", bad, "--max_steps", 1, "--out", out],
+    }[name]
+
+
+BINARY = {"random bytes": "binary data", "binary": "binary data", "mostly binary": "binary data",
+          "corrupt gzip": "gzip file that does not decompress"}
+FASTA_READERS = {**BINARY, "not FASTA": "not a FASTA file", "protein": "not nucleotide codes"}
+SEQUENCE_READERS = {**BINARY, "protein": "not nucleotide codes", "text": "not nucleotide codes",
+                    "table without sequence": "without a 'sequence' or 'seq' column"}
+CASES = [(command, kind, message) for command, kinds in (
+    ("train", FASTA_READERS), ("score sequences", FASTA_READERS), ("score variants", FASTA_READERS),
+    ("generate", FASTA_READERS), ("embed", SEQUENCE_READERS), ("predict", SEQUENCE_READERS),
+    ("fit", {**BINARY, "table without sequence": "no 'sequence' column", "protein": "not nucleotide codes"}),
+) for kind, message in kinds.items()]
+
+
+@pytest.mark.parametrize("command, kind, message", CASES, ids=[f"{c}-{k}" for c, k, _ in CASES])
+def test_every_reader_refuses_what_is_not_a_sequence_file(command, kind, message, tmp_path):
+    bad = write_bad(kind, tmp_path)
+    argv = command_reading(command, bad, tmp_path)
+    before = set(tmp_path.rglob("*"))
+    result = run_script(*argv)
+    assert result.returncode == 1
+    assert_one_line_error(result, str(bad), message)
+    assert set(tmp_path.rglob("*")) == before  # no output, no empty out/, no prepared genome, no temporary file
+
+
+def test_lowercase_n_and_iupac_codes_stay_accepted(tmp_path):
+    path = tmp_path / "ok.fa"
+    path.write_text(">a soft-masked\nacgtnNNNNRYSWKMBDHV\nACGT-acgt\n>b\n" + "ACGT" * 10 + "\n")
+    assert [(name, len(ids)) for name, ids in data.read_fasta(str(path))] == [("a", 28), ("b", 40)]
+    (tmp_path / "lines.txt").write_text("acgtRYacgt\nACGTN\n")
+    assert len(tasks.read_sequences(str(tmp_path / "lines.txt"))) == 2
+    # at most a tenth of a record may be other characters (a stray digit or space); one more is refused
+    (tmp_path / "edge.fa").write_text(">e\n" + "A" * 90 + "1" * 10 + "\n>f\n" + "A" * 89 + "1" * 11 + "\n")
+    with pytest.raises(data.DataError, match=r"edge.fa:3: record 'f': 11 of 100 characters"):
+        data.read_fasta(str(tmp_path / "edge.fa"))
