@@ -20,6 +20,8 @@ the most probable base at each step.
 """
 
 
+from functools import partial
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -40,50 +42,49 @@ class OnlineConv:
 
     def __init__(self, h):
         self.h, self.total = h, h.shape[-1]
-        self.a, self.t = None, 0  # (B, C, total): the inputs so far; how many there are
+        self.h0 = h[:, :1]  # (C, 1): lag 0, the input's own term
+        # inputs and contributions ahead are kept channels first, (C, B, total), so that a block's contribution
+        # is one batched matrix product over the channels
+        self.a, self.ahead, self.t = None, None, 0  # how many inputs there are
         self.spectra, self.toeplitz = {}, {}  # per block size U: the filter's lags 1 .. 2U-1
 
-    def take(self, a):
-        """Append inputs a (B, C, P) to the history."""
-        B, C, P = a.shape
-        if self.t + P > self.total:
-            raise th.UserError(f"the decoding state has room for {self.total} positions, not {self.t + P}")
-        if self.a is None:
-            self.a = a.new_zeros(B, C, self.total)
-        self.a[..., self.t:self.t + P] = a
-        self.t += P
-
     def prefill(self, a):
-        self.a, self.t = None, 0
-        self.take(a)
-        self.start = P = a.shape[-1]
+        B, C, P = a.shape
+        if P > self.total:
+            raise th.UserError(f"the decoding state has room for {self.total} positions, not {P}")
+        self.a = a.new_zeros(C, B, self.total)
+        self.a[..., :P] = a.transpose(0, 1)
+        self.t = self.start = P
         # one FFT convolution gives the prompt's outputs and what it contributes to every later position
         n = fast.fft_size(P + self.total - 1)
         y = torch.fft.irfft(torch.fft.rfft(a, n=n) * torch.fft.rfft(self.h, n=n), n=n)[..., :self.total]
-        self.ahead = y  # (B, C, total): at t >= P, the contributions of the inputs already taken
+        self.ahead = y.transpose(0, 1).contiguous()  # (C, B, total): at t >= P, what the inputs taken contribute
         return y[..., :P]
 
     def step(self, a):
-        t = self.t
-        self.take(a[..., None])
-        y = self.ahead[..., t] + self.h[:, 0] * a
+        t, a = self.t, a.t()  # a (C, B)
+        if t >= self.total:
+            raise th.UserError(f"the decoding state has room for {self.total} positions, not {t + 1}")
+        self.a[..., t] = a
+        y = torch.addcmul(self.ahead[..., t], self.h0, a)
+        self.t = t + 1
         if t + 1 < self.total:
             i = t + 1 - self.start  # inputs taken after the prompt
             U = i & -i  # the largest power of two dividing i: the block a[t-U+1 .. t] reaches y[t+1 .. t+U]
             stop = min(t + 1 + U, self.total)
             self.ahead[..., t + 1:stop] += self.block_contribution(self.a[..., t + 1 - U:t + 1], U)[..., :stop - t - 1]
-        return y
+        return y.t()  # (B, C)
 
     def block_contribution(self, block, U):
-        """out[j] = sum_m h[U + j - m] block[m], j, m in 0..U-1: a block of U inputs (B, C, U) on the next U
+        """out[j] = sum_m h[U + j - m] block[m], j, m in 0..U-1: a block of U inputs (C, B, U) on the next U
         outputs, through the filter's lags 1 .. 2U-1."""
         if U <= DIRECT_BLOCK:
             if U not in self.toeplitz:
-                lags = U + torch.arange(U)[:, None] - torch.arange(U)[None, :]  # (U, U): j, m -> U + j - m
-                self.toeplitz[U] = self.lag(lags.to(self.h.device))  # (C, U, U)
-            return torch.einsum("bcm,cjm->bcj", block, self.toeplitz[U])
+                lags = U + torch.arange(U)[None, :] - torch.arange(U)[:, None]  # (U, U): m, j -> U + j - m
+                self.toeplitz[U] = self.lag(lags.to(self.h.device))  # (C, U, U): out = block @ toeplitz
+            return torch.bmm(block, self.toeplitz[U])
         if U not in self.spectra:  # a linear convolution of lengths U and 2U-1, of which entries U-1 .. 2U-2
-            self.spectra[U] = torch.fft.rfft(self.lag(torch.arange(1, 2 * U, device=self.h.device)), n=2 * U)
+            self.spectra[U] = torch.fft.rfft(self.lag(torch.arange(1, 2 * U, device=self.h.device)), n=2 * U)[:, None]
         # ... are kept: a circular one of size 2U wraps only onto entries below U-1
         return torch.fft.irfft(torch.fft.rfft(block, n=2 * U) * self.spectra[U], n=2 * U)[..., U - 1:2 * U - 1]
 
@@ -134,12 +135,14 @@ def generate(model, prompt, length, num=1, temperature=1.0, top_k=None, seed=0, 
     if method != "forward":
         state = model.decoding_state(max(total, len(ids)), LONG_CONVS[method])
         logits = model.prefill(seqs, state)[:, -1]  # the prompt in one pass
+        # then each base by the fast path's step on a fast model (fast.FastStep), the plain one otherwise
+        step = fast.FastStep(model, state) if model.blocks[0].fast is not None else partial(model.step, state=state)
     for i in range(length):
         if method == "forward":
             logits = model(torch.cat([seqs, out[:, :i]], 1))[:, -1]
         out[:, i] = choose(logits.float().cpu(), temperature, top_k, generator).to(device)
         if method != "forward" and i < length - 1:
-            logits = model.step(out[:, i], state)
+            logits = step(out[:, i])
         if progress:
             progress(1)
     return out.cpu()

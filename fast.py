@@ -409,3 +409,64 @@ class FastBlock:
                 part += branch(part)
             return x
         return x + torch.cat([checkpointed(True, branch, part) for part in x.split(self.mlp_chunk, dim=1)], 1)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Decoding's fast path.
+
+class FastStep:
+    """HyenaDNA.step's fast path: the same next-token logits, one position at a time, in fewer and larger
+    operations on tensors laid out once. At batch 1 a tiny model's step is about 0.8 MFLOP, so its time is the
+    number of operations, not their arithmetic: HyenaDNA.step makes about 110 (module calls, the short
+    convolution's window rebuilt by a concatenation, views, the input check's two reductions); this makes about
+    40. Built from a model and the decoding state that model.prefill filled (decoding_state), it owns the
+    state's short-convolution windows from then on: go on with this step, not with model.step.
+    - the layers' weights transposed once, so each projection is one addmm (the residual added by the same call);
+    - each short convolution's last K inputs in a ring (C, B, K) and its weights in the K rotations of that
+      ring, so a position's convolution is one batched matrix product, its bias added in the same call;
+    - no check of the token ids (decoding.generate draws them) and no dropout (decoding is inference).
+    The long convolutions' states (ConvHistory, decoding.OnlineConv) are stepped as they are."""
+
+    def __init__(self, model, state):
+        self.model, self.state, self.t = model, state, 0
+        cfg = model.cfg
+        d, N, K = cfg.d_model, cfg.order, cfg.short_filter_order
+        self.layers = []
+        for block, layer_state in zip(model.blocks, state):
+            op = block.mixer
+            B = layer_state.recent.shape[0]
+            w, b = op.short_conv.weight[:, 0], op.short_conv.bias  # (C, K), (C,)
+            ring = torch.zeros(w.shape[0], B, K, dtype=w.dtype, device=w.device)  # (C, B, K): slot s % K
+            ring[:, :, :K - 1] = layer_state.recent.permute(1, 0, 2)  # the prefill's last K-1 inputs, slots 0..K-2
+            # at position s (counted from the first step, slot (K-1+s) % K newest), slot k holds the input k' =
+            # (newest - k) % K positions back, which tap K-1-k' weighs
+            rotations = [torch.stack([w[:, K - 1 - (((K - 1 + s) - k) % K)] for k in range(K)], 1)[..., None]
+                         for s in range(K)]  # each (C, K, 1)
+            self.layers.append(dict(
+                norm1=(block.norm1.weight, block.norm1.bias), norm2=(block.norm2.weight, block.norm2.bias), ring=ring, rotations=rotations, conv_bias=b[:, None, None],
+                in_w=op.in_proj.weight.t(), in_b=op.in_proj.bias, out_w=op.out_proj.weight.t(), out_b=op.out_proj.bias,
+                fc1_w=block.mlp.fc1.weight.t(), fc1_b=block.mlp.fc1.bias, fc2_w=block.mlp.fc2.weight.t(),
+                fc2_b=block.mlp.fc2.bias, skip=op.filter.bias.view(N - 1, d), long_convs=layer_state.long_convs))
+        self.d, self.N, self.K, self.eps = d, N, K, cfg.layer_norm_epsilon
+
+    @torch.no_grad()
+    def __call__(self, input_ids):
+        """input_ids (B,) the tokens at the next position -> next-token logits (B, V), as model.step."""
+        model, d, K, eps = self.model, self.d, self.K, self.eps
+        slot = (K - 1 + self.t) % K
+        self.t += 1
+        x = model.embedding.weight.index_select(0, input_ids)  # (B, d)
+        for layer in self.layers:
+            u = F.layer_norm(x, (d,), *layer["norm1"], eps)
+            ring = layer["ring"]
+            ring[:, :, slot] = torch.addmm(layer["in_b"], u, layer["in_w"]).t()  # in_proj, into the window
+            z = torch.baddbmm(layer["conv_bias"], ring, layer["rotations"][(self.t - 1) % K])[..., 0].t()  # (B, C)
+            *xs, v = z.split(d, dim=1)
+            for o, x_i in enumerate(reversed(xs[1:])):  # the Hyena recurrence, as HyenaOperator.step
+                a = v * x_i
+                v = torch.addcmul(layer["long_convs"][o].step(a), a, layer["skip"][o])
+            x = torch.addmm(x, v * xs[0], layer["out_w"]).add_(layer["out_b"])  # out_proj and the residual
+            hidden = F.gelu(torch.addmm(layer["fc1_b"], F.layer_norm(x, (d,), *layer["norm2"], eps), layer["fc1_w"]),
+                            approximate="tanh")
+            x = torch.addmm(x, hidden, layer["fc2_w"]).add_(layer["fc2_b"])
+        return F.linear(F.layer_norm(x, (d,), model.ln_f.weight, model.ln_f.bias, eps), model.embedding.weight)
