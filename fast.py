@@ -419,7 +419,7 @@ class FastStep:
     operations on tensors laid out once. At batch 1 a tiny model's step is about 0.8 MFLOP, so its time is the
     number of operations, not their arithmetic: HyenaDNA.step makes about 110 (module calls, the short
     convolution's window rebuilt by a concatenation, views, the input check's two reductions); this makes about
-    40. Built from a model and the decoding state that model.prefill filled (decoding_state), it owns the
+    70 (the long convolutions' own steps included). Built from a model and the decoding state that model.prefill filled (decoding_state), it owns the
     state's short-convolution windows from then on: go on with this step, not with model.step.
     - the layers' weights transposed once, so each projection is one addmm (the residual added by the same call);
     - each short convolution's last K inputs in a ring (C, B, K) and its weights in the K rotations of that
