@@ -254,7 +254,11 @@ class WholeSequences(torch.nn.Module):
     def __init__(self, model, group):
         super().__init__()
         self.model, self.group = enable(model, group), group
-        self.cfg = dataclasses.replace(model.cfg, l_max=model.cfg.l_max - model.cfg.l_max % group.size)
+        N, halo = group.size, model.cfg.short_filter_order - 1
+        self.cfg = dataclasses.replace(model.cfg, l_max=model.cfg.l_max - model.cfg.l_max % N)
+        if halo * N > self.cfg.l_max:
+            raise th.UserError(f"l_max {model.cfg.l_max} is too short for --context_parallel {N}: each process "
+                               f"needs at least the short convolution's {halo}-position halo")
 
     def forward(self, input_ids):  # (B, L) -> (B, L, V)
         return self.whole(self.model, input_ids)
@@ -264,6 +268,9 @@ class WholeSequences(torch.nn.Module):
 
     def whole(self, fn, input_ids):
         N, L = self.group.size, input_ids.shape[1]
+        if not 1 <= L <= self.cfg.l_max:
+            raise th.UserError(f"sequence length {L} is outside [1, {self.cfg.l_max}]: under --context_parallel {N} "
+                               f"the longest is l_max ({self.model.cfg.l_max}) rounded down to a multiple of {N}")
         padded = max(-(-L // N), self.cfg.short_filter_order - 1) * N  # (at least a halo's positions each)
         part = fn(self.group.shard(F.pad(input_ids, (0, padded - L), value=th.PAD_ID))).contiguous()
         parts = [torch.empty_like(part) for _ in range(N)]

@@ -418,6 +418,12 @@ class HyenaDNA(nn.Module):
     def step(self, input_ids, state):
         """The model at the next position t: input_ids (B,) the tokens at t -> next-token logits (B, V) for
         t + 1, from the state that prefill and the steps since left."""
+        if state[0].recent is None:
+            raise UserError("the decoding state is empty: read a prompt into it with prefill(prompt, state) first")
+        if not isinstance(input_ids, torch.Tensor) or input_ids.shape != state[0].recent.shape[:1]:
+            what = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+            raise UserError(f"step takes one token per sequence of the prefill, input_ids of shape "
+                            f"({len(state[0].recent)},), got {what}")
         self.check_input_ids(input_ids[:, None])
         x = self.embedding(input_ids.long())  # (B, d)
         for block, block_state in zip(self.blocks, state):

@@ -102,3 +102,87 @@ def test_generate_cli_writes_fasta_and_reports_bad_input(tmp_path):
                           "over the model's l_max 1026")
     assert_one_line_error(run_script("generate.py", "--checkpoint", FIXTURE, "--prompt", "ACGT", "--length", 0),
                           "--length")
+
+
+# Next-token logits over the whole vocabulary: the four bases at 2, 1, 0.5, -1 (ties nowhere), and higher scores
+# on tokens sampling never draws (a special token, N), which must not leak into the bases' probabilities.
+LOGITS = torch.full((12,), -3.0)
+LOGITS[[7, 8, 9, 10]] = torch.tensor([2.0, 1.0, 0.5, -1.0])
+LOGITS[[0, 11]] = 5.0
+DRAWS = 20000
+
+
+def expected_frequencies(temperature, top_k):
+    """What choose must draw from: softmax(base logits / temperature) over the top_k best bases."""
+    scores = LOGITS[decoding.BASE_TOKENS].double() / temperature
+    p = torch.softmax(scores, 0)
+    p[scores.argsort(descending=True)[top_k or 4:]] = 0
+    return p / p.sum()
+
+
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0])
+@pytest.mark.parametrize("top_k", [None, 2, 3])
+def test_sampling_draws_from_the_tempered_top_k_distribution(temperature, top_k):
+    """20,000 seeded draws from the same logits: their counts fit softmax(logits / temperature) over the top_k
+    bases (Pearson's chi-square below its 1e-4 quantile; the seed is fixed, so this cannot flake), and no
+    base outside the top_k is ever drawn. A temperature multiplied instead of divided, a top_k off by one, or
+    special tokens left in the softmax each put the statistic in the thousands."""
+    drawn = decoding.choose(LOGITS.repeat(DRAWS, 1), temperature, top_k, torch.Generator().manual_seed(0))
+    counts = torch.stack([(drawn == token).sum() for token in decoding.BASE_TOKENS]).double()
+    p = expected_frequencies(temperature, top_k)
+    assert counts.sum() == DRAWS and counts[p == 0].sum() == 0  # only bases, and only the top_k of them
+    kept = p > 0
+    chi2 = float(((counts[kept] - DRAWS * p[kept]) ** 2 / (DRAWS * p[kept])).sum())
+    assert chi2 < {1: 15.1, 2: 18.4, 3: 21.1}[int(kept.sum()) - 1], (counts, DRAWS * p)  # 1e-4 quantiles
+
+
+def test_lower_temperature_sharpens_and_top_k_1_or_temperature_0_is_greedy():
+    frequencies = {}
+    for temperature in (0.25, 0.5, 1.0, 2.0, 4.0):
+        drawn = decoding.choose(LOGITS.repeat(DRAWS, 1), temperature, None, torch.Generator().manual_seed(1))
+        frequencies[temperature] = float((drawn == decoding.BASE_TOKENS[0]).double().mean())
+    best = list(frequencies.values())
+    assert all(a > b for a, b in zip(best, best[1:])), frequencies  # the best base ever likelier as T falls
+    assert best[-1] > 0.25  # even a high temperature keeps the order of the bases
+    for temperature, top_k in ((0, None), (0, 3), (1.0, 1), (7.5, 1)):
+        drawn = decoding.choose(LOGITS.repeat(50, 1), temperature, top_k, torch.Generator().manual_seed(2))
+        assert (drawn == decoding.BASE_TOKENS[0]).all(), (temperature, top_k)
+
+
+@given(st.lists(st.floats(-20, 20), min_size=12, max_size=12, unique=True), st.floats(0.05, 10),
+       st.integers(1, 4), st.integers(0, 2**31 - 1))
+def test_sampling_draws_only_among_the_k_best_bases(logits, temperature, top_k, seed):
+    logits = torch.tensor(logits)
+    drawn = decoding.choose(logits.repeat(64, 1), temperature, top_k, torch.Generator().manual_seed(seed))
+    best = decoding.BASE_TOKENS[logits[decoding.BASE_TOKENS].argsort(descending=True)[:top_k]]
+    assert torch.isin(drawn, best).all()
+
+
+def test_generate_options_at_their_other_values_and_limits():
+    """Through generate: a lower temperature draws other bases than the default's from the same seed; top_k 2
+    draws each base among the model's two most probable at its position; a prompt and length that together
+    reach l_max exactly decode (every method the same), one more does not; a prompt of one base and a length of
+    one are the smallest; bad temperature and top_k are refused."""
+    cfg = th.HyenaConfig(d_model=8, n_layer=1, d_inner=16, filter_order=8, l_max=100, order=2)
+    model = random_model(cfg, 3)
+    default = decoding.generate(model, "ACGTAC", 60, num=2, seed=4)
+    cold = decoding.generate(model, "ACGTAC", 60, num=2, temperature=0.3, seed=4)
+    assert not torch.equal(default, cold)
+    top2 = decoding.generate(model, "ACGTAC", 60, num=2, temperature=3.0, top_k=2, seed=4)
+    with torch.no_grad():
+        for row in top2:
+            seq = torch.cat([torch.from_numpy(th.tokenize("ACGTAC")), row])
+            scores = model(seq[None, :-1])[0, 5:, decoding.BASE_TOKENS]  # (60, 4): the logits each base was drawn by
+            best2 = decoding.BASE_TOKENS[scores.argsort(-1, descending=True)[:, :2]]
+            assert (best2 == row[:, None]).any(-1).all()
+    full = {method: decoding.generate(model, "A" * 70, 30, seed=1, method=method) for method in decoding.METHODS}
+    assert full["online"].shape == (1, 30) and all(torch.equal(full["online"], v) for v in full.values())
+    with pytest.raises(th.UserError, match="reach 101 bases, over the model's l_max 100"):
+        decoding.generate(model, "A" * 70, 31)
+    assert decoding.generate(model, "A", 1, seed=0).shape == (1, 1)
+    assert decoding.generate(model, "A" * 99, 1, seed=0).shape == (1, 1)
+    for bad in (dict(temperature=-0.1), dict(top_k=0), dict(top_k=5)):
+        with pytest.raises(th.UserError, match="temperature must be >= 0 and top_k in 1..4"):
+            decoding.generate(model, "A", 5, **bad)
+    with pytest.raises(th.UserError, match="the prompt is empty"):
+        decoding.generate(model, "", 5)

@@ -106,3 +106,68 @@ def test_score_and_embed_under_context_parallelism_equal_one_process(tmp_path):
     np.testing.assert_allclose(np.load(tmp_path / "cp.npy"), np.load(tmp_path / "one.npy"), rtol=1e-5, atol=1e-5)
     assert_one_line_error(run_script(*score, "--context_parallel", 2), "--context_parallel 2 must equal",
                           "number of processes (1)")
+
+
+# Each process of a torchrun reads whole sequences through parallel.WholeSequences (its shard of positions, the
+# outputs gathered) and through the model itself, at the lengths where the sharding has edges.
+EDGES = """
+import json, sys
+import torch
+sys.path[:0] = [sys.argv[1], sys.argv[1] + "/tests"]
+import parallel, tinyhyena as th
+from helpers import random_model
+
+
+def work(args, rank, world, device):
+    results = {}
+    for K, l_max in ((4, 31), (1, 8)):
+        cfg = th.HyenaConfig(d_model=6, n_layer=1, d_inner=8, filter_order=4, short_filter_order=K, l_max=l_max)
+        whole = random_model(cfg, 0).double()
+        split = parallel.WholeSequences(random_model(cfg, 0).double(), parallel.ContextGroup())
+        longest, errors = split.cfg.l_max, {}
+        for L in sorted({1, 2, K - 1, K, K * world - 1, longest - 1, longest} - {0}):
+            ids = torch.randint(7, 11, (2, L), generator=torch.Generator().manual_seed(L))
+            with torch.no_grad():
+                errors[L] = max(float((split(ids) - whole(ids)).abs().max()),
+                                float((split.hidden_states(ids) - whole.hidden_states(ids)).abs().max()))
+        refused = []
+        for L in (0, longest + 1):
+            try:
+                split(torch.full((1, L), 7))
+            except th.UserError as e:
+                refused.append(str(e))
+        results[f"K={K}, l_max={l_max}"] = {"longest": longest, "errors": errors, "refused": refused}
+    try:
+        parallel.WholeSequences(random_model(th.HyenaConfig(d_model=6, n_layer=1, d_inner=8, filter_order=4,
+                                                            short_filter_order=4, l_max=8), 0), parallel.ContextGroup())
+    except th.UserError as e:
+        results["too short"] = str(e)
+    json.dump(results, open(sys.argv[2] + f"/edges{rank}.json", "w"))
+
+
+parallel.run_distributed(work, None, torch.device("cpu"))
+"""
+
+
+@pytest.mark.distributed
+def test_whole_sequences_at_the_edges_of_the_sharding(tmp_path):
+    """Three processes sharing each sequence (an odd N) give one process's logits and hidden states, to 1e-12 in
+    float64, at each edge: a single position (shorter than the short convolution's 3-position halo in every
+    process: padded to a halo each), lengths around the halo and around N halos, and the longest, l_max 31
+    rounded down to 30. Length 0 and 31 are one-line errors that name the limit; so is an l_max too short to give
+    each process a halo. A short filter of 1 tap (no halo, l_max 8 -> 6) the same."""
+    (tmp_path / "edges.py").write_text(EDGES)
+    result = run_process("-m", "torch.distributed.run", "--nproc_per_node", 3, "--master_port", free_port(),
+                         tmp_path / "edges.py", ROOT, tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for rank in range(3):
+        results = json.loads((tmp_path / f"edges{rank}.json").read_text())
+        for (case, longest) in (("K=4, l_max=31", 30), ("K=1, l_max=8", 6)):
+            got = results[case]
+            assert got["longest"] == longest and str(longest) in got["errors"] and "1" in got["errors"], got
+            assert max(got["errors"].values()) <= 1e-12, (rank, case, got["errors"])
+            assert [m.split(":")[0] for m in got["refused"]] == [f"sequence length {L} is outside [1, {longest}]"
+                                                                 for L in (0, longest + 1)], got["refused"]
+            assert "rounded down to a multiple of 3" in got["refused"][1]
+        assert results["too short"] == ("l_max 8 is too short for --context_parallel 3: each process needs at least "
+                                        "the short convolution's 3-position halo")

@@ -111,8 +111,31 @@ def small_model():
     (np.array([[7, 8]]), r"integer torch.Tensor .* got ndarray"),
 ])
 def test_bad_input_ids(small_model, ids, message):
+    """forward and prefill (a prompt's ids, checked as forward's) name what is wrong with the ids."""
     with pytest.raises(ValueError, match=message):
         small_model(ids)
+    with pytest.raises(ValueError, match=message):
+        small_model.prefill(ids, small_model.decoding_state(50))
+
+
+@pytest.mark.parametrize("ids, message", [
+    (torch.tensor([7, 12]), r"token ids must be in \[0, 12\), got values in \[7, 12\]"),
+    (torch.tensor([-1, 8]), r"token ids must be in \[0, 12\)"),
+    (torch.tensor([7.0, 8.0]), r"integer torch.Tensor .* got dtype torch.float32"),
+    (torch.tensor([7, 8, 9]), r"one token per sequence of the prefill, input_ids of shape \(2,\), got \(3,\)"),
+    (torch.tensor([[7], [8]]), r"of shape \(2,\), got \(2, 1\)"),
+    (torch.tensor(7), r"got \(\)"),
+    ([7, 8], r"got list"),
+])
+def test_bad_step_ids(small_model, ids, message):
+    """step takes one valid token for each sequence the prefill read; anything else is named, before any work."""
+    state = small_model.decoding_state(10)
+    with pytest.raises(ValueError, match="state is empty: read a prompt into it with prefill"):
+        small_model.step(torch.tensor([7, 8]), state)
+    small_model.prefill(torch.tensor([[7, 8], [9, 10]]), state)
+    with pytest.raises(ValueError, match=message):
+        small_model.step(ids, state)
+    assert small_model.step(torch.tensor([7, 8]), state).shape == (2, small_model.cfg.padded_vocab_size)
 
 
 def test_bad_config():

@@ -56,30 +56,99 @@ def test_init_from_starts_where_the_checkpoint_is(markov, markov_model, tmp_path
     assert_one_line_error(run_script(*args, "--preset", "tiny", "--out", tmp_path / "x"), "--init_from", "--preset")
 
 
+# The last process of a run asks itself to stop (SIGTERM, as a scheduler's preemption does) once it has computed
+# the gradients of step STOP: every process stops after that step, at the same step, and checkpoints.
+STOP = 7
+
+
+def stopping_at(step, rank=0, world=1):
+    """trainer.accumulate_gradients, which sends SIGTERM to this process after the given step's gradients when
+    this is the run's last process."""
+    accumulate = trainer.accumulate_gradients
+
+    def accumulate_then_stop(ddp, job, i, *args, **kwargs):
+        result = accumulate(ddp, job, i, *args, **kwargs)
+        if i + 1 == step and rank == world - 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return result
+    return accumulate_then_stop
+
+
+STOP_WRAPPER = f"""
+import os, runpy, signal, sys
+sys.path[:0] = [sys.argv[1], sys.argv[1] + "/tests"]
+import trainer
+from test_train import stopping_at
+trainer.accumulate_gradients = stopping_at(int(sys.argv[2]), int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]))
+sys.argv = sys.argv[3:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def small_genome(path):
+    """Four 400-base chromosomes, two of them for training: 12 windows of 65 bases, an epoch of 3 steps of 4
+    sequences (and of 24 windows of 33 bases, 3 steps of 8, in the length warm-up)."""
+    rng = np.random.default_rng(0)
+    path.write_text("".join(f">chr{c}\n{''.join(rng.choice(list('ACGT'), 400))}\n" for c in range(4)))
+    return path
+
+
+RESUME_CASES = {  # each training option that changes what a step reads or how it accumulates: (processes, flags)
+    "one process": (1, ["--batch_size", 4]),
+    "grad_accum": (1, ["--batch_size", 2, "--grad_accum", 2]),
+    "ddp": (2, ["--batch_size", 2]),
+    "context_parallel": (2, ["--batch_size", 4, "--context_parallel", 2]),
+}
+
+
 @pytest.mark.slow
-def test_train_stopped_by_sigterm_and_resumed_matches_uninterrupted_run(markov, tmp_path):
-    fasta, _ = markov
-    args = [sys.executable, "train.py", "--fasta", fasta, "--seq_len", 64, "--min_seq_len", 32, "--batch_size", 2,
-            "--max_steps", 40, "--eval_interval", 15, "--eval_batches", 2, "--rc_aug", "--lr", 1e-3]
-    full = subprocess.run(list(map(str, args + ["--out", tmp_path / "full"])), cwd=ROOT, capture_output=True, text=True)
-    assert full.returncode == 0, full.stderr[-2000:]
-    run = subprocess.Popen(list(map(str, args + ["--out", tmp_path / "cut"])), cwd=ROOT, stderr=subprocess.PIPE,
-                           stdout=subprocess.PIPE, text=True)
-    metrics = tmp_path / "cut" / "metrics.jsonl"
-    while run.poll() is None and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
-        time.sleep(0.02)
-    run.send_signal(signal.SIGTERM)
-    out, err = run.communicate(timeout=120)
-    assert run.returncode == 0 and "continue with --resume" in out, err[-2000:]
-    stopped_at = torch.load(tmp_path / "cut" / "train_state.pt", weights_only=True)["step"]
-    assert 3 <= stopped_at < 40
-    resumed = subprocess.run(list(map(str, args + ["--out", tmp_path / "cut", "--resume"])), cwd=ROOT,
-                             capture_output=True, text=True)
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
+@pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.distributed) if n > 1 else c
+                                  for c, (n, _) in RESUME_CASES.items()])
+def test_stopped_and_resumed_run_is_the_uninterrupted_run(case, tmp_path, monkeypatch):
+    """A run stopped by SIGTERM after step 7 of 12 (steps 1-3 read length 32, then length 64: the stop falls in
+    the middle of that stage's second epoch) and resumed
+    with --resume logs every row the uninterrupted run logs, step for step, and ends with the same weights:
+    with one process; accumulating 2 micro-batches; with 2 processes of DDP and 2 processes sharing each
+    sequence (two torchrun nodes joined by a c10d rendezvous; the stop reaches only the last process, and both
+    stop at the same step, each with its own random state saved). Dropout and reverse-complement augmentation
+    are on: the random state is resumed too."""
+    processes, flags = RESUME_CASES[case]
+    fasta = small_genome(tmp_path / "g.fa")
+    args = ["train.py", "--fasta", fasta, "--seq_len", 64, "--min_seq_len", 32, "--max_steps", 12, "--eval_interval",
+            4, "--eval_batches", 2, "--rc_aug", "--lr", 3e-3, "--warmup_steps", 2, "--device", "cpu", *flags]
+
+    def run(out, *extra, stop=None):
+        if processes == 1:
+            with monkeypatch.context() as patch:
+                if stop:
+                    patch.setattr(trainer, "accumulate_gradients", stopping_at(stop))
+                result = run_script(*args, "--out", out, *extra)
+            assert result.returncode == 0, result.stderr[-3000:]
+            return result.stdout
+        (tmp_path / "stop.py").write_text(STOP_WRAPPER)
+        script = [tmp_path / "stop.py", ROOT, stop] if stop else []
+        codes, outputs = finish(two_node_run(*script, *args, "--out", out, *extra))
+        assert codes == [0, 0], [err[-3000:] for _, err in outputs]
+        return outputs[0][0]
+    run(tmp_path / "full")
+    assert "stopped by a signal at step 7" in run(tmp_path / "cut", stop=STOP)
+    state = torch.load(tmp_path / "cut" / "train_state.pt", weights_only=True)
+    assert state["step"] == STOP and len(state["rng"]) == processes
+    run(tmp_path / "cut", "--resume")
     drop = lambda rows: [{k: v for k, v in m.items() if k != "elapsed_s"} for m in rows]
-    assert drop(read_metrics(tmp_path / "cut")) == drop(read_metrics(tmp_path / "full"))  # every row, in order
-    cut, full = (torch.load(tmp_path / run / "model.pt", weights_only=True) for run in ("cut", "full"))
-    assert cut.keys() == full.keys() and all(torch.equal(cut[k], full[k]) for k in full)
+    full, resumed = drop(read_metrics(tmp_path / "full")), drop(read_metrics(tmp_path / "cut"))
+    assert [m["step"] for m in resumed if m["split"] == "train"] == list(range(1, 13))  # each step logged once
+    assert {m["seq_len"] for m in resumed if m["split"] == "train"} == {32, 64}
+    assert resumed == full
+    cut, whole = (torch.load(tmp_path / run / "model.pt", weights_only=True) for run in ("cut", "full"))
+    assert cut.keys() == whole.keys() and all(torch.equal(cut[k], whole[k]) for k in whole)
+    if processes > 1:  # the FASTA was prepared once, by rank 0, in place
+        index = json.loads((Path(str(fasta) + ".tinyhyena") / "index.json").read_text())
+        assert set(index["chroms"]) == {"chr0", "chr1", "chr2", "chr3"}
+        assert [p.name for p in tmp_path.iterdir() if ".tmp" in p.name] == []
+        assert not torch.equal(state["rng"][0]["torch_rng"], state["rng"][1]["torch_rng"])
+        single = run_script(*args, "--context_parallel", 1, "--out", tmp_path / "cut", "--resume")
+        assert_one_line_error(single, f"written by {processes} process(es)", "same number")
 
 
 @pytest.mark.slow
@@ -186,14 +255,13 @@ def test_train_context_parallel_equals_one_process(markov, tmp_path):
     assert_same_run(split, deterministic_run(markov, tmp_path / "one_rc", "--batch_size", 4, "--rc_aug"))
 
 
-def two_node_run(fasta, out, *extra):
+def two_node_run(*command):
     """Two torchrun agents on this machine, one process each, joined by a c10d rendezvous on 127.0.0.1 (a free
-    port, a fresh id): two "nodes" of one run. Returns the agents' Popen objects."""
+    port, a fresh id): two "nodes" of one run of `command` (a script and its flags). Returns the agents' Popen
+    objects."""
     port = free_port()
     args = ["-m", "torch.distributed.run", "--nnodes", 2, "--nproc_per_node", 1, "--rdzv_backend", "c10d",
-            "--rdzv_endpoint", f"127.0.0.1:{port}", "--rdzv_id", f"test{port}{os.getpid()}", "train.py", "--fasta", fasta,
-            "--seq_len", 64, "--min_seq_len", 64, "--batch_size", 2, "--max_steps", 8, "--eval_interval", 4,
-            "--eval_batches", 2, "--rc_aug", "--device", "cpu", "--out", out, *extra]
+            "--rdzv_endpoint", f"127.0.0.1:{port}", "--rdzv_id", f"test{port}{os.getpid()}", *command]
     return [subprocess.Popen([sys.executable, *map(str, args)], cwd=ROOT, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
 
@@ -208,47 +276,6 @@ def finish(agents, timeout=240):
             agent.kill()
         pytest.fail(f"the run did not end within {timeout} s")
     return [agent.returncode for agent in agents], results
-
-
-@pytest.mark.distributed
-@pytest.mark.slow
-@pytest.mark.parametrize("parallelism", [(), ("--context_parallel", 2)], ids=["data", "context"])
-def test_two_nodes_stop_together_on_one_ranks_sigterm_and_resume_exactly(markov, tmp_path, parallelism):
-    """A SIGTERM to one rank's process stops both ranks at the same step: one checkpoint, every process exits 0.
-    --resume then ends where an uninterrupted two-node run ends. Each run starts from an unprepared FASTA,
-    prepared by rank 0 alone. The same with the two processes sharing each sequence (--context_parallel 2)."""
-    fasta = tmp_path / "g.fa"
-    fasta.write_text(Path(markov[0]).read_text())
-    two_nodes = lambda fasta, out, *extra: two_node_run(fasta, out, *parallelism, *extra)
-    codes, outputs = finish(two_nodes(fasta, tmp_path / "full"))
-    assert codes == [0, 0], [err[-2000:] for _, err in outputs]
-    cut = two_nodes(fasta, tmp_path / "cut")
-    metrics = tmp_path / "cut" / "metrics.jsonl"
-    deadline = time.time() + 240
-    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
-        time.sleep(0.05)
-    workers = subprocess.run(["pgrep", "-P", str(cut[1].pid)], capture_output=True, text=True).stdout.split()
-    assert len(workers) == 1, workers
-    os.kill(int(workers[0]), signal.SIGTERM)  # one rank's process, as a preempted node's agent would
-    codes, outputs = finish(cut, timeout=60)
-    assert codes == [0, 0], [err[-2000:] for _, err in outputs]
-    state = torch.load(tmp_path / "cut" / "train_state.pt", weights_only=True)
-    assert 3 <= state["step"] < 8 and len(state["rng"]) == 2  # each rank's random state, its own
-    assert not torch.equal(state["rng"][0]["torch_rng"], state["rng"][1]["torch_rng"])
-    codes, outputs = finish(two_nodes(fasta, tmp_path / "cut", "--resume"))
-    assert codes == [0, 0], [err[-2000:] for _, err in outputs]
-    drop = lambda rows: [{k: v for k, v in m.items() if k != "elapsed_s"} for m in rows]
-    full, resumed = drop(read_metrics(tmp_path / "full")), drop(read_metrics(tmp_path / "cut"))
-    assert [m["step"] for m in resumed if m["split"] == "train"] == list(range(1, 9))  # each step logged once
-    assert resumed[-1]["split"] == "test" and resumed[-1]["loss"] == pytest.approx(full[-1]["loss"], rel=1e-5)
-    for a, b in zip(resumed, full):
-        assert a["step"] == b["step"] and a["loss"] == pytest.approx(b["loss"], rel=1e-5)
-    index = json.loads((Path(str(fasta) + ".tinyhyena") / "index.json").read_text())  # prepared once, in place
-    assert set(index["chroms"]) == {"chr0", "chr1", "chr2", "chr3"}
-    assert [p.name for p in tmp_path.iterdir() if ".tmp" in p.name] == []
-    single = run_script("train.py", "--fasta", fasta, "--seq_len", 64, "--min_seq_len", 64, "--batch_size", 2,
-                        "--max_steps", 10, "--device", "cpu", "--out", tmp_path / "cut", "--resume")
-    assert_one_line_error(single, "written by 2 process(es)", "same number")
 
 
 @pytest.mark.slow
