@@ -98,6 +98,15 @@ def test_generate_cli_writes_fasta_and_reports_bad_input(tmp_path):
     expected = decoding.generate(th.from_pretrained(FIXTURE), "ACGTACGTAC", 150, num=2, seed=1).numpy()
     assert np.array_equal(np.stack([ids for _, ids in records]), expected)  # what the library call draws
     assert (tmp_path / "cache.fa").read_text() == (tmp_path / "online.fa").read_text()
+    # the sampling flags at other values reach the library call
+    result = run_script("generate.py", "--checkpoint", FIXTURE, "--prompt", "ACGTACGTAC", "--length", 40, "--num", 3,
+                        "--temperature", 3.0, "--top_k", 2, "--seed", 7, "--out", tmp_path / "k2.fa")
+    assert result.returncode == 0, result.stderr[-2000:]
+    expected = decoding.generate(th.from_pretrained(FIXTURE), "ACGTACGTAC", 40, num=3, temperature=3.0, top_k=2, seed=7)
+    assert np.array_equal(np.stack([ids for _, ids in data.read_fasta(str(tmp_path / "k2.fa"))]), expected.numpy())
+    for flag, value in (("--top_k", 5), ("--top_k", 0), ("--temperature", -1), ("--num", 0)):
+        assert_one_line_error(run_script("generate.py", "--checkpoint", FIXTURE, "--prompt", "ACGT", "--length", 5,
+                                         flag, value), flag)
     assert_one_line_error(run_script("generate.py", "--checkpoint", FIXTURE, "--prompt", "ACGT", "--length", 1100),
                           "over the model's l_max 1026")
     assert_one_line_error(run_script("generate.py", "--checkpoint", FIXTURE, "--prompt", "ACGT", "--length", 0),
