@@ -403,6 +403,27 @@ def test_predict_and_embed_round_trips(fixture_classifier, tmp_path):
 
 
 @pytest.mark.slow
+def test_epochs_val_fraction_and_eval_batch_size_at_other_values(tmp_path):
+    """--epochs 2 (default 10) sets the run's steps to two passes over the training set and validates after each;
+    --val_fraction 0.25 (default 0.1) holds out a quarter; --eval_batch_size 3 (default 64) scores the same
+    validation loss as one batch of all: padding never reaches a score."""
+    write_table(tmp_path / "train.csv", labelled(40, 0))
+    args = ["finetune.py", "fit", "--checkpoint", FIXTURE, "--data", tmp_path / "train.csv", "--batch_size", 8,
+            "--epochs", 2, "--val_fraction", 0.25, "--dropout", 0]
+    result = run_script(*args, "--eval_batch_size", 3, "--out", tmp_path / "small")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "train 30, valid 10" in result.stderr
+    rows = read_metrics(tmp_path / "small")
+    assert [m["step"] for m in rows if m["split"] == "train"] == list(range(1, 7))  # 30 // 8 = 3 steps an epoch
+    assert [m["step"] for m in rows if m["split"] == "valid"] == [3, 6]
+    whole = run_script(*args, "--out", tmp_path / "whole")
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    for a, b in zip((m for m in rows if m["split"] == "valid"), (m for m in read_metrics(tmp_path / "whole")
+                                                                 if m["split"] == "valid")):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["accuracy"] == b["accuracy"]
+
+
+@pytest.mark.slow
 def test_finetune_errors(fixture_classifier, tmp_path):
     fit = [*FIT, "--preset", "tiny", "--seq_len", 100, "--out", tmp_path / "o"]
     (tmp_path / "gb" / "train" / "pos").mkdir(parents=True)
