@@ -51,7 +51,7 @@ import parallel
 import tinyhyena as th
 from classifier import (CLASSIFIER_FILE, HEAD_FILE, TASKS, SequenceClassifier, load_classifier, pad_left, readout,
                         save_classifier)
-from data import DataError, Genome, read_inputs
+from data import DataError, Genome, read_inputs, reverse_complement
 from parallel import barrier, run_distributed
 from tasks import (SELECTION_METRIC, Examples, class_names, collate, cut, read_benchmark_split, read_sequences,
                    read_table, targets_of, task_metrics)
@@ -361,6 +361,13 @@ def fit_on(args, rank, world, device):
 # ---------------------------------------------------------------------------------------------------------
 # predict and embed
 
+def strands(seqs, rc):
+    """The sequences as given, and under --rc average also reverse-complemented: a causal model reads one strand
+    in one direction, so the two readings differ, and their average is the same for a sequence and its reverse
+    complement."""
+    return [seqs] + ([[reverse_complement(s).astype(np.int64) for s in seqs]] if rc == "average" else [])
+
+
 def predict(args):
     device = cli.pick_device(args.device)
     records = read_inputs(args, read_sequences)  # first: a bad file is refused before the model is loaded
@@ -371,14 +378,14 @@ def predict(args):
         print(f"{n_cut} sequences longer than {model.max_len} were cut ({model.truncate})", file=sys.stderr)
     if any(len(s) == 0 for s in seqs):
         raise DataError(f"{args.input or args.bed}: record {records[[len(s) for s in seqs].index(0)][0]!r} is empty")
-    outputs = predict_logits(model, seqs, args.batch_size, device)
+    values = torch.stack([readout(model.task, predict_logits(model, s, args.batch_size, device))
+                          for s in strands(seqs, args.rc)]).mean(0).numpy()  # probabilities or values, per strand
     if model.task == "classify":  # the most probable class, then each class's probability
-        probs = readout("classify", outputs).numpy()
+        probs = values
         lines = ["\t".join(["id", "predicted"] + [f"p_{c}" for c in model.class_names]) + "\n"]
         for (name, _), p in zip(records, probs):
             lines.append("\t".join([name, model.class_names[int(p.argmax())]] + [f"{x:.6f}" for x in p]) + "\n")
     else:  # regression: each target's value; multilabel: each target's probability
-        values = readout(model.task, outputs).numpy()
         prefix = "" if model.task == "regression" else "p_"
         lines = ["\t".join(["id"] + [prefix + c for c in model.class_names]) + "\n"]
         lines += ["\t".join([name] + [f"{x:.6g}" for x in v]) + "\n" for (name, _), v in zip(records, values)]
@@ -405,7 +412,8 @@ def embed_on(args, rank, world, device):
     chunk = 16 * args.batch_size  # th.embed sorts each chunk by length; the bar moves chunk by chunk
     with tqdm(total=len(seqs), unit="seq", file=sys.stderr, disable=args.quiet or rank > 0) as bar:
         for i in range(0, len(seqs), chunk):
-            out[i:i + chunk] = th.embed(model, seqs[i:i + chunk], args.pool, args.batch_size)
+            out[i:i + chunk] = np.mean([th.embed(model, s, args.pool, args.batch_size)
+                                        for s in strands(seqs[i:i + chunk], args.rc)], axis=0)
             bar.update(len(seqs[i:i + chunk]))
     if rank > 0:  # every process computed the same vectors; the first writes them
         return 0
@@ -478,6 +486,9 @@ def parse_args(argv=None):
                                                                                 " (TSV; default: standard output)"))
         q.add_argument("--batch_size", type=cli.positive_int, default=32)
         q.add_argument("--device", default="auto")
+        q.add_argument("--rc", default="none", choices=["none", "average"],
+                       help="average: read each sequence on both strands (as given, and reverse-complemented) and "
+                            "average the two " + ("class probabilities or values" if name == "predict" else "vectors"))
         if name == "embed":
             q.add_argument("--pool", default="mean", choices=["mean", "last"])
             q.add_argument("--truncate", default="center", choices=["left", "right", "center"])

@@ -403,6 +403,34 @@ def test_predict_and_embed_round_trips(fixture_classifier, tmp_path):
 
 
 @pytest.mark.slow
+def test_rc_average_is_the_same_for_a_sequence_and_its_reverse_complement(fixture_classifier, tmp_path):
+    """predict and embed --rc average: the mean of the two strands' class probabilities (vectors), so a file of
+    sequences and the file of their reverse complements give the same table (up to float error); --rc none
+    (the default) reads one strand, and there the two files differ."""
+    rows = labelled(6, 4)
+    flip = lambda s: s[::-1].translate(str.maketrans("ACGT", "TGCA"))
+    (tmp_path / "fwd.fa").write_text("".join(f">r{i}\n{s}\n" for i, (s, _) in enumerate(rows)))
+    (tmp_path / "rev.fa").write_text("".join(f">r{i}\n{flip(s)}\n" for i, (s, _) in enumerate(rows)))
+
+    def outputs(command, checkpoint, strand, rc):
+        out = tmp_path / f"{command}_{strand}_{rc}.{'npy' if command == 'embed' else 'tsv'}"
+        result = run_script("finetune.py", command, "--checkpoint", checkpoint, "--input", tmp_path / f"{strand}.fa",
+                            "--out", out, "--rc", rc, "--batch_size", 4)
+        assert result.returncode == 0, result.stderr[-2000:]
+        if command == "embed":
+            return np.load(out)
+        return np.array([[float(x) for x in r.split("\t")[2:]] for r in out.read_text().splitlines()[1:]])
+    for command, checkpoint in (("predict", fixture_classifier), ("embed", FIXTURE)):
+        fwd, rev = outputs(command, checkpoint, "fwd", "average"), outputs(command, checkpoint, "rev", "average")
+        np.testing.assert_allclose(fwd, rev, rtol=1e-5, atol=1e-6)
+        one, other = outputs(command, checkpoint, "fwd", "none"), outputs(command, checkpoint, "rev", "none")
+        assert np.abs(one - other).max() > 1e-4, command  # one strand alone is not symmetric
+        np.testing.assert_allclose(fwd, (one + other) / 2, rtol=1e-5, atol=1e-6)  # the two strands' mean
+    assert_one_line_error(run_script("finetune.py", "predict", "--checkpoint", fixture_classifier, "--input",
+                                     tmp_path / "fwd.fa", "--rc", "both"), "--rc", "invalid choice")
+
+
+@pytest.mark.slow
 def test_epochs_val_fraction_and_eval_batch_size_at_other_values(tmp_path):
     """--epochs 2 (default 10) sets the run's steps to two passes over the training set and validates after each;
     --val_fraction 0.25 (default 0.1) holds out a quarter; --eval_batch_size 3 (default 64) scores the same
