@@ -249,13 +249,28 @@ def cmd_sequences(args, rank, world, device):
     context = window // 2 if args.context is None else args.context
     if not 0 <= context < window:
         raise th.UserError(f"--context {context} must be in [0, --window {window})")
-    rows, per_base = ["id\tlength\tnats_per_base\tbits_per_base\tperplexity\n"], []
+    both = args.rc == "average"
+    rows = ["id\tlength\tnats_per_base\tbits_per_base\tperplexity" + ("\tnats_forward\tnats_reverse" if both else "")
+            + "\n"]
+    per_base = []
     for name, ids in tqdm(records, desc="records", unit="rec", file=sys.stderr, disable=args.quiet or rank > 0):
-        logp = record_log_probs(model, ids, window, context, args.batch_size).numpy()
-        nats = -float(logp.mean()) if logp.size else math.nan
-        rows.append(f"{name}\t{len(ids)}\t{fmt(nats)}\t{fmt(nats / math.log(2))}\t{fmt(math.exp(nats))}\n")
-        if args.per_base:  # bedGraph: 0-based start, end exclusive; base 0 has no prediction
-            per_base.extend(f"{name}\t{t}\t{t + 1}\t{value:.6f}\n" for t, value in enumerate(logp.tolist(), 1))
+        # in the record's coordinates, each base's log-probability given what comes before it on the strand read:
+        # the forward strand predicts bases 1..length-1, the reverse strand bases length-2..0
+        strands = np.full((1 + both, len(ids)), np.nan)
+        strands[0, 1:] = record_log_probs(model, ids, window, context, args.batch_size).numpy()
+        if both:
+            strands[1, :-1] = record_log_probs(model, reverse_complement(ids), window, context,
+                                               args.batch_size).numpy()[::-1]
+        nats = [-float(np.nanmean(s)) if len(ids) > 1 else math.nan for s in strands]  # per strand
+        mean = sum(nats) / len(nats)  # both strands: the mean of their nats per base
+        rows.append(f"{name}\t{len(ids)}\t{fmt(mean)}\t{fmt(mean / math.log(2))}\t{fmt(math.exp(mean))}"
+                    + "".join(f"\t{fmt(n)}" for n in (nats if both else [])) + "\n")
+        if args.per_base and len(ids) > 1:  # bedGraph: 0-based start, end exclusive; each base's mean over the
+            # strands that predict it (one strand alone: base 0 has no prediction)
+            predicted = (~np.isnan(strands)).sum(0)  # (length,): how many strands predict each base
+            values = np.where(predicted > 0, np.nansum(strands, 0) / np.maximum(predicted, 1), np.nan)
+            per_base.extend(f"{name}\t{t}\t{t + 1}\t{value:.6f}\n" for t, value in enumerate(values.tolist())
+                            if not math.isnan(value))
     if args.per_base:
         write(args, rank, args.per_base, per_base)
     write(args, rank, args.out, rows)
@@ -293,6 +308,9 @@ def main(argv=None):
     s = sub.add_parser("sequences", help="nats and bits per base, perplexity, of every FASTA record")
     cli.add_sequence_inputs(s, "FASTA (plain or gzipped)")
     s.add_argument("--per_base", type=cli.output_file, help="also write every base's log-probability as bedGraph")
+    s.add_argument("--rc", default="none", choices=["none", "average"],
+                   help="average: score each record on both strands; nats_per_base is their mean, and the strands' "
+                        "own are reported beside it (per base: the mean of the strands that predict the base)")
     s.add_argument("--context", type=cli.nonnegative_int, help="bases of context before each scored base in long records "
                                                "(default: half the window)")
     v = sub.add_parser("variants", help="llr = log P(ALT window) - log P(REF window) per VCF allele")

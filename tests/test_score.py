@@ -107,6 +107,24 @@ def test_score_sequence_by_hand_on_the_published_fixture(tmp_path):
     bedgraph = [line.split("\t") for line in (tmp_path / "s.bedGraph").read_text().splitlines()]
     assert [(c, int(a), int(b)) for c, a, b, _ in bedgraph] == [("s1", t, t + 1) for t in range(1, len(seq))]
     assert np.allclose([float(v) for *_, v in bedgraph], by_hand, atol=1e-5)
+    # --rc average: the reverse complement scored too, by hand; each strand's nats beside their mean, and per
+    # base the mean of the strands that predict it (base 0 only the reverse strand, the last only the forward)
+    rc = torch.from_numpy(th.tokenize(seq[::-1].translate(str.maketrans("ACGT", "TGCA"))))[None]
+    with torch.no_grad():
+        logits = model(rc)
+    reverse = [float(torch.log_softmax(logits[0, t - 1], -1)[rc[0, t]]) for t in range(1, len(seq))][::-1]
+    result = run_script("score.py", "sequences", "--checkpoint", FIXTURE, "--input", tmp_path / "in.fa", "--rc",
+                        "average", "--out", tmp_path / "rc.tsv", "--per_base", tmp_path / "rc.bedGraph", "--quiet")
+    assert result.returncode == 0, result.stderr[-2000:]
+    header, s1, s2 = [line.split("\t") for line in (tmp_path / "rc.tsv").read_text().splitlines()]
+    assert header[-2:] == ["nats_forward", "nats_reverse"] and s2[2:] == ["NA"] * 5
+    strands = [nats, -np.mean(reverse)]
+    np.testing.assert_allclose([float(x) for x in s1[5:]], strands, atol=1e-5)
+    assert abs(float(s1[2]) - np.mean(strands)) < 1e-5 and abs(strands[0] - strands[1]) > 1e-3
+    per_base = np.array([reverse[0]] + [(f + r) / 2 for f, r in zip(by_hand[:-1], reverse[1:])] + [by_hand[-1]])
+    bedgraph = [line.split("\t") for line in (tmp_path / "rc.bedGraph").read_text().splitlines()]
+    assert [(c, int(a)) for c, a, *_ in bedgraph] == [("s1", t) for t in range(len(seq))]
+    np.testing.assert_allclose([float(v) for *_, v in bedgraph], per_base, atol=1e-5)
 
 
 VCF = """##fileformat=VCFv4.2
