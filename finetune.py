@@ -381,9 +381,8 @@ def predict(args):
     values = torch.stack([readout(model.task, predict_logits(model, s, args.batch_size, device))
                           for s in strands(seqs, args.rc)]).mean(0).numpy()  # probabilities or values, per strand
     if model.task == "classify":  # the most probable class, then each class's probability
-        probs = values
         lines = ["\t".join(["id", "predicted"] + [f"p_{c}" for c in model.class_names]) + "\n"]
-        for (name, _), p in zip(records, probs):
+        for (name, _), p in zip(records, values):
             lines.append("\t".join([name, model.class_names[int(p.argmax())]] + [f"{x:.6f}" for x in p]) + "\n")
     else:  # regression: each target's value; multilabel: each target's probability
         prefix = "" if model.task == "regression" else "p_"

@@ -62,8 +62,6 @@ import checkpoints
 from base import UserError  # (th.UserError: the error type every module raises)
 from fast import FastBlock, FastHyena
 
-__version__ = "0.1.0"
-
 
 # ---------------------------------------------------------------------------------------------------------
 # The config: the fields of the published config.json, flattened (checkpoints.py reads and writes its layouts).
@@ -112,8 +110,7 @@ def fft_conv(u, k):
     """Causal convolution of u (B, C, L) with one filter per channel k (C, L), by FFT:
     y[..., t] = sum_{s<=t} k[..., t-s] u[..., s]. Zero-padded to n = 2L, so nothing wraps onto the L outputs
     kept. In float32 at least: a sum of up to a million products needs its mantissa."""
-    L = u.shape[-1]
-    dtype = torch.promote_types(u.dtype, torch.float32)
+    L, dtype = u.shape[-1], torch.promote_types(u.dtype, torch.float32)
     n = 2 * L
     u_f = torch.fft.rfft(u.to(dtype), n=n)  # (B, C, n/2+1) complex
     k_f = torch.fft.rfft(k.to(dtype), n=n)  # (C, n/2+1)
@@ -420,10 +417,10 @@ class HyenaDNA(nn.Module):
         t + 1, from the state that prefill and the steps since left."""
         if state[0].recent is None:
             raise UserError("the decoding state is empty: read a prompt into it with prefill(prompt, state) first")
-        if not isinstance(input_ids, torch.Tensor) or input_ids.shape != state[0].recent.shape[:1]:
+        B = len(state[0].recent)  # the prefill's batch
+        if not isinstance(input_ids, torch.Tensor) or input_ids.shape != (B,):
             what = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
-            raise UserError(f"step takes one token per sequence of the prefill, input_ids of shape "
-                            f"({len(state[0].recent)},), got {what}")
+            raise UserError(f"step takes one token per sequence of the prefill, input_ids of shape ({B},), got {what}")
         self.check_input_ids(input_ids[:, None])
         x = self.embedding(input_ids.long())  # (B, d)
         for block, block_state in zip(self.blocks, state):
@@ -526,10 +523,9 @@ def from_pretrained(path, device="cpu", fast=True):
 
 
 def save_pretrained(model, path, layout="tinyhyena"):
-    """Write the model into the folder `path`, each file atomically (temp file, then rename). layout
-    "tinyhyena": config.json + model.pt, what this project reads fastest. layout "hf": config.json +
-    model.safetensors for the Hugging Face hub, which transformers loads with the published port's code
-    (AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)); from_pretrained reads it too."""
+    """Write the model into the folder `path`, each file atomically. layout "tinyhyena": config.json + model.pt,
+    what this project reads fastest. "hf": config.json + model.safetensors for the Hugging Face hub, which
+    transformers loads (AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)), as does ours."""
     checkpoints.save_model(model, path, layout, SPECIAL_TOKENS, BASES)
 
 
@@ -571,8 +567,7 @@ def _np_filter(p, cfg, L):
 
 
 def _np_hyena(p, x, cfg):
-    B, L, d = x.shape
-    N = cfg.order
+    (B, L, d), N = x.shape, cfg.order
     z = x @ p["in_proj.weight"].T + p["in_proj.bias"]  # (B, L, (N+1)d)
     w = p["short_conv.weight"][:, 0, :]  # ((N+1)d, K); output t sees inputs t-K+1 .. t
     K = w.shape[1]
@@ -591,10 +586,9 @@ def _np_hyena(p, x, cfg):
 def reference_forward(model, input_ids, return_hidden=False):
     """float64 logits (B, L, padded_vocab) of `model` on `input_ids`, computed in NumPy (eval mode: no
     dropout). With return_hidden, the hidden states after the final LayerNorm instead."""
-    cfg = model.cfg
+    cfg, eps = model.cfg, model.cfg.layer_norm_epsilon
     p = {k: v.detach().cpu().double().numpy() for k, v in model.state_dict().items()}
     ids = np.asarray(input_ids.cpu() if isinstance(input_ids, torch.Tensor) else input_ids)
-    eps = cfg.layer_norm_epsilon
     x = p["embedding.weight"][ids]  # (B, L, d)
     for i in range(cfg.n_layer):
         q = {k[len(f"blocks.{i}."):]: v for k, v in p.items() if k.startswith(f"blocks.{i}.")}

@@ -74,7 +74,7 @@ def stopping_at(step, rank=0, world=1):
     return accumulate_then_stop
 
 
-STOP_WRAPPER = f"""
+STOP_WRAPPER = """
 import os, runpy, signal, sys
 sys.path[:0] = [sys.argv[1], sys.argv[1] + "/tests"]
 import trainer
