@@ -62,6 +62,8 @@ import checkpoints
 from base import UserError  # (th.UserError: the error type every module raises)
 from fast import FastBlock, FastHyena
 
+__version__ = "0.1.0"  # written into exported ONNX graphs
+
 
 # ---------------------------------------------------------------------------------------------------------
 # The config: the fields of the published config.json, flattened (checkpoints.py reads and writes its layouts).
@@ -534,10 +536,8 @@ def save_pretrained(model, path, layout="tinyhyena"):
 # weights alone (the positional features and window rates are computed here from their formulas), sharing no
 # code with the torch path above. Tests hold the two against each other; it is a specification, not fast.
 
-def _np_layer_norm(x, weight, bias, eps):
-    mean = x.mean(-1, keepdims=True)
-    var = ((x - mean) ** 2).mean(-1, keepdims=True)
-    return (x - mean) / np.sqrt(var + eps) * weight + bias
+def _np_layer_norm(x, weight, bias, eps):  # over the last axis, with the biased variance, as torch's
+    return (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + eps) * weight + bias
 
 
 def _np_gelu_tanh(x):
