@@ -58,6 +58,29 @@ from tasks import (SELECTION_METRIC, Examples, class_names, collate, cut, read_b
 from trainer import Job, Settings, batches, claim_out_dir, log_metrics, prepare_once, train_loop
 
 # ---------------------------------------------------------------------------------------------------------
+# Training settings: ours, and the published ones. A flag given on the command line overrides either.
+
+# --recipe paper: the published fine-tuning of HazyResearch/hyena-dna (commit d553021), the same for the
+# GenomicBenchmarks and the Nucleotide Transformer tasks: configs/experiment/hg38/genomic_benchmark.yaml and
+# nucleotide_transformer.yaml (optimizer lr 6e-4 and weight_decay 0.1, dataset batch_size 128, trainer
+# max_epochs 100, model embed_dropout 0.1), configs/optimizer/adamw.yaml (betas 0.9, 0.999). What both
+# recipes share is trainer.py's for every run: cosine decay to 10% of the peak after a 1% warm-up
+# (scheduler cosine_warmup_timm), no weight decay on the Hyena filters (layer wd 0), biases and norms
+# (src/utils/optim_groups.py), gradient clipping at 1.0 and mixed precision on GPU (bf16 here, fp16 there).
+RECIPES = {
+    "default": {"lr": 6e-4, "weight_decay": 0.1, "batch_size": 32, "epochs": 10, "dropout": None, "betas": (0.9, 0.95)},
+    "paper": {"lr": 6e-4, "weight_decay": 0.1, "batch_size": 128, "epochs": 100, "dropout": 0.1, "betas": (0.9, 0.999)},
+}
+
+
+def apply_recipe(args):
+    """Each recipe setting the command line left unset takes the recipe's value."""
+    for name, value in RECIPES[args.recipe].items():
+        if getattr(args, name, None) is None:
+            setattr(args, name, value)
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Data: labelled sequences in the formats users have.
 
 def load_labelled(args):
@@ -458,18 +481,23 @@ def parse_args(argv=None):
                         "the last token after an appended [SEP], without bias), with the tokenizer's files")
     f.add_argument("--val_fraction", type=cli.open_fraction, default=0.1)
     f.add_argument("--eval_windows", type=cli.positive_int, default=256, help="species: validation/test windows per species")
-    f.add_argument("--batch_size", type=cli.positive_int, default=32)
+    f.add_argument("--recipe", default="default", choices=list(RECIPES),
+                   help="paper: the published fine-tuning settings (batch 128, 100 epochs, lr 6e-4, weight decay 0.1, "
+                        "embedding dropout 0.1, AdamW betas 0.9/0.999; from HazyResearch/hyena-dna's "
+                        "configs/experiment/hg38/genomic_benchmark.yaml); default: batch 32, 10 epochs, lr 6e-4, weight "
+                        "decay 0.1, the checkpoint's dropout, betas 0.9/0.95. A flag given here overrides its recipe value")
+    f.add_argument("--batch_size", type=cli.positive_int, help="default: the recipe's")
     f.add_argument("--eval_batch_size", type=cli.positive_int, default=64)
     f.add_argument("--grad_accum", type=cli.positive_int, default=1)
-    f.add_argument("--epochs", type=cli.positive_int, default=10)
+    f.add_argument("--epochs", type=cli.positive_int, help="default: the recipe's")
     f.add_argument("--max_steps", type=cli.positive_int, help="optimizer steps (default: --epochs over the training set)")
     f.add_argument("--eval_interval", type=cli.positive_int, help="steps between validations (default: one epoch)")
-    f.add_argument("--lr", type=cli.positive_float, default=6e-4)
-    f.add_argument("--weight_decay", type=cli.nonnegative_float, default=0.1)
+    f.add_argument("--lr", type=cli.positive_float, help="the peak learning rate (default: the recipe's)")
+    f.add_argument("--weight_decay", type=cli.nonnegative_float, help="on the weight matrices (default: the recipe's)")
     f.add_argument("--warmup_steps", type=cli.nonnegative_int, help="default: 1%% of the steps")
     f.add_argument("--dropout", type=cli.nonnegative_float,
-                   help="dropout on the token embeddings (default: the checkpoint's, 0.1 as published; 0 makes steps "
-                        "deterministic)")
+                   help="dropout on the token embeddings (default: the recipe's: the checkpoint's, 0.1 as published; 0 "
+                        "makes steps deterministic)")
     f.add_argument("--rc_aug", action="store_true", help="reverse-complement augmentation")
     f.add_argument("--seed", type=int, default=0)
     f.add_argument("--workers", type=cli.nonnegative_int, default=0)
@@ -513,6 +541,7 @@ def parse_args(argv=None):
         if args.layout == "hf" and (args.soft_prompt or args.pool == "mean"):
             p.error("--layout hf writes the hub's classifier, which reads the last token (after [SEP]) through a "
                     "linear head: drop " + ("--soft_prompt" if args.soft_prompt else "--pool mean"))
+        apply_recipe(args)
         args.pool = args.pool or ("last" if args.layout == "hf" else "mean")
         args.truncate = args.truncate or ("right" if args.layout == "hf" else "center")
         if args.test and (args.species or os.path.isdir(args.data)):

@@ -159,14 +159,15 @@ class Settings:
     eval_interval: int  # steps between evaluations
     ckpt_interval: int  # steps between checkpoints (the end, and a stop by signal, save one too)
     resume: bool = False  # continue from out/train_state.pt
+    betas: tuple = (0.9, 0.95)  # AdamW's moment decay rates
     flags: dict = field(default_factory=dict)  # the command line as run, saved with each checkpoint
 
     @classmethod
     def from_args(cls, args, **resolved):
         """Settings from an argparse namespace; `resolved` gives fields whose flag was left to a default
-        computed by the command (fine-tuning's steps per epoch, say)."""
+        computed by the command (fine-tuning's steps per epoch, say). Fields without a flag keep their default."""
         names = {f.name for f in fields(cls)} - {"flags"}
-        values = {name: getattr(args, name) for name in names - resolved.keys()}
+        values = {name: getattr(args, name) for name in names - resolved.keys() if hasattr(args, name)}
         return cls(**values, **resolved, flags={k: v for k, v in vars(args).items() if k != "func"})
 
 
@@ -218,7 +219,7 @@ def adamw(model, settings):
     decay = [p for n, p in named if p.dim() >= 2 and ".filter." not in n]
     no_decay = [p for n, p in named if not (p.dim() >= 2 and ".filter." not in n)]
     return torch.optim.AdamW([{"params": decay, "weight_decay": settings.weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=settings.lr, betas=(0.9, 0.95))
+                              {"params": no_decay, "weight_decay": 0.0}], lr=settings.lr, betas=settings.betas)
 
 
 def accumulate_gradients(ddp, job, step, grad_accum, device, world=1):

@@ -451,6 +451,31 @@ def test_epochs_val_fraction_and_eval_batch_size_at_other_values(tmp_path):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["accuracy"] == b["accuracy"]
 
 
+def test_recipe_paper_sets_the_published_values_and_flags_override_them(tmp_path):
+    """--recipe paper gives the published fine-tuning settings; a flag given beside it wins; without it, ours."""
+    def parsed(*flags):
+        args = finetune.parse_args(["fit", "--checkpoint", str(FIXTURE), "--data", str(FIXTURE), *flags])
+        return args.batch_size, args.epochs, args.lr, args.weight_decay, args.dropout, args.betas
+    assert parsed("--recipe", "paper") == (128, 100, 6e-4, 0.1, 0.1, (0.9, 0.999))
+    assert parsed() == (32, 10, 6e-4, 0.1, None, (0.9, 0.95))
+    assert parsed("--recipe", "paper", "--epochs", "3", "--lr", "1e-4", "--dropout", "0") == \
+        (128, 3, 1e-4, 0.1, 0.0, (0.9, 0.999))
+    assert parsed("--weight_decay", "0", "--batch_size", "4") == (4, 10, 6e-4, 0.0, None, (0.9, 0.95))
+
+
+@pytest.mark.slow
+def test_recipe_paper_reaches_the_optimizer_and_the_saved_model(tmp_path):
+    """The recipe's AdamW betas are the optimizer's, its weight decay the matrices', and its dropout is in the
+    saved config."""
+    write_table(tmp_path / "train.csv", labelled(24, 0))
+    result = run_script("finetune.py", "fit", "--checkpoint", FIXTURE, "--data", tmp_path / "train.csv",
+                        "--recipe", "paper", "--batch_size", 8, "--max_steps", 2, "--out", tmp_path / "ft")
+    assert result.returncode == 0, result.stderr[-2000:]
+    groups = torch.load(tmp_path / "ft" / "train_state.pt", weights_only=True)["optimizer"]["param_groups"]
+    assert [(g["betas"], g["weight_decay"]) for g in groups] == [((0.9, 0.999), 0.1), ((0.9, 0.999), 0.0)]
+    assert json.loads((tmp_path / "ft" / "config.json").read_text())["embed_dropout"] == 0.1
+
+
 @pytest.mark.slow
 def test_finetune_errors(fixture_classifier, tmp_path):
     fit = [*FIT, "--preset", "tiny", "--seq_len", 100, "--out", tmp_path / "o"]

@@ -356,7 +356,7 @@ def test_weight_decay_only_on_matrices_outside_the_filter():
     """AdamW decays the embedding and the projections' and MLP's matrices; never biases, norms, or the implicit
     filter (a function of position); frozen parameters are not handed to the optimizer at all."""
     model = th.HyenaDNA(th.HyenaConfig(d_model=8, n_layer=2, d_inner=16, filter_order=8, l_max=20))
-    decayed, plain = trainer.adamw(model, types.SimpleNamespace(lr=1e-3, weight_decay=0.1)).param_groups
+    decayed, plain = trainer.adamw(model, types.SimpleNamespace(lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95))).param_groups
     assert decayed["weight_decay"] == 0.1 and plain["weight_decay"] == 0.0
     names = {id(p): n for n, p in model.named_parameters()}
     decayed_names = {names[id(p)] for p in decayed["params"]}
@@ -365,7 +365,7 @@ def test_weight_decay_only_on_matrices_outside_the_filter():
     assert decayed_names == expected
     assert {names[id(p)] for p in plain["params"]} == set(names.values()) - expected
     model.blocks[0].requires_grad_(False)
-    groups = trainer.adamw(model, types.SimpleNamespace(lr=1e-3, weight_decay=0.1)).param_groups
+    groups = trainer.adamw(model, types.SimpleNamespace(lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95))).param_groups
     assert not {names[id(p)] for g in groups for p in g["params"]} & {n for n in names.values() if n.startswith("blocks.0.")}
 
 
