@@ -20,7 +20,9 @@ from base import atomic_write, write_text
 
 CLASSIFIER_FILE = "classifier.json"  # marks a fine-tuned folder: the head and what it needs
 HEAD_FILE = "head.pt"
-TASKS = ("classify", "regression", "multilabel")
+TASKS = ("classify", "regression", "multilabel", "per_base", "per_base_values")
+PER_BASE = ("per_base", "per_base_values")  # an output at every position, not one per sequence
+UNLABELLED = -100  # a per-base class label where there is none (cross entropy's ignore_index)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -28,9 +30,10 @@ TASKS = ("classify", "regression", "multilabel")
 
 class SequenceClassifier(nn.Module):
     """ids (B, L), padded on the left with [PAD] -> (B, n_outputs): class logits (task classify), values
-    (regression) or one logit per binary target (multilabel). With `end_token`, that token id is appended to
-    every sequence first (the Hugging Face port's tokenizer ends each sequence with [SEP], and its
-    classifiers read the hidden state there)."""
+    (regression) or one logit per binary target (multilabel); per base, (B, L, n_outputs): class logits at
+    each position (per_base) or values (per_base_values), from the head on each position's hidden state.
+    With `end_token`, that token id is appended to every sequence first (the Hugging Face port's tokenizer
+    ends each sequence with [SEP], and its classifiers read the hidden state there)."""
 
     def __init__(self, backbone, n_outputs, pool="mean", soft_prompt=0, class_tokens=None, freeze=False,
                  task="classify", end_token=None):
@@ -40,11 +43,11 @@ class SequenceClassifier(nn.Module):
         if task not in TASKS:
             raise th.UserError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
         if soft_prompt and task != "classify":
-            raise th.UserError("soft prompting reads classes as next tokens; it does not do regression or multilabel")
+            raise th.UserError(f"soft prompting reads a sequence's class as its next token; it does not do {task}")
         self.backbone, self.pool, self.n_outputs, self.task = backbone, pool, n_outputs, task
         self.end_token = end_token
         self.frozen = freeze or soft_prompt > 0
-        if task == "regression":  # the head predicts standardized targets; forward undoes it (set by fit)
+        if task in ("regression", "per_base_values"):  # the head predicts standardized targets; forward undoes it
             self.register_buffer("target_mean", torch.zeros(n_outputs))
             self.register_buffer("target_std", torch.ones(n_outputs))
         if soft_prompt:
@@ -80,6 +83,10 @@ class SequenceClassifier(nn.Module):
         real = input_ids != th.PAD_ID  # (B, L); left padding: the real bases are the last ones of a row
         if self.prompt is None:
             hidden = self.backbone.hidden_states(input_ids)  # (B, L, d)
+            if self.task == "per_base":
+                return self.head(hidden)  # (B, L, n_outputs)
+            if self.task == "per_base_values":
+                return self.head(hidden) * self.target_std + self.target_mean
             if self.pool == "last":
                 pooled = hidden[:, -1]
             else:
@@ -91,9 +98,15 @@ class SequenceClassifier(nn.Module):
 
     def loss(self, outputs, targets):
         """The task's loss of forward's outputs (B, n_outputs) against targets: class indices (B,), or (B, n)
-        floats."""
+        floats; per base, outputs (B, L, n_outputs) against (B, L) targets, over the labelled bases only."""
         if self.task == "classify":
             return F.cross_entropy(outputs, targets)
+        if self.task == "per_base":
+            return F.cross_entropy(outputs.flatten(0, 1), targets.flatten(), ignore_index=UNLABELLED)
+        if self.task == "per_base_values":
+            labelled = targets.isfinite()
+            return F.mse_loss(((outputs[..., 0] - self.target_mean) / self.target_std)[labelled],
+                              ((targets - self.target_mean) / self.target_std)[labelled])
         if self.task == "regression":  # on the standardized scale, so every target weighs alike
             return F.mse_loss((outputs - self.target_mean) / self.target_std,
                               (targets - self.target_mean) / self.target_std)
@@ -132,13 +145,14 @@ def with_backbone(model, backbone):
 
 
 # What users read from forward's outputs, and its name in an exported graph.
-OUTPUT_NAME = {"classify": "probabilities", "multilabel": "probabilities", "regression": "values"}
+OUTPUT_NAME = {"classify": "probabilities", "multilabel": "probabilities", "regression": "values",
+               "per_base": "probabilities", "per_base_values": "values"}
 
 
 def readout(task, outputs):
-    """forward's outputs (B, n) -> class probabilities (classify), each target's probability (multilabel),
-    or the values themselves (regression)."""
-    if task == "classify":
+    """forward's outputs (B, n), or (B, L, n) per base -> class probabilities (classify, per_base), each
+    target's probability (multilabel), or the values themselves (regression, per_base_values)."""
+    if task in ("classify", "per_base"):
         return torch.softmax(outputs, -1)
     return torch.sigmoid(outputs) if task == "multilabel" else outputs
 

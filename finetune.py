@@ -13,6 +13,8 @@ with the result; embed sequences.
     python finetune.py embed --checkpoint DIR --input seqs.fa --out embeddings.npy [--pool mean|last]
     torchrun --nproc_per_node 2 finetune.py embed ... --context_parallel 2   # each sequence over 2 processes
     python finetune.py predict --checkpoint ft --fasta hg38.fa --bed promoters.bed     # regions of a genome
+    python finetune.py fit --checkpoint DIR --task per_base --fasta hg38.fa --labels peaks.bed --seq_len 1024
+    python finetune.py predict --checkpoint ft --fasta hg38.fa --bed regions.bed --rc average --out pred  # bedGraphs
 
 Two ways to classify, both from the paper:
 - a head: the backbone's hidden states pooled over the sequence (`--pool mean`, padding excluded, or `last`,
@@ -27,7 +29,8 @@ entropy; accuracy, MCC, F1), `regression` (one or more numbers per sequence, mea
 standardized by the training set's mean and spread; Pearson and Spearman r) and `multilabel` (many binary
 targets per sequence, as in the DeepSEA-style chromatin-profile experiment, binary cross entropy; mean AUROC).
 The targets of the last two are CSV/TSV columns (`--label_columns a,b,c`, or `prefix*` for every column whose
-name starts with prefix).
+name starts with prefix). And per base (`--task per_base`): the head on every position's hidden state, for
+a class (from a BED) or a value (from a bedGraph) at each base of a genome, the loss over labelled bases only.
 
 Training batches are padded on the left, as the published tokenizer does; predictions are made in batches of
 equal lengths, so that no padding enters them. The loop is trainer.py's: AdamW with a cosine
@@ -49,12 +52,12 @@ import cli
 import fast
 import parallel
 import tinyhyena as th
-from classifier import (CLASSIFIER_FILE, HEAD_FILE, TASKS, SequenceClassifier, load_classifier, pad_left, readout,
-                        save_classifier)
-from data import DataError, Genome, read_inputs, reverse_complement
+from classifier import (CLASSIFIER_FILE, HEAD_FILE, PER_BASE, SequenceClassifier, load_classifier, pad_left,
+                        read_classifier_info, readout, save_classifier)
+from data import DataError, Genome, bed_intervals, load_genome, read_inputs, reverse_complement
 from parallel import barrier, run_distributed
-from tasks import (SELECTION_METRIC, Examples, class_names, collate, cut, read_benchmark_split, read_sequences,
-                   read_table, targets_of, task_metrics)
+from tasks import (SELECTION_METRIC, Examples, class_names, collate, cut, is_bedgraph, per_base_labels, read_benchmark_split,
+                   read_sequences, read_table, targets_of, task_metrics)
 from trainer import Job, Settings, batches, claim_out_dir, log_metrics, prepare_once, train_loop
 
 # ---------------------------------------------------------------------------------------------------------
@@ -118,6 +121,40 @@ def load_labelled(args):
     return splits, columns
 
 
+CUTS = {"train": (0.0, 0.9), "valid": (0.9, 0.95), "test": (0.95, 1.0)}  # each record's stretch of each split
+
+
+def evenly(items, n):
+    """At most n of items, evenly spread (the first and the last among them)."""
+    return [items[k] for k in np.linspace(0, len(items) - 1, min(len(items), n)).round().astype(int)] if items else []
+
+
+def per_base_windows(args, max_len):
+    """--fasta GENOME --labels BED|bedGraph (task per_base or per_base_values): {split: Examples of --seq_len
+    windows with a label per base}, the class names. Each chromosome is tiled by windows and cut by position
+    as --species does (training windows from its first 90%, validation from the next 5%, test from the last
+    5%, at most --eval_windows of each, evenly spread); a window without a labelled base is left out."""
+    genome = Genome(prepare_once(args.fasta, quiet=True))
+    labels_of, names = per_base_labels(args.labels, genome)
+    L = args.seq_len
+    if L is None or not 1 <= L <= max_len:
+        raise DataError(f"--task per_base needs --seq_len in [1, {max_len}] (the window length the model takes)")
+    windows = {split: [] for split in CUTS}
+    for chrom, n in genome.chroms.items():
+        labels = labels_of(chrom)
+        for split, (a, b) in CUTS.items():
+            for start in range(int(a * n), int(b * n) - L + 1, L):
+                y = labels[start:start + L]
+                if args.task == "per_base" or np.isfinite(y).any():
+                    windows[split].append((genome.fetch(chrom, start, start + L), y.copy()))
+    if not windows["train"]:
+        raise DataError(f"{args.labels}: no labelled window of --seq_len {L} in the first 90% of any chromosome "
+                        f"of {args.fasta}")
+    out = {split: Examples(*map(list, zip(*(w if split == "train" else evenly(w, args.eval_windows)))))
+           for split, w in windows.items() if w}
+    return out, names
+
+
 def species_windows(args, max_len):
     """--species NAME=FASTA ...: {split: Examples of seq_len windows}, classes in the order given. Every record
     is cut by position: training windows from its first 90%, validation from the next 5%, test from the last
@@ -140,16 +177,15 @@ def species_windows(args, max_len):
     L = args.seq_len
     if L is None or not 1 <= L <= max_len:
         raise DataError(f"--species needs --seq_len in [1, {max_len}] (the window length the model takes)")
-    cuts = {"train": (0.0, 0.9), "valid": (0.9, 0.95), "test": (0.95, 1.0)}
     rng = np.random.default_rng(args.seed)
     stretches = {}  # (species, split) -> [(chrom, lo, hi)] that hold at least one window
     for s, g in enumerate(genomes):
-        for split, (a, b) in cuts.items():
+        for split, (a, b) in CUTS.items():
             spans = [(c, int(a * n), int(b * n)) for c, n in g.chroms.items()]
             stretches[s, split] = [(c, lo, hi) for c, lo, hi in spans if hi - lo >= L]
     n_train = min(sum(hi - lo for _, lo, hi in stretches[s, "train"]) // L for s in range(len(names)))
     out = {}
-    for split in cuts:
+    for split in CUTS:
         seqs, labels = [], []
         for s, g in enumerate(genomes):
             spans = stretches[s, split]
@@ -162,8 +198,7 @@ def species_windows(args, max_len):
                     labels.append(s)
             else:
                 tiles = [(c, lo + i * L) for c, lo, hi in spans for i in range((hi - lo) // L)]
-                for k in np.linspace(0, len(tiles) - 1, min(len(tiles), args.eval_windows)).round().astype(int) if tiles else []:
-                    c, start = tiles[k]
+                for c, start in evenly(tiles, args.eval_windows):
                     seqs.append(g.fetch(c, start, start + L))
                     labels.append(s)
         if seqs:
@@ -175,7 +210,9 @@ def species_windows(args, max_len):
 
 def prepare_splits(args, max_len):
     """{split: Examples}, class names. Sequences longer than max_len are cut (--truncate) and counted."""
-    if args.species:
+    if args.labels:
+        splits, names = per_base_windows(args, max_len)
+    elif args.species:
         splits, names = species_windows(args, max_len)
     else:
         raw, columns = load_labelled(args)
@@ -213,25 +250,31 @@ def prepare_splits(args, max_len):
 
 @torch.no_grad()
 def predict_logits(model, seqs, batch_size, device):
-    """(N, n_outputs) float32 outputs of forward, in input order. Padding is an input like any other (it sits before the sequence
-    of a causal model), so a batch here holds sequences of one length only: each prediction is the one the
-    sequence gets alone, whatever else is being predicted."""
+    """forward's float32 outputs in input order: (N, n_outputs), or per base a list of (length, n_outputs).
+    Padding is an input like any other (it sits before the sequence of a causal model), so a batch here holds
+    sequences of one length only: each prediction is the one the sequence gets alone, whatever else is being
+    predicted."""
     was_training = model.training
     model.eval()
     by_length = {}
     for i, s in enumerate(seqs):
         by_length.setdefault(len(s), []).append(i)
     batches_ = [rows[i:i + batch_size] for rows in by_length.values() for i in range(0, len(rows), batch_size)]
-    out = torch.zeros(len(seqs), model.n_outputs)
+    out = [None] * len(seqs)
     for rows in batches_:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            out[rows] = model(pad_left([seqs[r] for r in rows]).to(device)).float().cpu()
+            outputs = model(pad_left([seqs[r] for r in rows]).to(device)).float().cpu()
+        for r, o in zip(rows, outputs):
+            out[r] = o
     model.train(was_training)
-    return out
+    if model.task in PER_BASE:
+        return out
+    return torch.stack(out) if out else torch.zeros(0, model.n_outputs)
 
 
 def evaluate(model, examples, batch_size, device):
     outputs = predict_logits(model, examples.seqs, batch_size, device)
+    outputs = torch.stack(outputs) if model.task in PER_BASE else outputs  # (N, L, n): windows of one length
     targets = torch.as_tensor(np.asarray(examples.labels))
     with torch.no_grad():
         loss = model.loss(outputs.to(device), targets.to(device)).item()
@@ -278,7 +321,7 @@ class FineTuning(Job):
         return self.model.loss(out, y), (y.cpu(), out.detach().cpu())
 
     def train_row(self, step, records):  # a batch is too small a sample for r or the AUROC: classification only
-        if self.args.task != "classify":
+        if self.args.task not in ("classify", "per_base"):
             return {}
         labels, outputs = zip(*records)
         return task_metrics(self.args.task, torch.cat(labels).numpy(), torch.cat(outputs).numpy())
@@ -345,9 +388,14 @@ def fit_on(args, rank, world, device):
             targets = torch.as_tensor(np.asarray(train_set.labels))
             model.target_mean.copy_(targets.mean(0))
             model.target_std.copy_(targets.std(0).clamp(min=1e-6) if len(targets) > 1 else torch.ones(len(names)))
+        if args.task == "per_base_values":  # the labelled bases' mean and spread
+            values = torch.as_tensor(np.concatenate(train_set.labels))
+            values = values[values.isfinite()]
+            model.target_mean.fill_(values.mean())
+            model.target_std.fill_(values.std().clamp(min=1e-6) if len(values) > 1 else 1.0)
         steps_per_epoch = max(1, len(train_set) // (args.batch_size * args.grad_accum * world))
         if len(train_set) < args.batch_size * world:
-            what = "windows" if args.species else "training sequences"
+            what = "windows" if args.species or args.labels else "training sequences"
             raise DataError(f"{len(train_set)} {what} are fewer than one batch (--batch_size {args.batch_size}"
                             f"{f' in each of {world} processes' if world > 1 else ''})")
         max_steps = args.max_steps or args.epochs * steps_per_epoch
@@ -355,10 +403,10 @@ def fit_on(args, rank, world, device):
         warmup_steps = max(1, max_steps // 100) if args.warmup_steps is None else args.warmup_steps
         settings = Settings.from_args(args, max_steps=max_steps, warmup_steps=warmup_steps, eval_interval=eval_interval,
                                       ckpt_interval=eval_interval)  # the state is saved with each validation
-        meta = {"truncate": args.truncate, "max_len": max_len, "trained_on": args.species or args.data}
+        meta = {"truncate": args.truncate, "max_len": max_len, "trained_on": args.species or args.data or args.labels}
         if main_rank:
             trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-            what = "classes" if args.task == "classify" else f"{args.task} targets"
+            what = "classes" if args.task in ("classify", "per_base") else f"{args.task} targets"
             print(f"{len(names)} {what} ({', '.join(names[:8])}{', ...' if len(names) > 8 else ''}); train {len(train_set)}, "
                   f"valid {len(splits['valid'])}, test {len(splits['test']) if 'test' in splits else 0}; {trainable:,} "
                   f"trainable parameters; {max_steps} steps", file=sys.stderr)
@@ -376,7 +424,8 @@ def fit_on(args, rank, world, device):
             test = evaluate(best_model, splits["test"], args.eval_batch_size, device)
             job.log(max_steps, "test", test)
             shown = {"classify": ("accuracy", "mcc", "f1_macro"), "regression": ("pearson", "spearman", "mse"),
-                     "multilabel": ("auroc",)}[args.task]
+                     "multilabel": ("auroc",), "per_base": ("accuracy", "mcc", "f1_macro"),
+                     "per_base_values": ("pearson", "spearman", "mse")}[args.task]
             print(f"test (best validation checkpoint): {', '.join(f'{k} {test[k]:.4f}' for k in shown)}; model in {args.out}")
         return 0
 
@@ -393,6 +442,9 @@ def strands(seqs, rc):
 
 def predict(args):
     device = cli.pick_device(args.device)
+    if os.path.isfile(os.path.join(args.checkpoint, CLASSIFIER_FILE)) and \
+            read_classifier_info(args.checkpoint)["task"] in PER_BASE:
+        return predict_per_base(args, device)
     records = read_inputs(args, read_sequences)  # first: a bad file is refused before the model is loaded
     model = load_classifier(args.checkpoint, device)
     seqs = [cut(ids, model.max_len, model.truncate) for _, ids in records]
@@ -412,6 +464,47 @@ def predict(args):
         lines = ["\t".join(["id"] + [prefix + c for c in model.class_names]) + "\n"]
         lines += ["\t".join([name] + [f"{x:.6g}" for x in v]) + "\n" for (name, _), v in zip(records, values)]
     base.write_text(args.out, lines)
+    return 0
+
+
+def bedgraph_lines(chrom, start, values):
+    """bedGraph lines of values at chrom:start, start+1, ...: runs of equal printed values in one line."""
+    text = [f"{v:.4g}" for v in values.tolist()]
+    lines, run = [], 0
+    for j in range(1, len(text) + 1):
+        if j == len(text) or text[j] != text[run]:
+            lines.append(f"{chrom}\t{start + run}\t{start + j}\t{text[run]}\n")
+            run = j
+    return lines
+
+
+def predict_per_base(args, device):
+    """A per-base model's outputs at every base of the --input records (positions from each record's start)
+    or of the --bed regions of --fasta (genome positions; the forward strand, whatever a region's strand
+    column says): one bedGraph per output, OUT.<class>.bedGraph (the class's probability) or OUT.value.bedGraph.
+    A record longer than the model takes is read in consecutive windows, each on its own."""
+    if args.out is None:
+        raise th.UserError("a per-base model writes a bedGraph per class: give --out PREFIX")
+    if args.input is not None:  # first: a bad file is refused before the model is loaded
+        records = [(name, 0, ids) for name, ids in read_sequences(args.input)]
+    else:
+        genome = load_genome(args.fasta)
+        records = [(chrom, start, genome.fetch(chrom, start, end)) for _, chrom, start, end, _ in
+                   bed_intervals(args.bed, genome)]
+    model = load_classifier(args.checkpoint, device)
+    L = model.max_len
+    windows = [(k, i) for k, (_, _, ids) in enumerate(records) for i in range(0, len(ids), L)]
+    seqs = [records[k][2][i:i + L] for k, i in windows]
+    per_strand = [[readout(model.task, o.flip(0) if reverse else o)  # (length, n): position j of the window
+                   for o in predict_logits(model, s, args.batch_size, device)]
+                  for s, reverse in zip(strands(seqs, args.rc), (False, True))]
+    values = [torch.stack(v).mean(0).numpy() for v in zip(*per_strand)]
+    for j, name in enumerate(model.class_names):
+        lines = [f'track type=bedGraph name="{name}"\n']
+        for (k, i), v in zip(windows, values):
+            lines += bedgraph_lines(records[k][0], records[k][1] + i, v[:, j])
+        base.write_text(f"{args.out}.{name.replace(os.sep, '_')}.bedGraph", lines)
+    print(f"wrote {', '.join(f'{args.out}.{n}.bedGraph' for n in model.class_names)}", file=sys.stderr)
     return 0
 
 
@@ -460,9 +553,15 @@ def parse_args(argv=None):
                                        "whose headers end in |label (the Nucleotide Transformer tasks' .fna)")
     source.add_argument("--species", nargs="+", metavar="NAME=FASTA", help="species classification: windows of "
                                                                            "--seq_len from each FASTA")
+    source.add_argument("--labels", type=cli.existing_file, help="--task per_base: a label for each base of --fasta, "
+                        "from a BED (class inside on its intervals, outside elsewhere; or the name column's class, "
+                        "background elsewhere) or a bedGraph (.bedGraph/.bg: values; bases it leaves out are "
+                        "unlabelled)")
+    f.add_argument("--fasta", type=cli.existing_path, help="--task per_base: the genome the --labels annotate")
     f.add_argument("--test", type=cli.existing_file, help="test set for --data FILE, in the same formats")
-    f.add_argument("--task", default="classify", choices=TASKS, help="classify (default): one class per "
-                   "sequence; regression: numbers; multilabel: many 0/1 targets")
+    f.add_argument("--task", default="classify", choices=["classify", "regression", "multilabel", "per_base"],
+                   help="classify (default): one class per sequence; regression: numbers; multilabel: many 0/1 "
+                        "targets; per_base: a class or value at every base (--fasta, --labels, --seq_len)")
     f.add_argument("--label_columns", help="CSV/TSV columns holding the labels: a,b,c, or prefix* for all that "
                                            "start with prefix (default: label)")
     model = f.add_mutually_exclusive_group()
@@ -534,8 +633,14 @@ def parse_args(argv=None):
             p.error("give --checkpoint DIR (a pretrained model) or --preset NAME --seq_len N (from scratch)")
         if args.soft_prompt and args.freeze:
             p.error("--soft_prompt already freezes the model; --freeze is for the head")
-        if args.task != "classify" and (args.species or os.path.isdir(args.data)):
+        if (args.task == "per_base") != bool(args.labels) or bool(args.labels) != bool(args.fasta):
+            p.error("--task per_base, --labels LABELS and --fasta GENOME go together: the labels of each base of a genome")
+        if args.task in ("regression", "multilabel") and (args.species or os.path.isdir(args.data)):
             p.error(f"--task {args.task} reads its targets from a CSV/TSV (--data FILE --label_columns ...)")
+        if args.task == "per_base" and (args.layout == "hf" or args.pool):
+            p.error("--task per_base reads every position's hidden state: drop " + ("--layout hf" if args.layout == "hf" else "--pool"))
+        if args.task == "per_base" and is_bedgraph(args.labels):
+            args.task = "per_base_values"  # values per base: regression at each position
         if args.task != "classify" and (args.soft_prompt or args.class_tokens):
             p.error("--soft_prompt reads classes as next tokens: it goes with --task classify only")
         if args.layout == "hf" and (args.soft_prompt or args.pool == "mean"):
@@ -544,8 +649,9 @@ def parse_args(argv=None):
         apply_recipe(args)
         args.pool = args.pool or ("last" if args.layout == "hf" else "mean")
         args.truncate = args.truncate or ("right" if args.layout == "hf" else "center")
-        if args.test and (args.species or os.path.isdir(args.data)):
-            p.error("--test goes with --data FILE (a folder has its own test/, species their held-out 5%)")
+        if args.test and not (args.data and os.path.isfile(args.data)):
+            p.error("--test goes with --data FILE (a folder has its own test/; species and per-base windows their "
+                    "held-out 5%)")
     return args
 
 

@@ -1,8 +1,9 @@
 """
 The fine-tuning tasks' data and metrics: labelled sequences read from the formats users have them in
-(genomic-benchmarks folders, CSV/TSV, the Nucleotide Transformer tasks' FASTA, plain sequence files), and the
-metrics of the three tasks (classify: accuracy, MCC, F1; regression: Pearson, Spearman; multilabel: mean
-AUROC). finetune.py fine-tunes, predicts and embeds with them.
+(genomic-benchmarks folders, CSV/TSV, the Nucleotide Transformer tasks' FASTA, plain sequence files), labels
+per base of a genome (BED, bedGraph), and the metrics of the tasks (classify and per_base: accuracy, MCC, F1;
+regression and per_base_values: Pearson, Spearman; multilabel: mean AUROC). finetune.py fine-tunes, predicts
+and embeds with them.
 """
 
 import csv
@@ -15,10 +16,11 @@ import torch
 
 import tinyhyena as th
 from base import DataError
-from classifier import pad_left
-from data import check_nucleotides, fasta_lines, open_maybe_gzipped, read_fasta, reverse_complement
+from classifier import UNLABELLED, pad_left
+from data import bed_intervals, check_nucleotides, fasta_lines, open_maybe_gzipped, read_fasta, reverse_complement
 
-SELECTION_METRIC = {"classify": "mcc", "regression": "pearson", "multilabel": "auroc"}  # picks the best model
+SELECTION_METRIC = {"classify": "mcc", "regression": "pearson", "multilabel": "auroc", "per_base": "mcc",
+                    "per_base_values": "pearson"}  # picks the best model
 
 
 
@@ -27,7 +29,9 @@ SELECTION_METRIC = {"classify": "mcc", "regression": "pearson", "multilabel": "a
 
 class Examples(torch.utils.data.Dataset):
     """Labelled sequences: (uint8 token ids, label) pairs, reverse-complemented at random with rc_aug. A label
-    is a class index, or a float32 vector of targets (regression, multilabel)."""
+    is a class index, a float32 vector of targets (regression, multilabel), or one label per base (per_base:
+    class indices, UNLABELLED where none; per_base_values: float32, NaN where none), which reverses with its
+    sequence."""
 
     def __init__(self, seqs, labels, rc_aug=False):
         self.seqs, self.labels, self.rc_aug = seqs, labels, rc_aug
@@ -36,10 +40,12 @@ class Examples(torch.utils.data.Dataset):
         return len(self.seqs)
 
     def __getitem__(self, i):
-        ids = self.seqs[i]
+        ids, label = self.seqs[i], self.labels[i]
         if self.rc_aug and torch.rand(()) < 0.5:  # torch's RNG: seeded per loader, restored on --resume
             ids = reverse_complement(ids)
-        return ids, self.labels[i]
+            if isinstance(label, np.ndarray) and label.shape == ids.shape:  # per base: base i is now base L-1-i
+                label = np.ascontiguousarray(label[::-1])
+        return ids, label
 
     def subset(self, index):
         return Examples([self.seqs[i] for i in index], [self.labels[i] for i in index], self.rc_aug)
@@ -214,6 +220,49 @@ def read_sequences(path):
     return out
 
 
+def is_bedgraph(path):
+    """A bedGraph (values per interval) rather than a BED (classes), by its name: .bedGraph or .bg, maybe .gz."""
+    return path.lower().removesuffix(".gz").endswith((".bedgraph", ".bg"))
+
+
+def per_base_labels(path, genome):
+    """Labels for every base of the genome from a BED or a bedGraph (is_bedgraph) -> (label of chrom: a
+    function of the chromosome's name giving its array of labels, the class names or ["value"]).
+    - BED3: class "inside" on the intervals, "outside" elsewhere;
+    - BED4 and wider: the name column is the class, "background" elsewhere (classes: background, then the
+      names in sorted order);
+    - bedGraph (chrom, start, end, value): the value on the intervals, NaN (unlabelled) elsewhere.
+    Where intervals overlap, the later line's label holds. DataError naming the file and line."""
+    rows = bed_intervals(path, genome)
+    if is_bedgraph(path):
+        values = []
+        for lineno, *_, cols in rows:
+            if len(cols) < 4 or not is_number(cols[3]) or not math.isfinite(float(cols[3])):
+                raise DataError(f"{path}:{lineno}: a bedGraph line is chrom, start, end, value (a finite number), "
+                                f"got {cols[3:4] or 'no value'}")
+            values.append(float(cols[3]))
+        names, fill, dtype = ["value"], np.nan, np.float32
+    else:
+        named = [len(cols) > 3 and cols[3] not in ("", ".") for *_, cols in rows]
+        if any(named) and not all(named):
+            lineno = rows[named.index(False)][0]
+            raise DataError(f"{path}:{lineno}: no name (class) in column 4, which other lines have")
+        names = ["background", *sorted({cols[3] for *_, cols in rows})] if all(named) else ["outside", "inside"]
+        index = {name: i for i, name in enumerate(names)}
+        values = [index[cols[3]] if all(named) else 1 for *_, cols in rows]
+        fill, dtype = 0, np.int64  # every base labelled
+    by_chrom = {}
+    for (_, chrom, start, end, _), value in zip(rows, values):
+        by_chrom.setdefault(chrom, []).append((start, end, value))
+
+    def labels_of(chrom):
+        out = np.full(genome.chroms[chrom], fill, dtype=dtype)
+        for start, end, value in by_chrom.get(chrom, []):
+            out[start:end] = value
+        return out
+    return labels_of, names
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Metrics
 
@@ -274,7 +323,15 @@ def multilabel_metrics(targets, logits):
 
 
 def task_metrics(task, targets, outputs):
-    """The task's metrics of forward's outputs (N, n_outputs) against targets."""
+    """The task's metrics of forward's outputs (N, n_outputs), or (N, L, n_outputs) per base, against targets;
+    per base, over the labelled bases only."""
+    targets, outputs = np.asarray(targets), np.asarray(outputs)
+    if task == "per_base":
+        labelled = targets != UNLABELLED
+        return classification_metrics(targets[labelled], outputs.argmax(-1)[labelled], outputs.shape[-1])
+    if task == "per_base_values":
+        labelled = np.isfinite(targets)
+        return regression_metrics(targets[labelled][:, None], outputs[..., 0][labelled][:, None])
     if task == "classify":
         return classification_metrics(targets, np.asarray(outputs).argmax(1), np.asarray(outputs).shape[1])
     return regression_metrics(targets, outputs) if task == "regression" else multilabel_metrics(targets, outputs)

@@ -2,6 +2,7 @@
 runs, resume, predict and embed, and the hub's classifier folders."""
 
 import gzip
+import math
 import json
 import signal
 import subprocess
@@ -553,3 +554,134 @@ def test_hub_folders_hold_the_tokenizer_and_the_classifier(tmp_path, monkeypatch
     plain = classifier.SequenceClassifier(model, 2)  # mean pooling, a bias
     with pytest.raises(th.UserError, match="cannot hold a pool other than the last token's"):
         classifier.save_classifier(plain, tmp_path / "plain", ["a", "b"], {}, layout="hf")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Per-base fine-tuning.
+
+MOTIF = "GATTACA"
+
+
+def write_motif_genome(root, length=16000, planted=250):
+    """Two chromosomes of random bases with MOTIF planted at random places; a BED of the bases of its every
+    occurrence (class inside), and a bedGraph of each 50-base bin's G+C count over each chromosome's first
+    half (the rest unlabelled). Returns the chromosomes' sequences."""
+    import re
+    rng = np.random.default_rng(0)
+    chroms, bed, bedgraph = {}, [], []
+    for name in ("chr1", "chr2"):
+        seq = list(rng.choice(list("ACGT"), length))
+        for p in rng.choice(length - len(MOTIF), planted, replace=False):
+            seq[p:p + len(MOTIF)] = MOTIF
+        seq = chroms[name] = "".join(seq)
+        bed += [f"{name}\t{m.start()}\t{m.start() + len(MOTIF)}\n" for m in re.finditer(f"(?={MOTIF})", seq)]
+        bedgraph += [f"{name}\t{i}\t{i + 50}\t{sum(b in 'GC' for b in seq[i:i + 50])}\n" for i in range(0, length // 2, 50)]
+    (root / "g.fa").write_text("".join(f">{n}\n{s}\n" for n, s in chroms.items()))
+    (root / "motif.bed").write_text("".join(bed))
+    (root / "gc.bedGraph").write_text("".join(bedgraph))
+    return chroms
+
+
+def read_bedgraph(path, lengths):
+    """{chrom: float array} of a bedGraph's values (NaN where it has none)."""
+    out = {chrom: np.full(n, np.nan) for chrom, n in lengths.items()}
+    for line in path.read_text().splitlines()[1:]:  # after the track line
+        chrom, start, end, value = line.split("\t")
+        out[chrom][int(start):int(end)] = float(value)
+    return out
+
+
+PER_BASE_FIT = ["finetune.py", "fit", "--checkpoint", FIXTURE, "--task", "per_base", "--seq_len", 128,
+                "--batch_size", 16, "--lr", 1e-3, "--max_steps", 60, "--eval_interval", 30, "--dropout", 0]
+
+
+@pytest.mark.slow
+def test_per_base_finds_a_motifs_bases_and_predict_writes_what_the_model_computes(tmp_path):
+    """Fine-tuned on a BED of a motif's bases, the model marks them far above chance (every base called
+    outside scores a macro F1 of 0.49); predict --rc average writes, per class, the mean of both strands'
+    probabilities at every base, window by window, as the model in memory computes them."""
+    chroms = write_motif_genome(tmp_path)
+    result = run_script(*PER_BASE_FIT, "--fasta", tmp_path / "g.fa", "--labels", tmp_path / "motif.bed",
+                        "--out", tmp_path / "ft")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "2 classes (outside, inside); train 224, valid 12, test 12" in result.stderr
+    test = read_metrics(tmp_path / "ft")[-1]
+    assert test["split"] == "test" and test["f1_macro"] > 0.7 and test["mcc"] > 0.4, test
+    result = run_script("finetune.py", "predict", "--checkpoint", tmp_path / "ft", "--input", tmp_path / "g.fa",
+                        "--rc", "average", "--out", tmp_path / "pred")
+    assert result.returncode == 0, result.stderr[-2000:]
+    model = classifier.load_classifier(tmp_path / "ft")
+    for j, name in enumerate(["outside", "inside"]):
+        written = read_bedgraph(tmp_path / f"pred.{name}.bedGraph", {c: len(s) for c, s in chroms.items()})
+        for chrom, seq in chroms.items():
+            ids = th.tokenize(seq)
+            for start in range(0, len(ids), model.max_len):
+                window = torch.as_tensor(ids[start:start + model.max_len], dtype=torch.long)[None]
+                with torch.no_grad():
+                    forward = torch.softmax(model(window), -1)[0, :, j]
+                    reverse = torch.softmax(model(torch.as_tensor(data.reverse_complement(window[0].numpy()).copy(),
+                                                                  dtype=torch.long)[None]), -1)[0, :, j].flip(0)
+                expected = ((forward + reverse) / 2).numpy()
+                np.testing.assert_allclose(written[chrom][start:start + len(expected)], expected, rtol=1e-3, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_per_base_values_from_a_bedgraph_leave_unlabelled_bases_out(tmp_path):
+    """A bedGraph's values are learnt where it has them: windows without any are left out (the values cover
+    each chromosome's first half, so the validation stretch has none and a tenth of training is held out), the
+    loss and metrics skip the unlabelled bases of the rest, and predict writes one bedGraph of values."""
+    write_motif_genome(tmp_path)
+    result = run_script(*PER_BASE_FIT, "--fasta", tmp_path / "g.fa", "--labels", tmp_path / "gc.bedGraph",
+                        "--out", tmp_path / "ft")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "1 per_base_values targets (value); train 113, valid 13, test 0" in result.stderr
+    valid = [m for m in read_metrics(tmp_path / "ft") if m["split"] == "valid"]
+    assert all(math.isfinite(m["loss"]) for m in valid) and valid[-1]["pearson"] > 0.2, valid
+    result = run_script("finetune.py", "predict", "--checkpoint", tmp_path / "ft", "--fasta", tmp_path / "g.fa",
+                        "--bed", tmp_path / "motif.bed", "--out", tmp_path / "pred")
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = (tmp_path / "pred.value.bedGraph").read_text().splitlines()
+    assert lines[0].startswith("track type=bedGraph") and all(len(l.split("\t")) == 4 for l in lines[1:])
+
+
+@pytest.mark.slow
+def test_per_base_errors(tmp_path):
+    """Each bad per-base input is refused in one line, before anything is written."""
+    write_motif_genome(tmp_path, length=2000, planted=10)
+    for flags, needle in [(["--task", "per_base", "--fasta", "g.fa"], "one of the arguments --data --species --labels"),
+                          (["--labels", "motif.bed", "--fasta", "g.fa"], "go together"),
+                          (["--task", "per_base", "--labels", "motif.bed"], "go together"),
+                          (["--data", "g.fa", "--fasta", "g.fa"], "go together"),
+                          (["--task", "per_base", "--labels", "motif.bed", "--fasta", "g.fa", "--pool", "last"], "drop --pool"),
+                          (["--task", "per_base", "--labels", "motif.bed", "--fasta", "g.fa", "--layout", "hf"], "drop --layout hf")]:
+        with pytest.raises(th.UserError, match=needle):
+            finetune.parse_args(["fit", "--checkpoint", str(FIXTURE), *[str(tmp_path / f) if f.endswith((".fa", ".bed"))
+                                                                     else f for f in flags]])
+    (tmp_path / "bad.bedGraph").write_text("chr1\t0\t10\t1.5\nchr1\t10\t20\tlots\n")
+    (tmp_path / "mixed.bed").write_text("chr1\t0\t10\tpromoter\nchr1\t10\t20\n")
+    for labels, needle in [("bad.bedGraph", "bad.bedGraph:2: a bedGraph line is chrom, start, end, value"),
+                           ("mixed.bed", "mixed.bed:2: no name (class) in column 4")]:
+        result = run_script(*PER_BASE_FIT, "--fasta", tmp_path / "g.fa", "--labels", tmp_path / labels,
+                            "--out", tmp_path / "out")
+        assert_one_line_error(result, needle)
+        assert not (tmp_path / "out").exists()
+    result = run_script(*PER_BASE_FIT, "--fasta", tmp_path / "g.fa", "--labels", tmp_path / "motif.bed",
+                        "--seq_len", 4000, "--out", tmp_path / "out")
+    assert_one_line_error(result, "--seq_len in [1, 1026]")
+
+
+def test_rc_aug_reverses_a_per_base_label_with_its_sequence():
+    """Reverse-complement augmentation turns base i into base L-1-i: a per-base label goes with it, and a
+    sequence-level label stays as it is."""
+    ids = th.tokenize("AACGTTTG")
+    per_base = tasks.Examples([ids], [np.arange(8)], rc_aug=True)
+    whole = tasks.Examples([ids], [1], rc_aug=True)
+    torch.manual_seed(0)
+    seen = set()
+    for _ in range(20):
+        (x, y), (_, label) = per_base[0], whole[0]
+        flipped = not np.array_equal(x, ids)
+        assert np.array_equal(x, data.reverse_complement(ids) if flipped else ids) and label == 1
+        assert np.array_equal(y, np.arange(8)[::-1] if flipped else np.arange(8))
+        seen.add(flipped)
+    assert seen == {True, False}
