@@ -3,7 +3,7 @@ The fine-tuned model: a pretrained HyenaDNA backbone with a classification or re
 prompt, and its folder format. finetune.py trains it, predicts and embeds with it; export.py exports it.
 
     model = load_classifier("ft")            # a folder from `finetune.py fit`, or a Hugging Face classifier
-    probabilities = readout(model.task, model(pad_left([tinyhyena.tokenize("ACGT...")])))
+    probabilities = predict_outputs(model, [tinyhyena.tokenize("ACGT...")], rc="average")  # (1, n_classes)
 """
 
 import json
@@ -17,6 +17,7 @@ import torch.nn.functional as F
 import checkpoints
 import tinyhyena as th
 from base import atomic_write, write_text
+from data import reverse_complement
 
 CLASSIFIER_FILE = "classifier.json"  # marks a fine-tuned folder: the head and what it needs
 HEAD_FILE = "head.pt"
@@ -155,6 +156,56 @@ def readout(task, outputs):
     if task in ("classify", "per_base"):
         return torch.softmax(outputs, -1)
     return torch.sigmoid(outputs) if task == "multilabel" else outputs
+
+
+def strands(seqs, rc):
+    """The sequences as given, and with rc "average" also reverse-complemented: a causal model reads one strand
+    in one direction, so the two readings differ, and their average is the same for a sequence and its reverse
+    complement."""
+    if rc not in ("none", "average"):
+        raise th.UserError(f"rc must be 'none' or 'average', got {rc!r}")
+    return [seqs] + ([[reverse_complement(s).astype(np.int64) for s in seqs]] if rc == "average" else [])
+
+
+@torch.no_grad()
+def predict_logits(model, seqs, batch_size, device=None):
+    """forward's float32 outputs in input order: (N, n_outputs), or per base a list of (length, n_outputs).
+    Padding is an input like any other (it sits before the sequence of a causal model), so a batch here holds
+    sequences of one length only: each prediction is the one the sequence gets alone, whatever else is being
+    predicted."""
+    device = device or next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    by_length = {}
+    for i, s in enumerate(seqs):
+        by_length.setdefault(len(s), []).append(i)
+    batches = [rows[i:i + batch_size] for rows in by_length.values() for i in range(0, len(rows), batch_size)]
+    out = [None] * len(seqs)
+    for rows in batches:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            outputs = model(pad_left([seqs[r] for r in rows]).to(device)).float().cpu()
+        for r, o in zip(rows, outputs):
+            out[r] = o
+    model.train(was_training)
+    if model.task in PER_BASE:
+        return out
+    return torch.stack(out) if out else torch.zeros(0, model.n_outputs)
+
+
+def predict_outputs(model, seqs, batch_size=32, rc="none"):
+    """What users read from a fine-tuned model (readout) for 1-D id arrays: (N, n_outputs), or per base a list
+    of (length, n_outputs). rc "average": the mean over both strands, each per-base output at its own base
+    (the reverse strand's read backwards)."""
+    per_strand = []
+    for reverse, s in enumerate(strands(seqs, rc)):
+        outputs = predict_logits(model, s, batch_size)
+        if model.task in PER_BASE:
+            per_strand.append([readout(model.task, o.flip(0) if reverse else o) for o in outputs])
+        else:
+            per_strand.append(readout(model.task, outputs))
+    if model.task in PER_BASE:
+        return [torch.stack(v).mean(0) for v in zip(*per_strand)]
+    return torch.stack(per_strand).mean(0)
 
 
 def save_classifier(model, out, class_names, meta, layout="tinyhyena"):

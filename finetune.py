@@ -52,8 +52,8 @@ import cli
 import fast
 import parallel
 import tinyhyena as th
-from classifier import (CLASSIFIER_FILE, HEAD_FILE, PER_BASE, SequenceClassifier, load_classifier, pad_left,
-                        read_classifier_info, readout, save_classifier)
+from classifier import (CLASSIFIER_FILE, HEAD_FILE, PER_BASE, SequenceClassifier, load_classifier, predict_logits,
+                        predict_outputs, read_classifier_info, save_classifier, strands)
 from data import DataError, Genome, bed_intervals, load_genome, read_inputs, reverse_complement
 from parallel import barrier, run_distributed
 from tasks import (SELECTION_METRIC, Examples, class_names, collate, cut, is_bedgraph, per_base_labels, read_benchmark_split,
@@ -74,13 +74,6 @@ RECIPES = {
     "default": {"lr": 6e-4, "weight_decay": 0.1, "batch_size": 32, "epochs": 10, "dropout": None, "betas": (0.9, 0.95)},
     "paper": {"lr": 6e-4, "weight_decay": 0.1, "batch_size": 128, "epochs": 100, "dropout": 0.1, "betas": (0.9, 0.999)},
 }
-
-
-def apply_recipe(args):
-    """Each recipe setting the command line left unset takes the recipe's value."""
-    for name, value in RECIPES[args.recipe].items():
-        if getattr(args, name, None) is None:
-            setattr(args, name, value)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -248,30 +241,6 @@ def prepare_splits(args, max_len):
     return splits, names
 
 
-@torch.no_grad()
-def predict_logits(model, seqs, batch_size, device):
-    """forward's float32 outputs in input order: (N, n_outputs), or per base a list of (length, n_outputs).
-    Padding is an input like any other (it sits before the sequence of a causal model), so a batch here holds
-    sequences of one length only: each prediction is the one the sequence gets alone, whatever else is being
-    predicted."""
-    was_training = model.training
-    model.eval()
-    by_length = {}
-    for i, s in enumerate(seqs):
-        by_length.setdefault(len(s), []).append(i)
-    batches_ = [rows[i:i + batch_size] for rows in by_length.values() for i in range(0, len(rows), batch_size)]
-    out = [None] * len(seqs)
-    for rows in batches_:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            outputs = model(pad_left([seqs[r] for r in rows]).to(device)).float().cpu()
-        for r, o in zip(rows, outputs):
-            out[r] = o
-    model.train(was_training)
-    if model.task in PER_BASE:
-        return out
-    return torch.stack(out) if out else torch.zeros(0, model.n_outputs)
-
-
 def evaluate(model, examples, batch_size, device):
     outputs = predict_logits(model, examples.seqs, batch_size, device)
     outputs = torch.stack(outputs) if model.task in PER_BASE else outputs  # (N, L, n): windows of one length
@@ -433,13 +402,6 @@ def fit_on(args, rank, world, device):
 # ---------------------------------------------------------------------------------------------------------
 # predict and embed
 
-def strands(seqs, rc):
-    """The sequences as given, and under --rc average also reverse-complemented: a causal model reads one strand
-    in one direction, so the two readings differ, and their average is the same for a sequence and its reverse
-    complement."""
-    return [seqs] + ([[reverse_complement(s).astype(np.int64) for s in seqs]] if rc == "average" else [])
-
-
 def predict(args):
     device = cli.pick_device(args.device)
     if os.path.isfile(os.path.join(args.checkpoint, CLASSIFIER_FILE)) and \
@@ -453,8 +415,7 @@ def predict(args):
         print(f"{n_cut} sequences longer than {model.max_len} were cut ({model.truncate})", file=sys.stderr)
     if any(len(s) == 0 for s in seqs):
         raise DataError(f"{args.input or args.bed}: record {records[[len(s) for s in seqs].index(0)][0]!r} is empty")
-    values = torch.stack([readout(model.task, predict_logits(model, s, args.batch_size, device))
-                          for s in strands(seqs, args.rc)]).mean(0).numpy()  # probabilities or values, per strand
+    values = predict_outputs(model, seqs, args.batch_size, args.rc).numpy()  # probabilities or values
     if model.task == "classify":  # the most probable class, then each class's probability
         lines = ["\t".join(["id", "predicted"] + [f"p_{c}" for c in model.class_names]) + "\n"]
         for (name, _), p in zip(records, values):
@@ -495,10 +456,7 @@ def predict_per_base(args, device):
     L = model.max_len
     windows = [(k, i) for k, (_, _, ids) in enumerate(records) for i in range(0, len(ids), L)]
     seqs = [records[k][2][i:i + L] for k, i in windows]
-    per_strand = [[readout(model.task, o.flip(0) if reverse else o)  # (length, n): position j of the window
-                   for o in predict_logits(model, s, args.batch_size, device)]
-                  for s, reverse in zip(strands(seqs, args.rc), (False, True))]
-    values = [torch.stack(v).mean(0).numpy() for v in zip(*per_strand)]
+    values = [v.numpy() for v in predict_outputs(model, seqs, args.batch_size, args.rc)]  # (length, n) each
     for j, name in enumerate(model.class_names):
         lines = [f'track type=bedGraph name="{name}"\n']
         for (k, i), v in zip(windows, values):
@@ -646,7 +604,9 @@ def parse_args(argv=None):
         if args.layout == "hf" and (args.soft_prompt or args.pool == "mean"):
             p.error("--layout hf writes the hub's classifier, which reads the last token (after [SEP]) through a "
                     "linear head: drop " + ("--soft_prompt" if args.soft_prompt else "--pool mean"))
-        apply_recipe(args)
+        for name, value in RECIPES[args.recipe].items():  # each recipe setting the command line left unset
+            if getattr(args, name, None) is None:
+                setattr(args, name, value)
         args.pool = args.pool or ("last" if args.layout == "hf" else "mean")
         args.truncate = args.truncate or ("right" if args.layout == "hf" else "center")
         if args.test and not (args.data and os.path.isfile(args.data)):

@@ -84,6 +84,19 @@ def record_log_probs(model, ids, window=None, context=None, batch_size=8):
 
 
 
+def strand_log_probs(model, ids, window=None, context=None, batch_size=8, rc="none"):
+    """(strands, length) float64: in the record's coordinates, each base's log-probability given what comes
+    before it on the strand read, NaN where it has none. The forward strand predicts bases 1..length-1; with
+    rc "average" a second row, the reverse strand read, predicts bases length-2..0 (record_log_probs)."""
+    if rc not in ("none", "average"):
+        raise th.UserError(f"rc must be 'none' or 'average', got {rc!r}")
+    strands = np.full((1 + (rc == "average"), len(ids)), np.nan)
+    strands[0, 1:] = record_log_probs(model, ids, window, context, batch_size).numpy()
+    if rc == "average":
+        strands[1, :-1] = record_log_probs(model, reverse_complement(ids), window, context, batch_size).numpy()[::-1]
+    return strands
+
+
 # ---------------------------------------------------------------------------------------------------------
 # VCF
 
@@ -254,13 +267,7 @@ def cmd_sequences(args, rank, world, device):
             + "\n"]
     per_base = []
     for name, ids in tqdm(records, desc="records", unit="rec", file=sys.stderr, disable=args.quiet or rank > 0):
-        # in the record's coordinates, each base's log-probability given what comes before it on the strand read:
-        # the forward strand predicts bases 1..length-1, the reverse strand bases length-2..0
-        strands = np.full((1 + both, len(ids)), np.nan)
-        strands[0, 1:] = record_log_probs(model, ids, window, context, args.batch_size).numpy()
-        if both:
-            strands[1, :-1] = record_log_probs(model, reverse_complement(ids), window, context,
-                                               args.batch_size).numpy()[::-1]
+        strands = strand_log_probs(model, ids, window, context, args.batch_size, args.rc)
         nats = [-float(np.nanmean(s)) if len(ids) > 1 else math.nan for s in strands]  # per strand
         mean = sum(nats) / len(nats)  # both strands: the mean of their nats per base
         rows.append(f"{name}\t{len(ids)}\t{fmt(mean)}\t{fmt(mean / math.log(2))}\t{fmt(math.exp(mean))}"

@@ -14,8 +14,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from onnx.reference import ReferenceEvaluator
 
+import classifier
 import onnx_graph
-import finetune
 import tinyhyena as th
 from helpers import (FIXTURE, Irfft, Rfft, ROOT, assert_one_line_error, direct_causal_conv, labelled, n_params, random_model,
     rel_err, run_process, run_script)
@@ -231,9 +231,9 @@ def test_exported_classifier_matches_torch(fixture_classifier, tmp_path):
     result = run_script("export.py", "--checkpoint", fixture_classifier, "--target", "cpu", "--out", tmp_path / "c.onnx")
     assert result.returncode == 0, result.stderr[-2000:]
     assert "max relative error" in result.stdout
-    clf = finetune.load_classifier(fixture_classifier)
+    clf = classifier.load_classifier(fixture_classifier)
     session = ort.InferenceSession(str(tmp_path / "c.onnx"), providers=["CPUExecutionProvider"])
-    ids = finetune.pad_left([th.tokenize(s) for s, _ in labelled(4, 9)])  # left-padded, as in fine-tuning
+    ids = classifier.pad_left([th.tokenize(s) for s, _ in labelled(4, 9)])  # left-padded, as in fine-tuning
     (probs,) = session.run(["probabilities"], {"input_ids": ids.numpy()})
     with torch.no_grad():
         assert rel_err(probs, torch.softmax(clf(ids), -1)) <= 1e-4

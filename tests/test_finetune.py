@@ -216,7 +216,7 @@ def test_hf_sequence_classifier_loads_with_its_score_head(tmp_path, problem_type
         lines = [line.split("\t") for line in result.stdout.splitlines()]
         assert lines[0] == ["id", "predicted", "p_label0", "p_label1"]
         with torch.no_grad():
-            expect = finetune.readout("classify", clf(torch.from_numpy(th.tokenize("GGGGCCCCAA"))[None]))[0]
+            expect = classifier.readout("classify", clf(torch.from_numpy(th.tokenize("GGGGCCCCAA"))[None]))[0]
         assert np.allclose([float(x) for x in lines[2][2:]], expect.numpy(), atol=1e-5)
         # the exported graph appends the [SEP] itself: an app sends the bases, as to any classifier's graph
         result = run_script("export.py", "--checkpoint", folder, "--target", "cpu", "--out", tmp_path / "c.onnx")
@@ -224,7 +224,7 @@ def test_hf_sequence_classifier_loads_with_its_score_head(tmp_path, problem_type
         session = ort.InferenceSession(str(tmp_path / "c.onnx"), providers=["CPUExecutionProvider"])
         got = session.run(None, {"input_ids": ids.numpy()})[0]
         with torch.no_grad():
-            assert rel_err(got, finetune.readout("classify", clf(ids)).numpy()) <= 1e-4
+            assert rel_err(got, classifier.readout("classify", clf(ids)).numpy()) <= 1e-4
 
 
 def test_hf_folder_without_a_score_head_is_no_classifier(tmp_path):
@@ -306,7 +306,7 @@ def test_soft_prompt_sits_between_padding_and_sequence():
         x = torch.cat(pieces)[None]
         return (model.hidden_states_from_embeddings(x)[0, -1] @ model.embedding.weight.T)[classes]
     with torch.no_grad():
-        batched = clf(finetune.pad_left(seqs))
+        batched = clf(classifier.pad_left(seqs))
         width = max(len(s) for s in seqs)
         for row, seq in enumerate(seqs):  # [its pads, the prompt, its bases], built by hand
             pads = model.embedding(torch.full((width - len(seq),), th.PAD_ID))
@@ -429,6 +429,13 @@ def test_rc_average_is_the_same_for_a_sequence_and_its_reverse_complement(fixtur
         np.testing.assert_allclose(fwd, (one + other) / 2, rtol=1e-5, atol=1e-6)  # the two strands' mean
     assert_one_line_error(run_script("finetune.py", "predict", "--checkpoint", fixture_classifier, "--input",
                                      tmp_path / "fwd.fa", "--rc", "both"), "--rc", "invalid choice")
+    model = classifier.load_classifier(fixture_classifier)  # the Python API: classifier.predict_outputs
+    api = [classifier.predict_outputs(model, [th.tokenize(f(s)) for s, _ in rows], 4, rc="average").numpy()
+           for f in (str, flip)]
+    np.testing.assert_allclose(api[0], api[1], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(api[0], outputs("predict", fixture_classifier, "fwd", "average"), atol=1e-6)
+    with pytest.raises(th.UserError, match="rc must be 'none' or 'average'"):
+        classifier.predict_outputs(model, [th.tokenize("ACGT")], rc="both")
 
 
 @pytest.mark.slow
@@ -541,7 +548,7 @@ def test_hub_folders_hold_the_tokenizer_and_the_classifier(tmp_path, monkeypatch
     result = run_script("finetune.py", "predict", "--checkpoint", tmp_path / "clf", "--input", tmp_path / "in.txt")
     assert result.returncode == 0, result.stderr[-2000:]
     got = np.array([[float(x) for x in line.split("\t")[2:]] for line in result.stdout.splitlines()[1:]])
-    expected = classifier.readout("classify", finetune.predict_logits(clf, [th.tokenize(s) for s in seqs], 8,
+    expected = classifier.readout("classify", classifier.predict_logits(clf, [th.tokenize(s) for s in seqs], 8,
                                                                       torch.device("cpu"))).numpy()
     assert np.allclose(got, expected, atol=1e-5)
     # the same folder written in-process from a classifier built the hub's way, and refusals

@@ -75,7 +75,7 @@ def test_regions_of_a_genome_as_input(tmp_path, fixture_classifier):
                         "--bed", tmp_path / "r.bed", "--out", tmp_path / "p.tsv")
     assert result.returncode == 0, result.stderr[-2000:]
     clf = classifier.load_classifier(fixture_classifier)
-    expected = classifier.readout(clf.task, finetune.predict_logits(clf, [th.tokenize(s) for s in by_hand.values()], 8,
+    expected = classifier.readout(clf.task, classifier.predict_logits(clf, [th.tokenize(s) for s in by_hand.values()], 8,
                                                                     torch.device("cpu")))
     rows = [line.split("\t") for line in (tmp_path / "p.tsv").read_text().splitlines()[1:]]
     assert [r[0] for r in rows] == list(by_hand)
