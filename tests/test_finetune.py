@@ -459,6 +459,22 @@ def test_epochs_val_fraction_and_eval_batch_size_at_other_values(tmp_path):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["accuracy"] == b["accuracy"]
 
 
+@pytest.mark.slow
+def test_rc_aug_does_not_hurt_a_strand_symmetric_task(tmp_path):
+    """Whether a sequence is GC-rich is the same on both strands: training on reverse complements half the time
+    (--rc_aug) learns it as well as training on the sequences as given, on the same test set."""
+    rows = [(seq, targets[0]) for seq, _, targets in composition_rows(300, 5)]
+    write_table(tmp_path / "train.csv", rows, labels=("at", "gc"), split=lambda i: "test" if i < 60 else "train")
+    accuracy = {}
+    for flags in ([], ["--rc_aug"]):
+        out = tmp_path / ("aug" if flags else "plain")
+        result = run_script(*FIT, "--checkpoint", FIXTURE, "--data", tmp_path / "train.csv", "--dropout", 0, *flags,
+                            "--out", out)
+        assert result.returncode == 0, result.stderr[-2000:]
+        accuracy[bool(flags)] = read_metrics(out)[-1]["accuracy"]
+    assert accuracy[False] > 0.8 and accuracy[True] >= accuracy[False] - 0.05, accuracy
+
+
 def test_recipe_paper_sets_the_published_values_and_flags_override_them(tmp_path):
     """--recipe paper gives the published fine-tuning settings; a flag given beside it wins; without it, ours."""
     def parsed(*flags):
