@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 
 import numpy as np
 import onnxruntime as ort
@@ -708,3 +709,61 @@ def test_rc_aug_reverses_a_per_base_label_with_its_sequence():
         assert np.array_equal(y, np.arange(8)[::-1] if flipped else np.arange(8))
         seen.add(flipped)
     assert seen == {True, False}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Options at their other values and limits.
+
+def test_pool_reads_the_mean_of_real_positions_or_the_last():
+    """--pool mean (default): the head reads the mean hidden state over a row's bases, padding excluded;
+    --pool last: the last position's, where the causal model has read the whole sequence."""
+    backbone = random_model(th.HyenaConfig(d_model=8, n_layer=1, d_inner=16, filter_order=8, l_max=12), 0)
+    ids = classifier.pad_left([th.tokenize("ACGTAC"), th.tokenize("GGATCCATG")])  # (2, 9), 3 pads in row 0
+    hidden = backbone.hidden_states(ids)
+    for pool, pooled in (("mean", torch.stack([hidden[0, 3:].mean(0), hidden[1].mean(0)])), ("last", hidden[:, -1])):
+        model = classifier.SequenceClassifier(backbone, 2, pool=pool).eval()
+        torch.testing.assert_close(model(ids), model.head(pooled))
+    with pytest.raises(th.UserError, match="pool must be mean or last"):
+        classifier.SequenceClassifier(backbone, 2, pool="max")
+
+
+def test_truncate_sides_at_the_limit():
+    """--truncate keeps max_len bases: left drops the first ones, right the last ones, center both (one more on
+    the right when odd); a sequence of exactly max_len is kept whole."""
+    ids = np.arange(10)
+    assert tasks.cut(ids, 10, "left") is ids
+    assert tasks.cut(ids, 9, "left").tolist() == list(range(1, 10))
+    assert tasks.cut(ids, 9, "right").tolist() == list(range(9))
+    assert tasks.cut(ids, 9, "center").tolist() == list(range(9))
+    assert tasks.cut(ids, 6, "center").tolist() == list(range(2, 8))
+    assert tasks.cut(ids, 1, "left").tolist() == [9]
+
+
+def test_class_tokens_one_distinct_nucleotide_per_class():
+    """--class_tokens maps class i to its i-th nucleotide (the default ACGTN in order); the wrong count, a
+    repeat or a letter that is not a nucleotide token is refused."""
+    backbone = random_model(th.HyenaConfig(d_model=8, n_layer=1, d_inner=16, filter_order=8, l_max=12), 0)
+    model = classifier.SequenceClassifier(backbone, 2, soft_prompt=2, class_tokens="TG")
+    assert model.class_ids.tolist() == [th.BASE_IDS["T"], th.BASE_IDS["G"]]
+    assert classifier.SequenceClassifier(backbone, 5, soft_prompt=2).class_tokens == "ACGTN"  # the limit: 5 classes
+    for tokens in ("TGC", "TT", "TX"):
+        with pytest.raises(th.UserError, match="its own nucleotide token"):
+            classifier.SequenceClassifier(backbone, 2, soft_prompt=2, class_tokens=tokens)
+    with pytest.raises(th.UserError, match="its own nucleotide token"):
+        classifier.SequenceClassifier(backbone, 6, soft_prompt=2)
+
+
+def test_eval_windows_caps_each_species_validation_and_test_windows(tmp_path):
+    """--eval_windows N: at most N validation and N test windows per species, evenly spread over the tiles
+    (the first and the last among them); 1 keeps the first tile."""
+    write_species_fasta(tmp_path / "a.fa", SOURCES[0], 0, records=2, length=4000)
+    write_species_fasta(tmp_path / "b.fa", SOURCES[1], 1, records=2, length=4000)
+    def counts(n):
+        args = types.SimpleNamespace(species=[f"a={tmp_path / 'a.fa'}", f"b={tmp_path / 'b.fa'}"], seq_len=50,
+                                     seed=0, eval_windows=n)
+        splits, names = finetune.species_windows(args, 100)
+        return {split: np.bincount(splits[split].labels).tolist() for split in ("valid", "test")}
+    assert counts(256) == counts(8) == {"valid": [8, 8], "test": [8, 8]}  # 2 records x 200 bases / 50 each
+    assert counts(3) == {"valid": [3, 3], "test": [3, 3]} and counts(1) == {"valid": [1, 1], "test": [1, 1]}
+    assert finetune.evenly(list(range(8)), 3) == [0, 4, 7] and finetune.evenly(list(range(8)), 1) == [0]
+    assert finetune.evenly(list(range(8)), 9) == list(range(8)) and finetune.evenly([], 3) == []

@@ -249,3 +249,20 @@ def test_variant_scores_rank_snps_like_the_true_source(markov_model, markov):
     rho = spearman(llr, truth)
     print(f"Spearman {rho:.3f}")
     assert rho >= 0.7, rho
+
+
+def test_context_at_its_limits(tmp_path):
+    """sequences --context: 0 and window - 1 are its limits, window is refused in one line; more context
+    changes the scores of the bases after a window's first (each sees more before it)."""
+    rng = np.random.default_rng(3)
+    (tmp_path / "r.fa").write_text(">r\n" + "".join(rng.choice(list("ACGT"), 300)) + "\n")
+    nats = {}
+    for context in (0, 63):
+        out = tmp_path / f"c{context}.tsv"
+        result = run_script("score.py", "sequences", "--checkpoint", FIXTURE, "--input", tmp_path / "r.fa",
+                            "--window", 64, "--context", context, "--out", out)
+        assert result.returncode == 0, result.stderr[-2000:]
+        nats[context] = float(out.read_text().splitlines()[1].split("\t")[2])
+    assert nats[0] != nats[63]
+    assert_one_line_error(run_script("score.py", "sequences", "--checkpoint", FIXTURE, "--input", tmp_path / "r.fa",
+                                     "--window", 64, "--context", 64), "--context 64 must be in [0, --window 64)")

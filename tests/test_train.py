@@ -380,3 +380,16 @@ def test_memory_comes_first_under_checkpointing(markov, tmp_path, monkeypatch):
                             "--out", tmp_path / checkpointing)
         assert result.returncode == 0, result.stderr[-2000:]
     assert calls == [False, True, False]
+
+
+def test_weight_decay_flag_reaches_the_optimizer_at_its_limits(markov):
+    """train.py --weight_decay 0 (its limit) and 0.3 are the decayed group's rate (the other group stays at 0);
+    a negative rate is refused."""
+    for value in (0.0, 0.3):
+        args = train.parse_args(["--fasta", markov[0], "--weight_decay", str(value)])
+        model = th.HyenaDNA(th.HyenaConfig(d_model=8, n_layer=1, d_inner=16, filter_order=8, l_max=20))
+        settings = trainer.Settings.from_args(args)
+        groups = trainer.adamw(model, settings).param_groups
+        assert [g["weight_decay"] for g in groups] == [value, 0.0] and groups[0]["betas"] == (0.9, 0.95)
+    with pytest.raises(th.UserError, match="--weight_decay"):
+        train.parse_args(["--fasta", markov[0], "--weight_decay", "-0.1"])
