@@ -17,7 +17,6 @@ import torch.nn.functional as F
 import checkpoints
 import tinyhyena as th
 from base import atomic_write, write_text
-from data import reverse_complement
 
 CLASSIFIER_FILE = "classifier.json"  # marks a fine-tuned folder: the head and what it needs
 HEAD_FILE = "head.pt"
@@ -162,6 +161,7 @@ def strands(seqs, rc):
     """The sequences as given, and with rc "average" also reverse-complemented: a causal model reads one strand
     in one direction, so the two readings differ, and their average is the same for a sequence and its reverse
     complement."""
+    from data import reverse_complement  # here: importing classifier (export.py does) loads no data code
     if rc not in ("none", "average"):
         raise th.UserError(f"rc must be 'none' or 'average', got {rc!r}")
     return [seqs] + ([[reverse_complement(s).astype(np.int64) for s in seqs]] if rc == "average" else [])
