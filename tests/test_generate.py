@@ -1,6 +1,7 @@
 """generate.py: exact decoding (the online convolution, the cache, the whole forward pass) and sampling."""
 
 import dataclasses
+from functools import partial
 
 import numpy as np
 import pytest
@@ -18,21 +19,24 @@ STEPS = [1, 2, 3, 4, 5, 7, 8, 9, 15, 16, 17, 31, 32, 33, 63, 64, 65, 127, 128, 1
 
 
 @given(st.integers(1, 3), st.integers(1, 3), st.integers(1, 40), st.one_of(st.sampled_from(STEPS + [511, 512, 513]),
-       st.integers(1, 600)), st.integers(0, 2**31 - 1))
-def test_online_convolution_equals_the_direct_sum(B, C, P, steps, seed):
-    """OnlineConv and ConvHistory after a prefill of P positions, then one position at a time:
-    y[t] = sum_{s<=t} h[t-s] a[s] at every t, blocks summed directly and by FFT (past 64 positions) alike."""
+       st.integers(1, 600)), st.integers(0, 2**31 - 1), st.sampled_from([1, 2, 16, 64]))
+def test_online_convolution_equals_the_direct_sum(B, C, P, steps, seed, window):
+    """OnlineConv (lags below `window` summed directly: 1, 2, the default 16, 64) and ConvHistory after a prefill of
+    P positions, then one position at a time: y[t] = sum_{s<=t} h[t-s] a[s] at every t, blocks summed directly
+    and by FFT (past 64 positions) alike."""
     g = torch.Generator().manual_seed(seed)
     total = P + steps
     a = torch.randn(B, C, total, generator=g, dtype=torch.float64)
     h = torch.randn(C, total, generator=g, dtype=torch.float64)
     direct = torch.stack([(a[..., :t + 1] * h[:, :t + 1].flip(-1)).sum(-1) for t in range(total)], -1)
-    for long_conv in (decoding.OnlineConv, th.ConvHistory):
+    for long_conv in (partial(decoding.OnlineConv, window=window), th.ConvHistory):
         conv = long_conv(h)
         got = [conv.prefill(a[..., :P])] + [conv.step(a[..., t])[..., None] for t in range(P, total)]
         torch.testing.assert_close(torch.cat(got, -1), direct, rtol=1e-10, atol=1e-10)
         with pytest.raises(th.UserError, match=f"room for {total} positions, not {total + 1}"):
             conv.step(a[..., 0])
+    with pytest.raises(th.UserError, match="window must be a power of two, got 3"):
+        decoding.OnlineConv(h, window=3)
 
 
 @given(configs_and_lengths(max_len=400), st.one_of(st.sampled_from(STEPS), st.integers(1, 140)))
