@@ -435,12 +435,14 @@ class Windows(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.starts)
 
-    def __getitem__(self, i):
+    def __getitem__(self, i):  # with rc_aug, reverse-complemented half the time, by torch's global RNG
+        return self.item(i, self.rc_aug and bool(torch.rand(()) < 0.5))
+
+    def item(self, i, flip):
+        """Window i, reverse-complemented if flip (trainer.batches draws flip once per epoch)."""
         chrom, start = self.starts[i]
         ids = self.genome.fetch(chrom, start, start + self.seq_len + 1)
-        if self.rc_aug and torch.rand(()) < 0.5:  # torch's RNG: seeded per worker, restored on --resume
-            ids = reverse_complement(ids)
-        ids = torch.from_numpy(ids.astype(np.int64))
+        ids = torch.from_numpy((reverse_complement(ids) if flip else ids).astype(np.int64))
         return ids[:-1], ids[1:]
 
 

@@ -351,7 +351,7 @@ def fit_on(args, rank, world, device):
         if hub:
             torch.nn.init.zeros_(model.head.bias)
             model.head.bias.requires_grad_(False)
-        torch.manual_seed(args.seed * 1000 + rank)  # each process its own dropout and augmentation draws
+        torch.manual_seed(args.seed * 1000 + rank)  # each process its own dropout draws
         train_set = splits["train"]
         if args.task == "regression" and not hub:  # (the hub's head has no scale: it learns the raw targets)
             targets = torch.as_tensor(np.asarray(train_set.labels))

@@ -39,9 +39,13 @@ class Examples(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.seqs)
 
-    def __getitem__(self, i):
+    def __getitem__(self, i):  # with rc_aug, reverse-complemented half the time, by torch's global RNG
+        return self.item(i, self.rc_aug and bool(torch.rand(()) < 0.5))
+
+    def item(self, i, flip):
+        """Example i, reverse-complemented if flip (trainer.batches draws flip once per epoch)."""
         ids, label = self.seqs[i], self.labels[i]
-        if self.rc_aug and torch.rand(()) < 0.5:  # torch's RNG: seeded per loader, restored on --resume
+        if flip:
             ids = reverse_complement(ids)
             if isinstance(label, np.ndarray) and label.shape == ids.shape:  # per base: base i is now base L-1-i
                 label = np.ascontiguousarray(label[::-1])

@@ -264,7 +264,7 @@ def pretrain(args, rank, world, device):
         model.gradient_checkpointing = want_checkpointing(args, model.cfg, args.batch_size * seq_len, device)
         if model.gradient_checkpointing and device.type == "cpu":
             fast.tune_cpu_memory(memory_first=True)  # memory is what limits the length here (fast.py)
-        torch.manual_seed(args.seed * 1000 + rank)  # each process its own dropout and augmentation draws
+        torch.manual_seed(args.seed * 1000 + rank)  # each process its own dropout draws
         if args.init_from and not args.resume:
             job.evaluate(0)  # where the run starts: the checkpoint's loss on the validation windows
         outcome = trainer.train_loop(job, trainer.Settings.from_args(args), device, rank, world)

@@ -33,20 +33,37 @@ from data import prepare
 # ---------------------------------------------------------------------------------------------------------
 # Data, memory and the run folder.
 
+class EpochItems(torch.utils.data.Dataset):
+    """The items of `dataset` at `indices`, each reverse-complemented where `flips` says (dataset.item(i, flip))."""
+
+    def __init__(self, dataset, indices, flips):
+        self.dataset, self.indices, self.flips = dataset, indices, flips
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, k):
+        i = self.indices[k]
+        return self.dataset.item(i, bool(self.flips[i]))
+
+
 def batches(dataset, batch, seed, rank, world, skip, workers, collate_fn=None):
     """Endless micro-batches of this rank's shard: each epoch a fresh permutation (seeded by seed and epoch)
-    dealt out across ranks. `skip` micro-batches are passed over, so a resumed run sees what it would have."""
+    dealt out across ranks, and with dataset.rc_aug which items are reverse-complemented, drawn from the same
+    seed: every process, DataLoader worker and resumed run reads the same items. `skip` micro-batches are
+    passed over, so a resumed run sees what it would have."""
     per_rank = len(dataset) // world
     if per_rank < batch:
         raise DataError(f"{len(dataset)} training examples are fewer than {world} rank(s) x one batch of {batch}")
     per_epoch = per_rank // batch
     epoch, start = divmod(skip, per_epoch)
     while True:
-        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed * 100003 + epoch))
+        draws = torch.Generator().manual_seed(seed * 100003 + epoch)
+        order = torch.randperm(len(dataset), generator=draws)
+        flips = (torch.rand(len(dataset), generator=draws) < 0.5) & getattr(dataset, "rc_aug", False)
         shard = order[rank::world][:per_epoch * batch][start * batch:]
-        # the loader's own generator seeds its workers' random draws (augmentation): its own per process and
-        # epoch; the global generator is dropout's
-        loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, shard.tolist()), batch_size=batch,
+        # the loader's own generator, so that starting it draws nothing from the global one (dropout's)
+        loader = torch.utils.data.DataLoader(EpochItems(dataset, shard.tolist(), flips.tolist()), batch_size=batch,
                                              num_workers=workers, collate_fn=collate_fn,
                                              generator=torch.Generator().manual_seed(epoch * 1009 + rank))
         yield from loader

@@ -317,6 +317,15 @@ def test_grad_accum_equals_the_bigger_batch(markov, tmp_path):
                            [m["loss"] for m in accumulated[0]["train"][1:]], rtol=1e-5)
 
 
+def test_workers_read_what_the_main_process_reads(markov, tmp_path):
+    """--workers 2 (DataLoader worker processes) runs the steps of --workers 0, reverse-complement draws
+    included; another --seed does not (the check can tell runs apart)."""
+    in_workers = deterministic_run(markov, tmp_path / "w2", "--rc_aug", "--workers", 2)
+    assert_same_run(in_workers, deterministic_run(markov, tmp_path / "w0", "--rc_aug"))
+    other = deterministic_run(markov, tmp_path / "seed", "--rc_aug", "--seed", 1)
+    assert not np.allclose([m["loss"] for m in other[0]["train"]], [m["loss"] for m in in_workers[0]["train"]])
+
+
 def test_accumulated_gradients_are_those_of_the_whole_batch():
     """train.accumulate_gradients over micro-batches leaves in every parameter's .grad the gradient of the mean
     loss over all the step's sequences, as one micro-batch of them all does."""
