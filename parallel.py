@@ -88,13 +88,6 @@ class ContextGroup:
             raise th.UserError(f"sequence length {L} is not divisible by --context_parallel {self.size}")
         return x.narrow(dim, self.rank * (L // self.size), L // self.size)
 
-    def same_batch(self, *tensors):
-        """The group's first process's tensors, in every process of the group: each process of a group must read
-        the same sequences, augmentation draws included, which come from each process's own random state."""
-        for t in tensors:
-            dist.broadcast(t, self.ranks[0], group=self.group)
-        return tensors
-
 
 def exchange(pieces, group):
     """All-to-all by point-to-point messages (gloo has no all-to-all): pieces[j] goes to the group's rank j;

@@ -217,8 +217,7 @@ class Pretraining(trainer.Job):
             self.length = L
             self.stream = trainer.batches(self.train_sets[L], micro_batch, self.args.seed + L, self.data_rank,
                                           self.data_world, (step - first) * self.args.grad_accum, self.args.workers)
-        x, y = next(self.stream)
-        return self.context.same_batch(x, y) if self.context else (x, y)
+        return next(self.stream)  # the processes of a context group read the same batch (the same data rank)
 
     def loss(self, model, x, y):
         if self.context:

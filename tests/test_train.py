@@ -247,8 +247,8 @@ def test_train_context_parallel_equals_one_process(markov, tmp_path):
     launcher = ("-m", "torch.distributed.run", "--nproc_per_node", 4, "--master_port", free_port())
     split = deterministic_run(markov, tmp_path / "cp", "--batch_size", 2, "--context_parallel", 2, launcher=launcher)
     assert_same_run(split, deterministic_run(markov, tmp_path / "one", "--batch_size", 4))
-    # two processes, one group, with reverse-complement augmentation: its draws come from each process's own
-    # random state, yet both processes must read the sequences of the first, whose state is one process's
+    # two processes, one group, with reverse-complement augmentation: both must read the same strands, and those
+    # of one process (the draws come from the run's seed and the epoch, not from a process's random state)
     launcher = ("-m", "torch.distributed.run", "--nproc_per_node", 2, "--master_port", free_port())
     split = deterministic_run(markov, tmp_path / "cp_rc", "--batch_size", 4, "--context_parallel", 2, "--rc_aug",
                               launcher=launcher)
