@@ -635,18 +635,18 @@ def test_per_base_finds_a_motifs_bases_and_predict_writes_what_the_model_compute
                         "--rc", "average", "--out", tmp_path / "pred")
     assert result.returncode == 0, result.stderr[-2000:]
     model = classifier.load_classifier(tmp_path / "ft")
-    for j, name in enumerate(["outside", "inside"]):
-        written = read_bedgraph(tmp_path / f"pred.{name}.bedGraph", {c: len(s) for c, s in chroms.items()})
-        for chrom, seq in chroms.items():
-            ids = th.tokenize(seq)
-            for start in range(0, len(ids), model.max_len):
-                window = torch.as_tensor(ids[start:start + model.max_len], dtype=torch.long)[None]
-                with torch.no_grad():
-                    forward = torch.softmax(model(window), -1)[0, :, j]
-                    reverse = torch.softmax(model(torch.as_tensor(data.reverse_complement(window[0].numpy()).copy(),
-                                                                  dtype=torch.long)[None]), -1)[0, :, j].flip(0)
-                expected = ((forward + reverse) / 2).numpy()
-                np.testing.assert_allclose(written[chrom][start:start + len(expected)], expected, rtol=1e-3, atol=1e-6)
+    lengths = {c: len(s) for c, s in chroms.items()}
+    written = [read_bedgraph(tmp_path / f"pred.{name}.bedGraph", lengths) for name in ("outside", "inside")]
+    for chrom, seq in chroms.items():
+        ids = th.tokenize(seq)
+        for start in range(0, len(ids), model.max_len):
+            window = torch.as_tensor(ids[start:start + model.max_len], dtype=torch.long)[None]
+            flipped = torch.as_tensor(data.reverse_complement(window[0].numpy()).copy(), dtype=torch.long)[None]
+            with torch.no_grad():
+                expected = (torch.softmax(model(window), -1) + torch.softmax(model(flipped), -1).flip(1))[0] / 2
+            for j in range(2):
+                np.testing.assert_allclose(written[j][chrom][start:start + len(window[0])], expected[:, j].numpy(),
+                                           rtol=1e-3, atol=1e-6)
 
 
 @pytest.mark.slow
