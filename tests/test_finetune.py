@@ -125,7 +125,7 @@ def test_finetune_regression_and_multilabel_learn(tmp_path):
         for i, (seq, gc, t) in enumerate(rows):
             split = "train" if i < 400 else "valid" if i < 450 else "test"
             f.write(f"s{i},{seq},{gc},{t[0]},{t[1]},{t[2]},{split}\n")
-    common = [*FIT, "--preset", "tiny", "--seq_len", 100, "--data", tmp_path / "train.csv", "--max_steps", 60]
+    common = [*FIT, "--preset", "tiny", "--seq_len", 100, "--data", tmp_path / "train.csv", "--max_steps", 40]
     result = run_script(*common, "--task", "regression", "--label_columns", "gc", "--out", tmp_path / "reg")
     assert result.returncode == 0, result.stderr[-2000:]
     test = read_metrics(tmp_path / "reg")[-1]
