@@ -41,8 +41,8 @@ def markov_model(markov, tmp_path_factory):
     source for score.py and finetune.py."""
     out = tmp_path_factory.mktemp("markov_model") / "run"
     result = run_script("train.py", "--fasta", markov[0], "--preset", "tiny", "--seq_len", 256, "--min_seq_len", 128,
-                        "--batch_size", 8, "--max_steps", 120, "--lr", 3e-3, "--warmup_steps", 10,
-                        "--eval_interval", 60, "--eval_batches", 8, "--out", out)
+                        "--batch_size", 8, "--max_steps", 72, "--lr", 3e-3, "--warmup_steps", 10,
+                        "--eval_interval", 36, "--eval_batches", 8, "--out", out)
     assert result.returncode == 0, result.stderr[-2000:]
     return out
 

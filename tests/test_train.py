@@ -27,7 +27,7 @@ def test_train_learns_markov_source(markov, markov_model):
     metrics = read_metrics(markov_model)
     assert {m["seq_len"] for m in metrics if m["split"] == "train"} == {128, 256}  # the length warm-up ran
     assert all({"step", "split", "loss", "tokens", "seq_len", "elapsed_s"} <= set(m) for m in metrics)
-    assert [(m["split"], m["step"]) for m in metrics[-3:]] == [("train", 120), ("val", 120), ("test", 120)]
+    assert [(m["split"], m["step"]) for m in metrics[-3:]] == [("train", 72), ("val", 72), ("test", 72)]
     assert metrics[-2]["loss"] < entropy + 0.05 < np.log(4)  # near the source's entropy rate, far below chance
     test = metrics[-1]  # the held-out chromosome, reported at the end
     assert test["loss"] < entropy + 0.05 and test["bits_per_base"] == pytest.approx(test["loss"] / np.log(2))
