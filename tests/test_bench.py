@@ -20,15 +20,17 @@ def is_number(text):
 
 @pytest.mark.slow
 def test_bench_runs_at_a_tiny_size():
+    """Every column at a tiny size, but ONNX Runtime's: --onnx_max_len 0 (its limit) leaves it out, as its
+    export alone takes 13 s of the suite (the export itself is test_export's)."""
     before = (ROOT / "BENCHMARKS.md").read_bytes()
-    result = run_script("bench.py", "--lengths", 64, "--train", "--timeout", 300)
+    result = run_script("bench.py", "--lengths", 64, "--train", "--onnx_max_len", 0, "--timeout", 300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert (ROOT / "BENCHMARKS.md").read_bytes() == before  # written only when asked (--append)
     rows = [cells(line) for line in result.stdout.splitlines() if line.startswith("| 64 |")]
     assert [r[1] for r in rows] == ["inference", "train step"]
     # length, mode, tinyhyena s and GB, floor s, ratio, attention s and GB, onnxruntime s and GB, note
     inference, train = rows
-    assert all(is_number(c) for c in inference[2:10]) and inference[10] == "", inference
+    assert all(is_number(c) for c in inference[2:8]) and inference[8:11] == ["-", "-", ""], inference
     assert all(is_number(train[i]) for i in (2, 3, 6, 7)) and train[4] == train[8] == "-", train  # no floor or ORT
 
 
