@@ -102,7 +102,7 @@ class SequenceClassifier(nn.Module):
         if self.task == "classify":
             return F.cross_entropy(outputs, targets)
         if self.task == "per_base":
-            return F.cross_entropy(outputs.flatten(0, 1), targets.flatten(), ignore_index=UNLABELLED)
+            return F.cross_entropy(outputs.flatten(0, 1), targets.flatten().long(), ignore_index=UNLABELLED)
         if self.task == "per_base_values":
             labelled = targets.isfinite()
             return F.mse_loss(((outputs[..., 0] - self.target_mean) / self.target_std)[labelled],

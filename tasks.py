@@ -254,7 +254,7 @@ def per_base_labels(path, genome):
         names = ["background", *sorted({cols[3] for *_, cols in rows})] if all(named) else ["outside", "inside"]
         index = {name: i for i, name in enumerate(names)}
         values = [index[cols[3]] if all(named) else 1 for *_, cols in rows]
-        fill, dtype = 0, np.int64  # every base labelled
+        fill, dtype = 0, np.int16  # every base labelled; int16 (the loss takes int64) for a genome's worth
     by_chrom = {}
     for (_, chrom, start, end, _), value in zip(rows, values):
         by_chrom.setdefault(chrom, []).append((start, end, value))
