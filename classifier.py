@@ -22,7 +22,6 @@ CLASSIFIER_FILE = "classifier.json"  # marks a fine-tuned folder: the head and w
 HEAD_FILE = "head.pt"
 TASKS = ("classify", "regression", "multilabel", "per_base", "per_base_values")
 PER_BASE = ("per_base", "per_base_values")  # an output at every position, not one per sequence
-UNLABELLED = -100  # a per-base class label where there is none (cross entropy's ignore_index)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -98,11 +97,11 @@ class SequenceClassifier(nn.Module):
 
     def loss(self, outputs, targets):
         """The task's loss of forward's outputs (B, n_outputs) against targets: class indices (B,), or (B, n)
-        floats; per base, outputs (B, L, n_outputs) against (B, L) targets, over the labelled bases only."""
+        floats; per base, outputs (B, L, n_outputs) against (B, L) targets (values: over the labelled bases only)."""
         if self.task == "classify":
             return F.cross_entropy(outputs, targets)
         if self.task == "per_base":
-            return F.cross_entropy(outputs.flatten(0, 1), targets.flatten().long(), ignore_index=UNLABELLED)
+            return F.cross_entropy(outputs.flatten(0, 1), targets.flatten().long())
         if self.task == "per_base_values":
             labelled = targets.isfinite()
             return F.mse_loss(((outputs[..., 0] - self.target_mean) / self.target_std)[labelled],

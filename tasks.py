@@ -16,7 +16,7 @@ import torch
 
 import tinyhyena as th
 from base import DataError
-from classifier import UNLABELLED, pad_left
+from classifier import pad_left
 from data import bed_intervals, check_nucleotides, fasta_lines, open_maybe_gzipped, read_fasta, reverse_complement
 
 SELECTION_METRIC = {"classify": "mcc", "regression": "pearson", "multilabel": "auroc", "per_base": "mcc",
@@ -30,8 +30,7 @@ SELECTION_METRIC = {"classify": "mcc", "regression": "pearson", "multilabel": "a
 class Examples(torch.utils.data.Dataset):
     """Labelled sequences: (uint8 token ids, label) pairs, reverse-complemented at random with rc_aug. A label
     is a class index, a float32 vector of targets (regression, multilabel), or one label per base (per_base:
-    class indices, UNLABELLED where none; per_base_values: float32, NaN where none), which reverses with its
-    sequence."""
+    class indices; per_base_values: float32, NaN where none), which reverses with its sequence."""
 
     def __init__(self, seqs, labels, rc_aug=False):
         self.seqs, self.labels, self.rc_aug = seqs, labels, rc_aug
@@ -327,15 +326,12 @@ def multilabel_metrics(targets, logits):
 
 
 def task_metrics(task, targets, outputs):
-    """The task's metrics of forward's outputs (N, n_outputs), or (N, L, n_outputs) per base, against targets;
-    per base, over the labelled bases only."""
+    """The task's metrics of forward's outputs (N, n_outputs), or (N, L, n_outputs) per base (every base one
+    example; values: the labelled bases only), against targets."""
     targets, outputs = np.asarray(targets), np.asarray(outputs)
-    if task == "per_base":
-        labelled = targets != UNLABELLED
-        return classification_metrics(targets[labelled], outputs.argmax(-1)[labelled], outputs.shape[-1])
+    if task in ("classify", "per_base"):
+        return classification_metrics(targets.ravel(), outputs.argmax(-1).ravel(), outputs.shape[-1])
     if task == "per_base_values":
         labelled = np.isfinite(targets)
         return regression_metrics(targets[labelled][:, None], outputs[..., 0][labelled][:, None])
-    if task == "classify":
-        return classification_metrics(targets, np.asarray(outputs).argmax(1), np.asarray(outputs).shape[1])
     return regression_metrics(targets, outputs) if task == "regression" else multilabel_metrics(targets, outputs)

@@ -34,17 +34,16 @@ from data import prepare
 # Data, memory and the run folder.
 
 class EpochItems(torch.utils.data.Dataset):
-    """The items of `dataset` at `indices`, each reverse-complemented where `flips` says (dataset.item(i, flip))."""
+    """dataset.item(i, flip) for each (i, flip) of `items`: the items at i, reverse-complemented where flip."""
 
-    def __init__(self, dataset, indices, flips):
-        self.dataset, self.indices, self.flips = dataset, indices, flips
+    def __init__(self, dataset, items):
+        self.dataset, self.items = dataset, items
 
     def __len__(self):
-        return len(self.indices)
+        return len(self.items)
 
     def __getitem__(self, k):
-        i = self.indices[k]
-        return self.dataset.item(i, bool(self.flips[i]))
+        return self.dataset.item(*self.items[k])
 
 
 def batches(dataset, batch, seed, rank, world, skip, workers, collate_fn=None):
@@ -62,8 +61,9 @@ def batches(dataset, batch, seed, rank, world, skip, workers, collate_fn=None):
         order = torch.randperm(len(dataset), generator=draws)
         flips = (torch.rand(len(dataset), generator=draws) < 0.5) & getattr(dataset, "rc_aug", False)
         shard = order[rank::world][:per_epoch * batch][start * batch:]
+        items = list(zip(shard.tolist(), flips[shard].tolist()))  # this rank's (index, flip) pairs
         # the loader's own generator, so that starting it draws nothing from the global one (dropout's)
-        loader = torch.utils.data.DataLoader(EpochItems(dataset, shard.tolist(), flips.tolist()), batch_size=batch,
+        loader = torch.utils.data.DataLoader(EpochItems(dataset, items), batch_size=batch,
                                              num_workers=workers, collate_fn=collate_fn,
                                              generator=torch.Generator().manual_seed(epoch * 1009 + rank))
         yield from loader
