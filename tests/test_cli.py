@@ -1,8 +1,9 @@
 """cli.py: every script's bad command lines are one line, `error: ...`, and exit status 1."""
 
 import ast
+import json
+import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -115,14 +116,34 @@ def test_every_script_reports_a_bad_command_line_in_one_line(tmp_path):
         one_line_error(run_script(ROOT / args[0], *args[1:], cwd=tmp_path), " ".join(map(str, args)), needles)
     assert (tmp_path / "user_folder" / "thesis.txt").read_text() == "precious"
     assert not (tmp_path / "ft").exists() and not list(tmp_path.glob("**/*.tmp*"))
-    # and each script's __main__, in a process of its own: one case per script
+    # and each script run as __main__ (what `python script.py` runs), one case per script, in one fresh process
+    # (a process each would spend 2 s importing torch, per script)
     firsts = {args[0]: (args, needles) for args, needles in reversed(cases)}
-    with ThreadPoolExecutor(2) as pool:  # each run is mostly importing torch
-        results = list(pool.map(lambda case: run_process(ROOT / case[0][0], *case[0][1:], cwd=tmp_path),
-                                firsts.values()))
-    assert len(results) == 7
-    for (args, needles), result in zip(firsts.values(), results):
-        one_line_error(result, " ".join(map(str, args)), needles)
+    assert len(firsts) == 7
+    command_lines = json.dumps([[str(ROOT / args[0]), *map(str, args[1:])] for args, _ in firsts.values()])
+    ran = run_process("-c", RUN_AS_MAIN, ROOT, command_lines, cwd=tmp_path)
+    assert ran.returncode == 0, ran.stderr[-2000:]
+    for (args, needles), (code, stderr) in zip(firsts.values(), json.loads(ran.stdout.splitlines()[-1])):
+        one_line_error(subprocess.CompletedProcess(args, code, "", stderr), " ".join(map(str, args)), needles)
+
+
+RUN_AS_MAIN = """
+import contextlib, io, json, runpy, sys, traceback
+sys.path.insert(0, sys.argv[1])
+results = []
+for argv in json.loads(sys.argv[2]):
+    sys.argv, stderr, code = argv, io.StringIO(), 0
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(stderr):
+        try:
+            runpy.run_path(argv[0], run_name="__main__")
+        except SystemExit as exit:  # the script's own exit, with its status
+            code = exit.code
+        except BaseException:  # what `python script.py` would show: the traceback, status 1
+            traceback.print_exc()
+            code = 1
+    results.append((code, stderr.getvalue()))
+print(json.dumps(results))
+"""
 
 
 def test_bugs_keep_their_traceback():
