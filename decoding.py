@@ -29,7 +29,9 @@ import torch.nn.functional as F
 import fast
 import tinyhyena as th
 
-BASE_TOKENS = torch.tensor([th.BASE_IDS[b] for b in "ACGT"])  # what sampling may choose
+FIRST_BASE = th.BASE_IDS["A"]  # A, C, G, T: consecutive ids, what sampling may choose
+BASE_TOKENS = torch.tensor([th.BASE_IDS[b] for b in "ACGT"])
+assert BASE_TOKENS.tolist() == list(range(FIRST_BASE, FIRST_BASE + 4))
 METHODS = ("online", "cache", "forward")
 DIRECT_BLOCK = 64  # blocks up to this size are summed directly: a small Toeplitz product beats three FFT calls
 
@@ -71,19 +73,29 @@ class OnlineConv:
         return y[..., :P]
 
     def step(self, a):
+        self.next_input().copy_(a.t()[..., None])
+        return self.advance()[..., 0].t()  # (B, C)
+
+    def next_input(self):
+        """Where the input at the next position goes: a (C, B, 1) view of the kept inputs, to be written in place
+        before advance() (fast.FastStep writes its gate's product there; step(a) copies a)."""
+        if self.t >= self.total:
+            raise th.UserError(f"the decoding state has room for {self.total} positions, not {self.t + 1}")
+        return self.inputs.narrow(2, self.window - 1 + self.t - self.start, 1)
+
+    def advance(self):
+        """The output (C, B, 1) at the next position, whose input next_input() holds; then on to the position
+        after."""
         t, i = self.t, self.t - self.start  # i: inputs taken after the prompt
-        if t >= self.total:
-            raise th.UserError(f"the decoding state has room for {self.total} positions, not {t + 1}")
-        self.inputs[..., self.window - 1 + i] = a.t()
         # lags below the window: its last `window` inputs (zeros before the first), on top of what is ahead
-        y = torch.baddbmm(self.ahead[..., t:t + 1], self.inputs[..., i:i + self.window], self.near)  # (C, B, 1)
+        y = torch.baddbmm(self.ahead.narrow(2, t, 1), self.inputs.narrow(2, i, self.window), self.near)
         self.t, i = t + 1, i + 1
         if i % self.window == 0 and t + 1 < self.total:
             U = i & -i  # the largest power of two dividing i: the block a[t-U+1 .. t] reaches y[t+1 .. t+U]
             stop = min(t + 1 + U, self.total)
             block = self.inputs[..., self.window - 1 + i - U:self.window - 1 + i]
             self.ahead[..., t + 1:stop] += self.block_contribution(block, U)[..., :stop - t - 1]
-        return y[..., 0].t()  # (B, C)
+        return y
 
     def block_contribution(self, block, U):
         """out[j] = sum_m far[U + j - m] block[m], j, m in 0..U-1: a block of U inputs (C, B, U) on the next U
@@ -111,16 +123,17 @@ LONG_CONVS = {"online": OnlineConv, "cache": th.ConvHistory}  # each method's lo
 def choose(logits, temperature, top_k, generator):
     """One base per row from next-token logits (B, V): A, C, G or T only; temperature 0 takes the most probable;
     top_k keeps the k most probable bases. Draws by inverse CDF from `generator`'s uniforms."""
-    scores = logits[:, BASE_TOKENS].double()  # (B, 4)
+    scores = logits[:, FIRST_BASE:FIRST_BASE + 4].double()  # (B, 4)
     if temperature == 0:
-        return BASE_TOKENS[scores.argmax(-1)]
-    scores = scores / temperature
+        return FIRST_BASE + scores.argmax(-1)
+    if temperature != 1:
+        scores = scores / temperature
     if top_k is not None and top_k < 4:
         kth = scores.topk(top_k, -1).values[:, -1:]
         scores = scores.masked_fill(scores < kth, -torch.inf)
     cdf = torch.softmax(scores, -1).cumsum(-1)
     u = torch.rand(len(scores), 1, generator=generator, dtype=torch.float64)
-    return BASE_TOKENS[(cdf < u * cdf[:, -1:]).sum(-1).clamp(max=3)]
+    return FIRST_BASE + (cdf < u * cdf[:, -1:]).sum(-1).clamp(max=3)
 
 
 @torch.no_grad()

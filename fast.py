@@ -415,58 +415,72 @@ class FastBlock:
 # Decoding's fast path.
 
 class FastStep:
-    """HyenaDNA.step's fast path: the same next-token logits, one position at a time, in fewer and larger
-    operations on tensors laid out once. At batch 1 a tiny model's step is about 0.8 MFLOP, so its time is the
-    number of operations, not their arithmetic: HyenaDNA.step makes about 110 (module calls, the short
-    convolution's window rebuilt by a concatenation, views, the input check's two reductions); this makes about
-    70 (the long convolutions' own steps included). Built from a model and the decoding state that model.prefill filled (decoding_state), it owns the
-    state's short-convolution windows from then on: go on with this step, not with model.step.
-    - the layers' weights transposed once, so each projection is one addmm (the residual added by the same call);
-    - each short convolution's last K inputs in a ring (C, B, K) and its weights in the K rotations of that
-      ring, so a position's convolution is one batched matrix product, its bias added in the same call;
-    - no check of the token ids (decoding.generate draws them) and no dropout (decoding is inference).
-    The long convolutions' states (ConvHistory, decoding.OnlineConv) are stepped as they are."""
+    """HyenaDNA.step's fast path: the same next-token logits, one position at a time, in fewer operations on
+    buffers laid out once. At batch 1 a tiny model's step is about 0.8 MFLOP, so its time is the number of
+    operations (each eager operation costs microseconds) and the weights read, not the arithmetic: counted
+    by a dispatch mode, HyenaDNA.step makes about 80 operations a position for the tiny model and this about
+    36 (BENCHMARKS.md). Built from a model and the decoding state that model.prefill filled (decoding_state),
+    it owns that state from then on: go on with this step, not with model.step. Call it without a gradient
+    (decoding.generate runs under torch.no_grad).
+    - in_proj writes its output straight into the short convolution's window of its last K inputs, a ring
+      (K, B, C), and the convolution is one batched matrix product over the channels, with the tap weights
+      in the ring's current rotation and its bias added in the same call;
+    - the streams, the gates and the long convolutions' inputs go into buffers in place, each read through
+      views made once (the online convolution's next input is a view of its own buffer:
+      decoding.OnlineConv.next_input);
+    - out_proj and fc2 add their bias in their matrix product, through a row of ones kept beside their inputs,
+      and add the residual in the same call;
+    - no check of the token ids (decoding.generate draws them) and no dropout (decoding is inference)."""
 
     def __init__(self, model, state):
-        self.model, self.state, self.t = model, state, 0
+        self.model, self.t = model, 0
         cfg = model.cfg
         d, N, K = cfg.d_model, cfg.order, cfg.short_filter_order
+        B = len(state[0].recent)
         self.layers = []
         for block, layer_state in zip(model.blocks, state):
             op = block.mixer
-            B = layer_state.recent.shape[0]
-            w, b = op.short_conv.weight[:, 0], op.short_conv.bias  # (C, K), (C,)
-            ring = torch.zeros(w.shape[0], B, K, dtype=w.dtype, device=w.device)  # (C, B, K): slot s % K
-            ring[:, :, :K - 1] = layer_state.recent.permute(1, 0, 2)  # the prefill's last K-1 inputs, slots 0..K-2
-            # at position s (counted from the first step, slot (K-1+s) % K newest), slot k holds the input k' =
-            # (newest - k) % K positions back, which tap K-1-k' weighs
-            rotations = [torch.stack([w[:, K - 1 - (((K - 1 + s) - k) % K)] for k in range(K)], 1)[..., None]
+            w = op.short_conv.weight[:, 0]  # (C, K): tap K-1 weighs the newest input
+            ring = w.new_zeros(K, B, w.shape[0])  # the last K inputs: slot (K-1+s) % K is step s's
+            ring[:K - 1] = layer_state.recent.permute(2, 0, 1)  # the prompt's last K-1 inputs, slots 0 .. K-2
+            # at step s, slot k holds the input (K-1+s - k) % K positions back, which tap K-1 - that weighs
+            rotations = [torch.stack([w[:, K - 1 - (K - 1 + s - k) % K] for k in range(K)], 1)[..., None]
                          for s in range(K)]  # each (C, K, 1)
+            z = w.new_empty(N + 1, d, B, 1)  # the streams x_0 .. x_{N-1}, v, channels first
+            gated = w.new_ones(d + 1, B)  # out_proj's input, and a row of ones for its bias
+            hidden = w.new_ones(B, cfg.d_inner + 1)  # fc2's input, and a column of ones for its bias
             self.layers.append(dict(
-                norm1=(block.norm1.weight, block.norm1.bias), norm2=(block.norm2.weight, block.norm2.bias), ring=ring, rotations=rotations, conv_bias=b[:, None, None],
-                in_w=op.in_proj.weight.t(), in_b=op.in_proj.bias, out_w=op.out_proj.weight.t(), out_b=op.out_proj.bias,
-                fc1_w=block.mlp.fc1.weight.t(), fc1_b=block.mlp.fc1.bias, fc2_w=block.mlp.fc2.weight.t(),
-                fc2_b=block.mlp.fc2.bias, skip=op.filter.bias.view(N - 1, d), long_convs=layer_state.long_convs))
-        self.d, self.N, self.K, self.eps = d, N, K, cfg.layer_norm_epsilon
+                norm1=(block.norm1.weight, block.norm1.bias), norm2=(block.norm2.weight, block.norm2.bias),
+                in_w=op.in_proj.weight.t(), in_b=op.in_proj.bias, ring_slots=list(ring),
+                window=ring.permute(2, 1, 0), rotations=rotations, conv_bias=op.short_conv.bias[:, None, None],
+                z=z.view(-1, B, 1), streams=list(z), skip=list(op.filter.bias.view(N - 1, d, 1, 1)),
+                long_convs=layer_state.long_convs, gated=gated[:d, :, None], gated_t=gated.t(),
+                out_w=torch.cat([op.out_proj.weight.t(), op.out_proj.bias[None]]),  # (d+1, d)
+                fc1_w=block.mlp.fc1.weight.t(), fc1_b=block.mlp.fc1.bias, hidden=hidden,
+                hidden_out=hidden[:, :cfg.d_inner], fc2_w=torch.cat([block.mlp.fc2.weight.t(), block.mlp.fc2.bias[None]])))
+        self.d, self.K, self.eps = d, K, cfg.layer_norm_epsilon
 
-    @torch.no_grad()
     def __call__(self, input_ids):
         """input_ids (B,) the tokens at the next position -> next-token logits (B, V), as model.step."""
-        model, d, K, eps = self.model, self.d, self.K, self.eps
-        slot = (K - 1 + self.t) % K
+        model, d, K, eps, t = self.model, self.d, self.K, self.eps, self.t
         self.t += 1
         x = model.embedding.weight.index_select(0, input_ids)  # (B, d)
         for layer in self.layers:
             u = F.layer_norm(x, (d,), *layer["norm1"], eps)
-            ring = layer["ring"]
-            ring[:, :, slot] = torch.addmm(layer["in_b"], u, layer["in_w"]).t()  # in_proj, into the window
-            z = torch.baddbmm(layer["conv_bias"], ring, layer["rotations"][(self.t - 1) % K])[..., 0].t()  # (B, C)
-            *xs, v = z.split(d, dim=1)
-            for o, x_i in enumerate(reversed(xs[1:])):  # the Hyena recurrence, as HyenaOperator.step
-                a = v * x_i
-                v = torch.addcmul(layer["long_convs"][o].step(a), a, layer["skip"][o])
-            x = torch.addmm(x, v * xs[0], layer["out_w"]).add_(layer["out_b"])  # out_proj and the residual
-            hidden = F.gelu(torch.addmm(layer["fc1_b"], F.layer_norm(x, (d,), *layer["norm2"], eps), layer["fc1_w"]),
-                            approximate="tanh")
-            x = torch.addmm(x, hidden, layer["fc2_w"]).add_(layer["fc2_b"])
+            torch.addmm(layer["in_b"], u, layer["in_w"], out=layer["ring_slots"][(K - 1 + t) % K])  # in_proj
+            # the short convolution: (C, B, K) window times (C, K, 1) taps, into the streams' buffer
+            torch.baddbmm(layer["conv_bias"], layer["window"], layer["rotations"][t % K], out=layer["z"])
+            *xs, v = layer["streams"]  # each (d, B, 1)
+            for x_i, conv, skip in zip(reversed(xs[1:]), layer["long_convs"], layer["skip"]):  # as HyenaOperator.step
+                if hasattr(conv, "next_input"):  # decoding.OnlineConv: the gate written into its input buffer
+                    a = torch.mul(v, x_i, out=conv.next_input())
+                    v = torch.addcmul(conv.advance(), a, skip)
+                else:  # any other long-convolution state, through its step (B, d) -> (B, d)
+                    a = (v * x_i)[..., 0].t()
+                    v = torch.addcmul(conv.step(a), a, skip[:, 0, 0]).t()[..., None]
+            torch.mul(v, xs[0], out=layer["gated"])
+            x = torch.addmm(x, layer["gated_t"], layer["out_w"])  # out_proj, its bias, and the residual
+            hidden = torch.addmm(layer["fc1_b"], F.layer_norm(x, (d,), *layer["norm2"], eps), layer["fc1_w"])
+            torch._C._nn.gelu(hidden, approximate="tanh", out=layer["hidden_out"])
+            x = torch.addmm(x, layer["hidden"], layer["fc2_w"])  # fc2, its bias, and the residual
         return F.linear(F.layer_norm(x, (d,), model.ln_f.weight, model.ln_f.bias, eps), model.embedding.weight)
