@@ -136,7 +136,6 @@ def choose(logits, temperature, top_k, generator):
     return FIRST_BASE + (cdf < u * cdf[:, -1:]).sum(-1).clamp(max=3)
 
 
-@torch.no_grad()
 def generate(model, prompt, length, num=1, temperature=1.0, top_k=None, seed=0, method="online", progress=None):
     """`num` continuations of `length` bases after `prompt` (a DNA string or 1-D ids): (num, length) int64 ids.
     method: "online" (default: exact, O(log^2 t) per base), "cache" (exact, O(t) per base) or "forward" (the
@@ -152,21 +151,24 @@ def generate(model, prompt, length, num=1, temperature=1.0, top_k=None, seed=0, 
     if len(ids) + length > model.cfg.l_max:  # the whole sequence stays within what the model takes
         raise th.UserError(f"prompt ({len(ids)}) and length ({length}) reach {len(ids) + length} bases, over the "
                            f"model's l_max {model.cfg.l_max}")
-    device = next(model.parameters()).device
-    generator = torch.Generator().manual_seed(seed)
-    seqs = ids.to(device)[None].repeat(num, 1)  # (num, P)
-    out = seqs.new_empty(num, length)
-    if method != "forward":
-        state = model.decoding_state(max(total, len(ids)), LONG_CONVS[method])
-        logits = model.prefill(seqs, state)[:, -1]  # the prompt in one pass
-        # then each base by the fast path's step on a fast model (fast.FastStep), the plain one otherwise
-        step = fast.FastStep(model, state) if model.blocks[0].fast is not None else partial(model.step, state=state)
-    for i in range(length):
-        if method == "forward":
-            logits = model(torch.cat([seqs, out[:, :i]], 1))[:, -1]
-        out[:, i] = choose(logits.float().cpu(), temperature, top_k, generator).to(device)
-        if method != "forward" and i < length - 1:
-            logits = step(out[:, i])
-        if progress:
-            progress(1)
-    return out.cpu()
+    # inference mode, not just no_grad: no autograd bookkeeping on any tensor, about a tenth of a base's time at
+    # batch 1 (BENCHMARKS.md)
+    with torch.inference_mode():
+        device = next(model.parameters()).device
+        generator = torch.Generator().manual_seed(seed)
+        seqs = ids.to(device)[None].repeat(num, 1)  # (num, P)
+        out = seqs.new_empty(num, length)
+        if method != "forward":
+            state = model.decoding_state(max(total, len(ids)), LONG_CONVS[method])
+            logits = model.prefill(seqs, state)[:, -1]  # the prompt in one pass
+            # then each base by the fast path's step on a fast model (fast.FastStep), the plain one otherwise
+            step = fast.FastStep(model, state) if model.blocks[0].fast is not None else partial(model.step, state=state)
+        for i in range(length):
+            if method == "forward":
+                logits = model(torch.cat([seqs, out[:, :i]], 1))[:, -1]
+            out[:, i] = choose(logits.float().cpu(), temperature, top_k, generator).to(device)
+            if method != "forward" and i < length - 1:
+                logits = step(out[:, i])
+            if progress:
+                progress(1)
+    return out.cpu().clone()  # (a clone made outside inference mode: an ordinary tensor for the caller)

@@ -421,7 +421,7 @@ class FastStep:
     by a dispatch mode, HyenaDNA.step makes about 80 operations a position for the tiny model and this about
     36 (BENCHMARKS.md). Built from a model and the decoding state that model.prefill filled (decoding_state),
     it owns that state from then on: go on with this step, not with model.step. Call it without a gradient
-    (decoding.generate runs under torch.no_grad).
+    (decoding.generate runs it under torch.inference_mode).
     - in_proj writes its output straight into the short convolution's window of its last K inputs, a ring
       (K, B, C), and the convolution is one batched matrix product over the channels, with the tap weights
       in the ring's current rotation and its bias added in the same call;

@@ -70,6 +70,7 @@ def test_sampling_is_the_same_with_every_method():
     model = random_model(cfg, 0)
     online = decoding.generate(model, "ACGTTGCA", 120, num=3, temperature=1.0, seed=5)
     assert online.shape == (3, 120) and set(online.unique().tolist()) <= {7, 8, 9, 10}  # A, C, G, T only
+    assert not online.is_inference()  # decoded in inference mode, handed back as an ordinary tensor
     for method in ("cache", "forward"):
         assert torch.equal(online, decoding.generate(model, "ACGTTGCA", 120, num=3, seed=5, method=method)), method
     assert not torch.equal(online[0], online[1])  # rows are sampled, not copied
