@@ -131,9 +131,9 @@ def choose(logits, temperature, top_k, generator):
     if top_k is not None and top_k < 4:
         kth = scores.topk(top_k, -1).values[:, -1:]
         scores = scores.masked_fill(scores < kth, -torch.inf)
-    cdf = torch.softmax(scores, -1).cumsum(-1)
+    cdf = torch.softmax(scores, -1).cumsum(-1)  # its last entry is 1 but for rounding, which clamp covers
     u = torch.rand(len(scores), 1, generator=generator, dtype=torch.float64)
-    return FIRST_BASE + (cdf < u * cdf[:, -1:]).sum(-1).clamp(max=3)
+    return FIRST_BASE + (cdf < u).sum(-1).clamp(max=3)
 
 
 def generate(model, prompt, length, num=1, temperature=1.0, top_k=None, seed=0, method="online", progress=None):
@@ -166,9 +166,9 @@ def generate(model, prompt, length, num=1, temperature=1.0, top_k=None, seed=0, 
         for i in range(length):
             if method == "forward":
                 logits = model(torch.cat([seqs, out[:, :i]], 1))[:, -1]
-            out[:, i] = choose(logits.float().cpu(), temperature, top_k, generator).to(device)
+            out[:, i] = bases = choose(logits.float().cpu(), temperature, top_k, generator).to(device)
             if method != "forward" and i < length - 1:
-                logits = step(out[:, i])
+                logits = step(bases)
             if progress:
                 progress(1)
     return out.cpu().clone()  # (a clone made outside inference mode: an ordinary tensor for the caller)
