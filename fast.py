@@ -449,6 +449,7 @@ class FastStep:
             z = w.new_empty(N + 1, d, B, 1)  # the streams x_0 .. x_{N-1}, v, channels first
             gated = w.new_ones(d + 1, B)  # out_proj's input, and a row of ones for its bias
             hidden = w.new_ones(B, cfg.d_inner + 1)  # fc2's input, and a column of ones for its bias
+            fc1_out = w.new_empty(B, cfg.d_inner)
             self.layers.append(dict(
                 norm1=(block.norm1.weight, block.norm1.bias), norm2=(block.norm2.weight, block.norm2.bias),
                 in_w=op.in_proj.weight.t(), in_b=op.in_proj.bias, ring_slots=list(ring),
@@ -456,17 +457,19 @@ class FastStep:
                 z=z.view(-1, B, 1), streams=list(z), skip=list(op.filter.bias.view(N - 1, d, 1, 1)),
                 long_convs=layer_state.long_convs, gated=gated[:d, :, None], gated_t=gated.t(),
                 out_w=torch.cat([op.out_proj.weight.t(), op.out_proj.bias[None]]),  # (d+1, d)
-                fc1_w=block.mlp.fc1.weight.t(), fc1_b=block.mlp.fc1.bias, hidden=hidden,
+                fc1_w=block.mlp.fc1.weight.t(), fc1_b=block.mlp.fc1.bias, fc1_out=fc1_out, hidden=hidden,
                 hidden_out=hidden[:, :cfg.d_inner], fc2_w=torch.cat([block.mlp.fc2.weight.t(), block.mlp.fc2.bias[None]])))
         self.d, self.K, self.eps = d, K, cfg.layer_norm_epsilon
+        self.stream = model.embedding.weight.new_empty(B, d)  # the residual stream, updated in place
 
     def __call__(self, input_ids):
         """input_ids (B,) the tokens at the next position -> next-token logits (B, V), as model.step."""
         model, d, K, eps, t = self.model, self.d, self.K, self.eps, self.t
         self.t += 1
-        x = model.embedding.weight.index_select(0, input_ids)  # (B, d)
+        # (torch.layer_norm: F.layer_norm's own binding, without its Python wrapper's checks, 1-2 us a call here)
+        x = torch.index_select(model.embedding.weight, 0, input_ids, out=self.stream)  # (B, d)
         for layer in self.layers:
-            u = F.layer_norm(x, (d,), *layer["norm1"], eps)
+            u = torch.layer_norm(x, (d,), *layer["norm1"], eps)
             torch.addmm(layer["in_b"], u, layer["in_w"], out=layer["ring_slots"][(K - 1 + t) % K])  # in_proj
             # the short convolution: (C, B, K) window times (C, K, 1) taps, into the streams' buffer
             torch.baddbmm(layer["conv_bias"], layer["window"], layer["rotations"][t % K], out=layer["z"])
@@ -479,8 +482,9 @@ class FastStep:
                     a = (v * x_i)[..., 0].t()
                     v = torch.addcmul(conv.step(a), a, skip[:, 0, 0]).t()[..., None]
             torch.mul(v, xs[0], out=layer["gated"])
-            x = torch.addmm(x, layer["gated_t"], layer["out_w"])  # out_proj, its bias, and the residual
-            hidden = torch.addmm(layer["fc1_b"], F.layer_norm(x, (d,), *layer["norm2"], eps), layer["fc1_w"])
-            torch._C._nn.gelu(hidden, approximate="tanh", out=layer["hidden_out"])
-            x = torch.addmm(x, layer["hidden"], layer["fc2_w"])  # fc2, its bias, and the residual
-        return F.linear(F.layer_norm(x, (d,), model.ln_f.weight, model.ln_f.bias, eps), model.embedding.weight)
+            x.addmm_(layer["gated_t"], layer["out_w"])  # out_proj and its bias, added to the stream
+            torch.addmm(layer["fc1_b"], torch.layer_norm(x, (d,), *layer["norm2"], eps), layer["fc1_w"],
+                        out=layer["fc1_out"])
+            torch._C._nn.gelu(layer["fc1_out"], approximate="tanh", out=layer["hidden_out"])
+            x.addmm_(layer["hidden"], layer["fc2_w"])  # fc2 and its bias, added to the stream
+        return F.linear(torch.layer_norm(x, (d,), model.ln_f.weight, model.ln_f.bias, eps), model.embedding.weight)
