@@ -29,9 +29,8 @@ import torch.nn.functional as F
 import fast
 import tinyhyena as th
 
-FIRST_BASE = th.BASE_IDS["A"]  # A, C, G, T: consecutive ids, what sampling may choose
-BASE_TOKENS = torch.tensor([th.BASE_IDS[b] for b in "ACGT"])
-assert BASE_TOKENS.tolist() == list(range(FIRST_BASE, FIRST_BASE + 4))
+FIRST_BASE = th.BASE_IDS["A"]  # A, C, G, T have consecutive ids (th.BASE_IDS): what sampling may choose
+BASE_TOKENS = torch.arange(FIRST_BASE, FIRST_BASE + 4)
 METHODS = ("online", "cache", "forward")
 DIRECT_BLOCK = 64  # blocks up to this size are summed directly: a small Toeplitz product beats three FFT calls
 
