@@ -385,11 +385,29 @@ def mlp_in_pieces(mlp, x, in_pieces=True):
     return out.view(*x.shape[:-1], -1)
 
 
+def mlp_into_stream(block, x, rows_per_piece):
+    """x += block.mlp(block.norm2(x)) in place, without a gradient, x (B, L, d) contiguous: rows_per_piece
+    positions at a time, each piece's hidden activations (4x wider than the stream) written into one buffer
+    that stays in cache from fc1 through GELU to fc2, instead of three fresh 4x-wide tensors in memory."""
+    fc1, fc2, norm = block.mlp.fc1, block.mlp.fc2, block.norm2
+    rows = x.view(-1, x.shape[-1])  # (B*L, d)
+    hidden = x.new_empty(min(rows_per_piece, len(rows)), fc1.out_features)
+    for piece in rows.split(rows_per_piece):
+        h = hidden[:len(piece)]
+        u = torch.layer_norm(piece, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+        torch.addmm(fc1.bias, u, fc1.weight.t(), out=h)
+        torch.ops.aten.gelu_(h, approximate="tanh")
+        piece.addmm_(h, fc2.weight.t()).add_(fc2.bias)
+    return x
+
+
 class FastBlock:
-    """Block's fast path and its setting: mlp_chunk, the positions per MLP call at long L."""
+    """Block's fast path and its settings: mlp_chunk, the positions per MLP call at long L; mlp_rows, the
+    positions per MLP piece without a gradient on the CPU (mlp_into_stream)."""
 
     def __init__(self):
         self.mlp_chunk = 1 << 16
+        self.mlp_rows = 2048  # a 4 MB hidden piece at d = 128, in cache from fc1 to fc2 (BENCHMARKS.md)
 
     def __call__(self, block, x, checkpoint=False):  # x: (B, L, d)
         mixer = block.mixer
@@ -397,6 +415,8 @@ class FastBlock:
         # without a gradient, the residual is added into the branch's own fresh tensor (one big tensor fewer);
         # but not into a bf16 branch under autocast, which would round the float32 stream
         x = branch.add_(x) if not torch.is_grad_enabled() and branch.dtype == x.dtype else x + branch
+        if self.mlp_in_place(block, x):
+            return mlp_into_stream(block, x, self.mlp_rows if x.device.type == "cpu" else self.mlp_chunk)
         # The MLP acts on each position alone and fc1 is 4x wider than the stream (2 GB at L = 2^20, d = 128),
         # so at long L it runs on slices of positions: without a gradient, updating the stream in place one
         # slice at a time; under checkpointing, recomputing one slice at a time in backward.
@@ -409,6 +429,14 @@ class FastBlock:
                 part += branch(part)
             return x
         return x + torch.cat([checkpointed(True, branch, part) for part in x.split(self.mlp_chunk, dim=1)], 1)
+
+    @staticmethod
+    def mlp_in_place(block, x):
+        """Whether the MLP may update the stream x in place (mlp_into_stream): no gradient, no dropout, no
+        autocast, and x in the weights' dtype, contiguous (the fresh tensor the residual was just added into)."""
+        return (not torch.is_grad_enabled() and not (block.training and block.dropout.p > 0)
+                and not torch.is_autocast_enabled(x.device.type) and x.is_contiguous()
+                and x.dtype == block.mlp.fc1.weight.dtype)
 
 
 # ---------------------------------------------------------------------------------------------------------

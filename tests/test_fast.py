@@ -36,12 +36,13 @@ def test_fast_path_equals_plain_path_with_gradients(case, checkpointing, data):
     """HyenaDNA(cfg) and HyenaDNA(cfg, fast=False) with the same weights: the same outputs, and the same
     gradients of every parameter and of the input, with several channel groups, with gradient checkpointing
     (the fast path then recomputes each group, and the MLP in slices of positions, alone), and without a
-    gradient (the kept spectra, read twice)."""
+    gradient (the kept spectra, read twice; the MLP into the stream in place, in pieces of `rows` positions)."""
     cfg, L, B, seed, group = case
     fast_model, plain = fast_and_plain(cfg, seed, group)
     chunk = data.draw(st.one_of(st.just(1 << 16), st.integers(1, max(1, L))))  # MLP slices of `chunk` positions
+    rows = data.draw(st.one_of(st.just(2048), st.integers(1, B * L + 1)))  # pieces of rows, batch rows included
     for block in fast_model.blocks:
-        block.fast.mlp_chunk = chunk
+        block.fast.mlp_chunk, block.fast.mlp_rows = chunk, rows
     fast_model.gradient_checkpointing = plain.gradient_checkpointing = checkpointing
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(B, L, cfg.d_model, generator=g, dtype=torch.float64)
@@ -69,6 +70,7 @@ def test_memory_budgets_split_long_sequences_into_groups_and_slices(monkeypatch)
     for block in model.blocks:
         block.mixer.fast.group_budget = 3 * 3_000  # one channel's projections: the 16-channel floor decides
         block.fast.mlp_chunk = 700  # 5 slices, the last short
+        block.fast.mlp_rows = 700  # the same without a gradient
     assert model.blocks[0].mixer.fast.group_size(1, 3_000, 40, 2) == 14  # 3 equal groups of at most 16
     g = torch.Generator().manual_seed(0)
     x = torch.randn(1, 3_000, 40, generator=g, dtype=torch.float64)
@@ -283,3 +285,21 @@ def test_fast_step_equals_the_plain_step_at_every_position(case, steps):
             for t in range(P, P + steps):
                 expected = model.step(ids[:, t], plain_state)
                 assert (step(ids[:, t]) - expected).abs().max() <= 1e-10 * max(1.0, expected.abs().max()), (long_conv, t)
+
+
+def test_mlp_updates_the_stream_in_place_only_without_gradient_dropout_or_autocast():
+    """FastBlock's MLP writes into the stream in place (fast.mlp_into_stream) only where nothing else needs the
+    stream's old values or the branch's own tensor: no gradient, no active dropout, no autocast (whose bf16
+    MLP the float32 stream must not be written by in place), a contiguous stream in the weights' dtype."""
+    block = th.Block(th.HyenaConfig(d_model=8, n_layer=1, d_inner=16, filter_order=4, l_max=10, resid_dropout=0.1))
+    x = torch.randn(2, 5, 8)
+    in_place = lambda: fast.FastBlock.mlp_in_place(block, x)
+    with torch.no_grad():
+        assert in_place() is False  # a training block with dropout
+        block.eval()
+        assert in_place() is True
+        assert fast.FastBlock.mlp_in_place(block, x.transpose(0, 1)) is False
+        assert fast.FastBlock.mlp_in_place(block, x.double()) is False
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert in_place() is False
+    assert in_place() is False  # with a gradient
