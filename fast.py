@@ -461,11 +461,11 @@ class FastStep:
     - no check of the token ids (decoding.generate draws them) and no dropout (decoding is inference)."""
 
     def __init__(self, model, state):
-        self.model, self.t = model, 0
+        self.t = 0
         cfg = model.cfg
         d, N, K = cfg.d_model, cfg.order, cfg.short_filter_order
         B = len(state[0].recent)
-        self.layers = []
+        self.layers = []  # per layer one tuple, read by __call__ in one unpacking (a dict costs a lookup a name)
         for block, layer_state in zip(model.blocks, state):
             op = block.mixer
             w = op.short_conv.weight[:, 0]  # (C, K): tap K-1 weighs the newest input
@@ -475,44 +475,46 @@ class FastStep:
             rotations = [torch.stack([w[:, K - 1 - (K - 1 + s - k) % K] for k in range(K)], 1)[..., None]
                          for s in range(K)]  # each (C, K, 1)
             z = w.new_empty(N + 1, d, B, 1)  # the streams x_0 .. x_{N-1}, v, channels first
+            *xs, v = z
+            # the gates and long convolutions in HyenaOperator.recurrence's order: (x_i, state, skip weight,
+            # whether the state takes its input in place: decoding.OnlineConv's next_input and advance)
+            gates = [(x_i, conv, skip, hasattr(conv, "next_input")) for x_i, conv, skip in
+                     zip(reversed(xs[1:]), layer_state.long_convs, op.filter.bias.view(N - 1, d, 1, 1))]
             gated = w.new_ones(d + 1, B)  # out_proj's input, and a row of ones for its bias
             hidden = w.new_ones(B, cfg.d_inner + 1)  # fc2's input, and a column of ones for its bias
-            fc1_out = w.new_empty(B, cfg.d_inner)
-            self.layers.append(dict(
-                norm1=(block.norm1.weight, block.norm1.bias), norm2=(block.norm2.weight, block.norm2.bias),
-                in_w=op.in_proj.weight.t(), in_b=op.in_proj.bias, ring_slots=list(ring),
-                window=ring.permute(2, 1, 0), rotations=rotations, conv_bias=op.short_conv.bias[:, None, None],
-                z=z.view(-1, B, 1), streams=list(z), skip=list(op.filter.bias.view(N - 1, d, 1, 1)),
-                long_convs=layer_state.long_convs, gated=gated[:d, :, None], gated_t=gated.t(),
-                out_w=torch.cat([op.out_proj.weight.t(), op.out_proj.bias[None]]),  # (d+1, d)
-                fc1_w=block.mlp.fc1.weight.t(), fc1_b=block.mlp.fc1.bias, fc1_out=fc1_out, hidden=hidden,
-                hidden_out=hidden[:, :cfg.d_inner], fc2_w=torch.cat([block.mlp.fc2.weight.t(), block.mlp.fc2.bias[None]])))
+            self.layers.append((
+                block.norm1.weight, block.norm1.bias, op.in_proj.bias, op.in_proj.weight.t(), list(ring),
+                ring.permute(2, 1, 0), rotations, op.short_conv.bias[:, None, None], z.view(-1, B, 1), v, gates,
+                xs[0], gated[:d, :, None], gated.t(), torch.cat([op.out_proj.weight.t(), op.out_proj.bias[None]]),
+                block.norm2.weight, block.norm2.bias, block.mlp.fc1.bias, block.mlp.fc1.weight.t(),
+                w.new_empty(B, cfg.d_inner), hidden, hidden[:, :cfg.d_inner],
+                torch.cat([block.mlp.fc2.weight.t(), block.mlp.fc2.bias[None]])))
         self.d, self.K, self.eps = d, K, cfg.layer_norm_epsilon
-        self.stream = model.embedding.weight.new_empty(B, d)  # the residual stream, updated in place
+        self.embedding, self.ln_f = model.embedding.weight, (model.ln_f.weight, model.ln_f.bias)
+        self.stream = self.embedding.new_empty(B, d)  # the residual stream, updated in place
 
     def __call__(self, input_ids):
         """input_ids (B,) the tokens at the next position -> next-token logits (B, V), as model.step."""
-        model, d, K, eps, t = self.model, self.d, self.K, self.eps, self.t
+        d, K, eps, t = self.d, self.K, self.eps, self.t
         self.t += 1
         # (torch.layer_norm: F.layer_norm's own binding, without its Python wrapper's checks, 1-2 us a call here)
-        x = torch.index_select(model.embedding.weight, 0, input_ids, out=self.stream)  # (B, d)
-        for layer in self.layers:
-            u = torch.layer_norm(x, (d,), *layer["norm1"], eps)
-            torch.addmm(layer["in_b"], u, layer["in_w"], out=layer["ring_slots"][(K - 1 + t) % K])  # in_proj
-            # the short convolution: (C, B, K) window times (C, K, 1) taps, into the streams' buffer
-            torch.baddbmm(layer["conv_bias"], layer["window"], layer["rotations"][t % K], out=layer["z"])
-            *xs, v = layer["streams"]  # each (d, B, 1)
-            for x_i, conv, skip in zip(reversed(xs[1:]), layer["long_convs"], layer["skip"]):  # as HyenaOperator.step
-                if hasattr(conv, "next_input"):  # decoding.OnlineConv: the gate written into its input buffer
+        x = torch.index_select(self.embedding, 0, input_ids, out=self.stream)  # (B, d)
+        for (norm1_w, norm1_b, in_b, in_w, ring_slots, window, rotations, conv_bias, z, v, gates, x_0, gated,
+             gated_t, out_w, norm2_w, norm2_b, fc1_b, fc1_w, fc1_out, hidden, hidden_out, fc2_w) in self.layers:
+            u = torch.layer_norm(x, (d,), norm1_w, norm1_b, eps)
+            torch.addmm(in_b, u, in_w, out=ring_slots[(K - 1 + t) % K])  # in_proj, into the short conv's ring
+            # the short convolution: (C, B, K) window times (C, K, 1) taps, into the streams' buffer z
+            torch.baddbmm(conv_bias, window, rotations[t % K], out=z)
+            for x_i, conv, skip, in_place in gates:  # v, x_i: (d, B, 1); as HyenaOperator.recurrence
+                if in_place:  # the gate's product written into the state's input buffer
                     a = torch.mul(v, x_i, out=conv.next_input())
                     v = torch.addcmul(conv.advance(), a, skip)
                 else:  # any other long-convolution state, through its step (B, d) -> (B, d)
                     a = (v * x_i)[..., 0].t()
                     v = torch.addcmul(conv.step(a), a, skip[:, 0, 0]).t()[..., None]
-            torch.mul(v, xs[0], out=layer["gated"])
-            x.addmm_(layer["gated_t"], layer["out_w"])  # out_proj and its bias, added to the stream
-            torch.addmm(layer["fc1_b"], torch.layer_norm(x, (d,), *layer["norm2"], eps), layer["fc1_w"],
-                        out=layer["fc1_out"])
-            torch._C._nn.gelu(layer["fc1_out"], approximate="tanh", out=layer["hidden_out"])
-            x.addmm_(layer["hidden"], layer["fc2_w"])  # fc2 and its bias, added to the stream
-        return F.linear(torch.layer_norm(x, (d,), model.ln_f.weight, model.ln_f.bias, eps), model.embedding.weight)
+            torch.mul(v, x_0, out=gated)
+            x.addmm_(gated_t, out_w)  # out_proj and its bias, added to the stream
+            torch.addmm(fc1_b, torch.layer_norm(x, (d,), norm2_w, norm2_b, eps), fc1_w, out=fc1_out)
+            torch._C._nn.gelu(fc1_out, approximate="tanh", out=hidden_out)
+            x.addmm_(hidden, fc2_w)  # fc2 and its bias, added to the stream
+        return F.linear(torch.layer_norm(x, (d,), *self.ln_f, eps), self.embedding)
