@@ -13,8 +13,9 @@ In the order a forward pass meets them:
 - Autograd Functions with hand-written backward passes, which keep fewer and smaller tensors than autograd
   would: `GroupedProjection` (in_proj, straight into each group's layout), `CausalShortConv` (the short
   convolution as shifted multiply-adds), `GatedCausalConv` (gate, FFT convolution and skip term in one).
-- `FastBlock`: the MLP in heap-sized pieces of positions on the CPU, slices of positions at long L, the
-  residual added in place without a gradient.
+- `FastBlock`: the MLP in heap-sized pieces of positions on the CPU, slices of positions at long L; without a
+  gradient the residual added in place, and the MLP written into the stream in place a cache-sized piece of
+  positions at a time (`mlp_into_stream`).
 - `tune_cpu_memory`: process-wide settings for CPU memory (huge pages, glibc keeping freed memory), which the
   scripts call first thing in main and a library user may call; importing this file changes nothing.
 
