@@ -6,7 +6,7 @@ import types
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 import fast
@@ -267,10 +267,13 @@ def test_fft_size_is_smooth_and_large_enough():
 
 
 @given(configs_and_lengths(max_len=300), st.integers(1, 70))
+@example((th.HyenaConfig(d_model=6, n_layer=2, d_inner=8, filter_order=4, short_filter_order=4, l_max=12), 1, 2, 3,
+          None), 8)  # a one-base prompt: the short convolution's window starts with inputs before the prompt
 def test_fast_step_equals_the_plain_step_at_every_position(case, steps):
     """fast.FastStep gives model.step's logits at every position, to 1e-10 in float64, from the same prefilled
-    state (orders 2-4, short convolutions of 1-4 taps: every rotation of the window, 1-2 layers, batches of 1-3),
-    with either long-convolution state."""
+    state (orders 2-4, short convolutions of 1-4 taps: every rotation of the window, 1-2 layers, batches of 1-3;
+    prompts shorter than the window, which starts with the zeros before the prompt), with either long-convolution
+    state."""
     import decoding
     cfg, P, B, seed, _ = case
     P = min(P, cfg.l_max - 1)
