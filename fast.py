@@ -459,6 +459,8 @@ class FastStep:
       decoding.OnlineConv.next_input);
     - out_proj and fc2 add their bias in their matrix product, through a row of ones kept beside their inputs,
       and add the residual in the same call;
+    - every weight matrix is a row-major (in, out) copy, which a 1-row product reads faster than a transposed
+      view (3.0 against 3.6 us for in_proj's);
     - no check of the token ids (decoding.generate draws them) and no dropout (decoding is inference)."""
 
     def __init__(self, model, state):
@@ -484,10 +486,10 @@ class FastStep:
             gated = w.new_ones(d + 1, B)  # out_proj's input, and a row of ones for its bias
             hidden = w.new_ones(B, cfg.d_inner + 1)  # fc2's input, and a column of ones for its bias
             self.layers.append((
-                block.norm1.weight, block.norm1.bias, op.in_proj.bias, op.in_proj.weight.t(), list(ring),
+                block.norm1.weight, block.norm1.bias, op.in_proj.bias, op.in_proj.weight.t().contiguous(), list(ring),
                 ring.permute(2, 1, 0), rotations, op.short_conv.bias[:, None, None], z.view(-1, B, 1), v, gates,
                 xs[0], gated[:d, :, None], gated.t(), torch.cat([op.out_proj.weight.t(), op.out_proj.bias[None]]),
-                block.norm2.weight, block.norm2.bias, block.mlp.fc1.bias, block.mlp.fc1.weight.t(),
+                block.norm2.weight, block.norm2.bias, block.mlp.fc1.bias, block.mlp.fc1.weight.t().contiguous(),
                 w.new_empty(B, cfg.d_inner), hidden, hidden[:, :cfg.d_inner],
                 torch.cat([block.mlp.fc2.weight.t(), block.mlp.fc2.bias[None]])))
         self.d, self.K, self.eps = d, K, cfg.layer_norm_epsilon
