@@ -50,8 +50,11 @@ class OnlineConv:
         if window < 1 or window & (window - 1):
             raise th.UserError(f"window must be a power of two, got {window}")
         self.h, self.total, self.window = h, h.shape[-1], window
-        # the window's taps, oldest input first: (C, window, 1), lag window-1 .. 0
-        self.near = self.lag(torch.arange(window - 1, -1, -1, device=h.device), h)[..., None]
+        # the window's last `window` inputs in a ring (C, B, window): input i after the prompt in slot i % window;
+        # at input i the slot s is lag (i - s) % window, so each rotation r = i % window has its own taps (C,
+        # window, 1). Slots not written yet hold zeros, the inputs before the first.
+        lags = (torch.arange(window)[:, None] - torch.arange(window)[None, :]) % window  # (r, s) -> lag
+        self.taps = list(self.lag(lags.to(h.device), h)[..., None].unbind(1))  # per r: (C, window, 1)
         self.far = h.clone()  # the lags the blocks carry: from `window` up
         self.far[:, :window] = 0
         # inputs after the prompt and contributions ahead are kept channels first, (C, B, ...), so that a
@@ -63,7 +66,9 @@ class OnlineConv:
         B, C, P = a.shape
         if P > self.total:
             raise th.UserError(f"the decoding state has room for {self.total} positions, not {P}")
-        self.inputs = a.new_zeros(C, B, self.window - 1 + self.total - P)  # input i after the prompt: window-1+i
+        self.inputs = a.new_zeros(C, B, self.total - P)  # input i after the prompt: index i
+        self.ring = a.new_zeros(C, B, self.window)
+        self.slots = [self.ring[..., s:s + 1] for s in range(self.window)]  # each (C, B, 1)
         self.t = self.start = P
         # one FFT convolution gives the prompt's outputs and what it contributes to every later position
         n = fast.fft_size(P + self.total - 1)
@@ -80,20 +85,22 @@ class OnlineConv:
         before advance() (fast.FastStep writes its gate's product there; step(a) copies a)."""
         if self.t >= self.total:
             raise th.UserError(f"the decoding state has room for {self.total} positions, not {self.t + 1}")
-        return self.inputs.narrow(2, self.window - 1 + self.t - self.start, 1)
+        return self.slots[(self.t - self.start) % self.window]
 
     def advance(self):
         """The output (C, B, 1) at the next position, whose input next_input() holds; then on to the position
         after."""
         t, i = self.t, self.t - self.start  # i: inputs taken after the prompt
-        # lags below the window: its last `window` inputs (zeros before the first), on top of what is ahead
-        y = torch.baddbmm(self.ahead.narrow(2, t, 1), self.inputs.narrow(2, i, self.window), self.near)
+        # lags below the window: its ring of last `window` inputs, on top of what is ahead
+        y = torch.baddbmm(self.ahead.narrow(2, t, 1), self.ring, self.taps[i % self.window])
         self.t, i = t + 1, i + 1
-        if i % self.window == 0 and t + 1 < self.total:
-            U = i & -i  # the largest power of two dividing i: the block a[t-U+1 .. t] reaches y[t+1 .. t+U]
-            stop = min(t + 1 + U, self.total)
-            block = self.inputs[..., self.window - 1 + i - U:self.window - 1 + i]
-            self.ahead[..., t + 1:stop] += self.block_contribution(block, U)[..., :stop - t - 1]
+        if i % self.window == 0:  # the ring holds inputs i-window .. i-1 in order: into the kept inputs
+            self.inputs[..., i - self.window:i] = self.ring
+            if t + 1 < self.total:
+                U = i & -i  # the largest power of two dividing i: the block a[t-U+1 .. t] reaches y[t+1 .. t+U]
+                stop = min(t + 1 + U, self.total)
+                block = self.inputs[..., i - U:i]
+                self.ahead[..., t + 1:stop] += self.block_contribution(block, U)[..., :stop - t - 1]
         return y
 
     def block_contribution(self, block, U):
@@ -130,9 +137,10 @@ def choose(logits, temperature, top_k, generator):
     if top_k is not None and top_k < 4:
         kth = scores.topk(top_k, -1).values[:, -1:]
         scores = scores.masked_fill(scores < kth, -torch.inf)
-    cdf = torch.softmax(scores, -1).cumsum(-1)  # its last entry is 1 but for rounding, which clamp covers
+    cdf = torch.softmax(scores, -1).cumsum(-1)
     u = torch.rand(len(scores), 1, generator=generator, dtype=torch.float64)
-    return FIRST_BASE + (cdf < u).sum(-1).clamp(max=3)
+    # the base: how many of the first three CDF entries lie below u (the last is 1 but for rounding: never counted)
+    return FIRST_BASE + (cdf[:, :3] < u).sum(-1)
 
 
 def generate(model, prompt, length, num=1, temperature=1.0, top_k=None, seed=0, method="online", progress=None):

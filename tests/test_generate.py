@@ -150,6 +150,20 @@ def test_sampling_draws_from_the_tempered_top_k_distribution(temperature, top_k)
     assert chi2 < {1: 15.1, 2: 18.4, 3: 21.1}[int(kept.sum()) - 1], (counts, DRAWS * p)  # 1e-4 quantiles
 
 
+def test_a_uniform_beyond_a_cdf_that_rounds_below_one_still_draws_a_base(monkeypatch):
+    """These base logits' float64 CDF ends at 1 - 2^-52: a uniform draw above that (here the largest below 1) must
+    still give base T, not the token after it."""
+    logits = torch.full((1, 12), -3.0)
+    logits[0, decoding.BASE_TOKENS] = torch.tensor([0.6718751788139343, 1.6558928489685059, -1.736393928527832,
+                                                    0.05316635221242905])
+    cdf = torch.softmax(logits[:, decoding.BASE_TOKENS].double(), -1).cumsum(-1)
+    largest_below_one = 1 - 2.0 ** -53
+    assert cdf[0, 3] < largest_below_one  # the case this test is for
+    monkeypatch.setattr(decoding.torch, "rand", lambda *shape, **kwargs: torch.full(shape, largest_below_one,
+                                                                                    dtype=torch.float64))
+    assert decoding.choose(logits, 1.0, None, torch.Generator()).tolist() == [int(decoding.BASE_TOKENS[3])]
+
+
 def test_lower_temperature_sharpens_and_top_k_1_or_temperature_0_is_greedy():
     frequencies = {}
     for temperature in (0.25, 0.5, 1.0, 2.0, 4.0):
