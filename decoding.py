@@ -103,6 +103,13 @@ class OnlineConv:
                 self.ahead[..., t + 1:stop] += self.block_contribution(block, U)[..., :stop - t - 1]
         return y
 
+    def add_skip(self, skip):
+        """From now on advance() gives y[t] + skip * a[t], skip (C,): a gate's skip term is a tap at lag 0, so it
+        can ride in the window's product (fast.FastStep: one operation a position fewer). step() too."""
+        self.taps = [taps.clone() for taps in self.taps]
+        for r, taps in enumerate(self.taps):  # in rotation r the newest input, lag 0, is in slot r
+            taps[:, r, 0] += skip
+
     def block_contribution(self, block, U):
         """out[j] = sum_m far[U + j - m] block[m], j, m in 0..U-1: a block of U inputs (C, B, U) on the next U
         outputs, through the far filter's lags 1 .. 2U-1."""

@@ -447,16 +447,17 @@ class FastStep:
     """HyenaDNA.step's fast path: the same next-token logits, one position at a time, in fewer operations on
     buffers laid out once. At batch 1 a tiny model's step is about 0.8 MFLOP, so its time is the number of
     operations (each eager operation costs microseconds) and the weights read, not the arithmetic: counted
-    by a dispatch mode, HyenaDNA.step makes about 80 operations a position for the tiny model and this about
-    36 (BENCHMARKS.md). Built from a model and the decoding state that model.prefill filled (decoding_state),
+    by a dispatch mode, HyenaDNA.step makes about 80 operations a position for the tiny model and this 29
+    (BENCHMARKS.md). Built from a model and the decoding state that model.prefill filled (decoding_state),
     it owns that state from then on: go on with this step, not with model.step. Call it without a gradient
     (decoding.generate runs it under torch.inference_mode).
     - in_proj writes its output straight into the short convolution's window of its last K inputs, a ring
       (K, B, C), and the convolution is one batched matrix product over the channels, with the tap weights
-      in the ring's current rotation and its bias added in the same call;
+      in the ring's current rotation and its bias (in_proj's bias with it) added in the same call;
     - the streams, the gates and the long convolutions' inputs go into buffers in place, each read through
       views made once (the online convolution's next input is a view of its own buffer:
-      decoding.OnlineConv.next_input);
+      decoding.OnlineConv.next_input), and the online convolution adds the skip term itself, as its tap at
+      lag 0 (decoding.OnlineConv.add_skip);
     - out_proj and fc2 add their bias in their matrix product, through a row of ones kept beside their inputs,
       and add the residual in the same call;
     - every weight matrix is a row-major (in, out) copy, which a 1-row product reads faster than a transposed
@@ -473,27 +474,37 @@ class FastStep:
             op = block.mixer
             w = op.short_conv.weight[:, 0]  # (C, K): tap K-1 weighs the newest input
             ring = w.new_zeros(K, B, w.shape[0])  # the last K inputs: slot (K-1+s) % K is step s's
-            ring[:K - 1] = layer_state.recent.permute(2, 0, 1)  # the prompt's last K-1 inputs, slots 0 .. K-2
+            # in_proj's bias b rides in the convolution's (every input has it: sum_k w_k (r_k + b) = sum_k w_k r_k
+            # + b sum_k w_k), so the ring holds in_proj's outputs less b, written by a plain mm; a zero before the
+            # prompt is then held as -b
+            in_b = op.in_proj.bias
+            ring[:K - 1] = (layer_state.recent - in_b[:, None]).permute(2, 0, 1)  # the last K-1, slots 0 .. K-2
             # at step s, slot k holds the input (K-1+s - k) % K positions back, which tap K-1 - that weighs
             rotations = [torch.stack([w[:, K - 1 - (K - 1 + s - k) % K] for k in range(K)], 1)[..., None]
                          for s in range(K)]  # each (C, K, 1)
             z = w.new_empty(N + 1, d, B, 1)  # the streams x_0 .. x_{N-1}, v, channels first
             *xs, v = z
             # the gates and long convolutions in HyenaOperator.recurrence's order: (x_i, state, skip weight,
-            # whether the state takes its input in place: decoding.OnlineConv's next_input and advance)
+            # whether the state takes its input in place and adds the skip term itself: decoding.OnlineConv's
+            # next_input, advance and add_skip)
             gates = [(x_i, conv, skip, hasattr(conv, "next_input")) for x_i, conv, skip in
                      zip(reversed(xs[1:]), layer_state.long_convs, op.filter.bias.view(N - 1, d, 1, 1))]
+            for _, conv, skip, in_place in gates:
+                if in_place:
+                    conv.add_skip(skip.flatten())
             gated = w.new_ones(d + 1, B)  # out_proj's input, and a row of ones for its bias
             hidden = w.new_ones(B, cfg.d_inner + 1)  # fc2's input, and a column of ones for its bias
             self.layers.append((
-                block.norm1.weight, block.norm1.bias, op.in_proj.bias, op.in_proj.weight.t().contiguous(), list(ring),
-                ring.permute(2, 1, 0), rotations, op.short_conv.bias[:, None, None], z.view(-1, B, 1), v, gates,
+                block.norm1.weight, block.norm1.bias, op.in_proj.weight.t().contiguous(), list(ring),
+                ring.permute(2, 1, 0), rotations, (op.short_conv.bias + in_b * w.sum(1))[:, None, None],
+                z.view(-1, B, 1), v, gates,
                 xs[0], gated[:d, :, None], gated.t(), torch.cat([op.out_proj.weight.t(), op.out_proj.bias[None]]),
                 block.norm2.weight, block.norm2.bias, block.mlp.fc1.bias, block.mlp.fc1.weight.t().contiguous(),
                 w.new_empty(B, cfg.d_inner), hidden, hidden[:, :cfg.d_inner],
                 torch.cat([block.mlp.fc2.weight.t(), block.mlp.fc2.bias[None]])))
         self.d, self.K, self.eps = d, K, cfg.layer_norm_epsilon
         self.embedding, self.ln_f = model.embedding.weight, (model.ln_f.weight, model.ln_f.bias)
+        self.lm_head = self.embedding.t().contiguous()  # (d, V), row-major as the other weights
         self.stream = self.embedding.new_empty(B, d)  # the residual stream, updated in place
 
     def __call__(self, input_ids):
@@ -502,16 +513,16 @@ class FastStep:
         self.t += 1
         # (torch.layer_norm: F.layer_norm's own binding, without its Python wrapper's checks, 1-2 us a call here)
         x = torch.index_select(self.embedding, 0, input_ids, out=self.stream)  # (B, d)
-        for (norm1_w, norm1_b, in_b, in_w, ring_slots, window, rotations, conv_bias, z, v, gates, x_0, gated,
+        for (norm1_w, norm1_b, in_w, ring_slots, window, rotations, conv_bias, z, v, gates, x_0, gated,
              gated_t, out_w, norm2_w, norm2_b, fc1_b, fc1_w, fc1_out, hidden, hidden_out, fc2_w) in self.layers:
             u = torch.layer_norm(x, (d,), norm1_w, norm1_b, eps)
-            torch.addmm(in_b, u, in_w, out=ring_slots[(K - 1 + t) % K])  # in_proj, into the short conv's ring
+            torch.mm(u, in_w, out=ring_slots[(K - 1 + t) % K])  # in_proj less its bias, into the ring
             # the short convolution: (C, B, K) window times (C, K, 1) taps, into the streams' buffer z
             torch.baddbmm(conv_bias, window, rotations[t % K], out=z)
             for x_i, conv, skip, in_place in gates:  # v, x_i: (d, B, 1); as HyenaOperator.recurrence
-                if in_place:  # the gate's product written into the state's input buffer
-                    a = torch.mul(v, x_i, out=conv.next_input())
-                    v = torch.addcmul(conv.advance(), a, skip)
+                if in_place:  # the gate's product written into the state's input buffer; the skip term its own
+                    torch.mul(v, x_i, out=conv.next_input())
+                    v = conv.advance()
                 else:  # any other long-convolution state, through its step (B, d) -> (B, d)
                     a = (v * x_i)[..., 0].t()
                     v = torch.addcmul(conv.step(a), a, skip[:, 0, 0]).t()[..., None]
@@ -520,4 +531,4 @@ class FastStep:
             torch.addmm(fc1_b, torch.layer_norm(x, (d,), norm2_w, norm2_b, eps), fc1_w, out=fc1_out)
             torch._C._nn.gelu(fc1_out, approximate="tanh", out=hidden_out)
             x.addmm_(hidden, fc2_w)  # fc2 and its bias, added to the stream
-        return F.linear(torch.layer_norm(x, (d,), *self.ln_f, eps), self.embedding)
+        return torch.mm(torch.layer_norm(x, (d,), *self.ln_f, eps), self.lm_head)

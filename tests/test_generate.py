@@ -23,7 +23,7 @@ STEPS = [1, 2, 3, 4, 5, 7, 8, 9, 15, 16, 17, 31, 32, 33, 63, 64, 65, 127, 128, 1
 def test_online_convolution_equals_the_direct_sum(B, C, P, steps, seed, window):
     """OnlineConv (lags below `window` summed directly: 1, 2, the default 16, 64) and ConvHistory after a prefill of
     P positions, then one position at a time: y[t] = sum_{s<=t} h[t-s] a[s] at every t, blocks summed directly
-    and by FFT (past 64 positions) alike."""
+    and by FFT (past 64 positions) alike; and OnlineConv with a skip term added part way (add_skip)."""
     g = torch.Generator().manual_seed(seed)
     total = P + steps
     a = torch.randn(B, C, total, generator=g, dtype=torch.float64)
@@ -35,6 +35,15 @@ def test_online_convolution_equals_the_direct_sum(B, C, P, steps, seed, window):
         torch.testing.assert_close(torch.cat(got, -1), direct, rtol=1e-10, atol=1e-10)
         with pytest.raises(th.UserError, match=f"room for {total} positions, not {total + 1}"):
             conv.step(a[..., 0])
+    # with a skip term folded in (add_skip: a tap at lag 0), halfway through the steps: y[t] + skip * a[t] from then on
+    skip = torch.randn(C, generator=g, dtype=torch.float64)
+    conv = decoding.OnlineConv(h, window=window)
+    got = [conv.prefill(a[..., :P])] + [conv.step(a[..., t])[..., None] for t in range(P, P + steps // 2)]
+    conv.add_skip(skip)
+    got += [conv.step(a[..., t])[..., None] for t in range(P + steps // 2, total)]
+    from_then_on = torch.arange(total, dtype=torch.float64) >= P + steps // 2
+    with_skip = direct + from_then_on * skip[:, None] * a
+    torch.testing.assert_close(torch.cat(got, -1), with_skip, rtol=1e-10, atol=1e-10)
     with pytest.raises(th.UserError, match="window must be a power of two, got 3"):
         decoding.OnlineConv(h, window=3)
 
