@@ -309,7 +309,7 @@ class FastHyena:
         else:  # each group written into y as it is done: no list of groups to concatenate
             y = u.new_empty(B, d, L)
             for h_g, g in zip(h_groups, groups):
-                y[:, g] = mix(u, h_g, g)
+                self.mix_channels(op, self.project(op, u, [g])[0], h_g, g, out=y[:, g])
         # out_proj on y transposed, (B, d, L) -> (B, L, d), bias and all in one batched matmul (F.linear on a
         # transposed input adds the bias in a second pass over the output)
         W, b = op.out_proj.weight, op.out_proj.bias
@@ -331,16 +331,22 @@ class FastHyena:
         return GroupedProjection.project(u, W, b, sizes)
 
     @staticmethod
-    def mix_channels(op, z, h, g):
+    def mix_channels(op, z, h, g, out=None):
         """Channels g (a slice) of the operator, from their projections to before out_proj: the recurrence of
-        HyenaOperator.forward. z: (B, (N+1)*G, L), h: their filters (N-1, G, L) -> (B, G, L)."""
+        HyenaOperator.forward. z: (B, (N+1)*G, L), h: their filters (N-1, G, L) -> (B, G, L); without a
+        gradient into `out` where given (the last gate's product written there, not copied)."""
         N, d = op.cfg.order, op.cfg.d_model
         Wc, bc = op.short_conv.weight.view(N + 1, d, -1), op.short_conv.bias.view(N + 1, d)
         z = causal_short_conv(z, Wc[:, g].flatten(0, 1), bc[:, g].flatten())
         *x, v = z.split(g.stop - g.start, dim=1)  # x_0 .. x_{N-1}, v: each (B, G, L)
         bias = op.filter.bias.view(N - 1, d)
         # h_o (*) (v * x_i) + bias_o * (v * x_i), gate and convolution in one
-        return op.recurrence(x, v, lambda o, v, x_i: gated_causal_conv(v, x_i, h[o], bias[o, g]))
+        conv = lambda o, v, x_i: gated_causal_conv(v, x_i, h[o], bias[o, g])
+        if out is None:
+            return op.recurrence(x, v, conv)
+        for o, x_i in enumerate(reversed(x[1:])):  # op.recurrence, its last gate into `out`
+            v = conv(o, v, x_i)
+        return torch.mul(v, x[0], out=out)
 
     def cached_spectrum(self, filt, L, rows=None):
         """The filters' spectra rfft(h, n) (n_filters, n/2+1), n = fft_size(2L-1), or those of the filters `rows`
