@@ -121,12 +121,18 @@ class GatedCausalConv(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, v, x, k, bias):
+        ctx.save_for_backward(v, x, k, bias)
+        return GatedCausalConv.compute(v, x, k, bias)
+
+    @staticmethod
+    def compute(v, x, k, bias, buffers=None):
+        """The forward pass, without autograd; with `buffers` (a Buffers) the FFT's padded input is one they hold."""
         L = v.shape[-1]
         n = fft_size(2 * L - 1)
-        a = GatedCausalConv.padded_product(v, x, n)  # (B, C, n): v * x, then zeros
+        padded = None if buffers is None else buffers("padded", (*v.shape[:-1], n), v.dtype, zeros=True)
+        a = GatedCausalConv.padded_product(v, x, n, padded)  # (B, C, n): v * x, then zeros
         k_spectrum = k if k.is_complex() else torch.fft.rfft(k, n=n)  # (C, n/2+1)
         spectrum = torch.fft.rfft(a).mul_(k_spectrum)  # in place: no third spectrum-sized buffer
-        ctx.save_for_backward(v, x, k, bias)
         return torch.addcmul(torch.fft.irfft(spectrum, n=n)[..., :L], a[..., :L], bias[:, None])
 
     @staticmethod
@@ -152,13 +158,31 @@ class GatedCausalConv(torch.autograd.Function):
         return grad_v, grad_x, grad_k, grad_bias
 
     @staticmethod
-    def padded_product(v, x, n):
-        """v * x (B, C, L) followed by zeros up to length n: the FFT's input, with no copy."""
+    def padded_product(v, x, n, padded=None):
+        """v * x (B, C, L) followed by zeros up to length n: the FFT's input, with no copy; into `padded`
+        (B, C, n) where given, whose positions from L on are zeros already."""
         L = v.shape[-1]
-        a = v.new_empty(*v.shape[:-1], n)
-        a[..., L:].zero_()
-        torch.mul(v, x, out=a[..., :L])
-        return a
+        if padded is None:
+            padded = v.new_empty(*v.shape[:-1], n)
+            padded[..., L:].zero_()
+        torch.mul(v, x, out=padded[..., :L])
+        return padded
+
+
+class Buffers:
+    """Buffers by name, handed out again to the next request of the same shape and dtype: without a gradient
+    the channel groups of an operator share the temporaries each would otherwise make afresh (at long L each
+    is past the heap's 32 MB, so a fresh one is mapped and faulted in every time)."""
+
+    def __init__(self, device):
+        self.device, self.kept = device, {}
+
+    def __call__(self, name, shape, dtype, zeros=False):
+        buffer = self.kept.get(name)
+        if buffer is None or buffer.shape != shape or buffer.dtype != dtype:
+            self.kept[name] = None  # the old one freed before the new one is made
+            buffer = self.kept[name] = (torch.zeros if zeros else torch.empty)(shape, dtype=dtype, device=self.device)
+        return buffer
 
 
 def gated_causal_conv(v, x, k, bias):
@@ -179,11 +203,16 @@ class CausalShortConv(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, z, weight, bias):
+        ctx.save_for_backward(z, weight)
+        return CausalShortConv.compute(z, weight, bias)
+
+    @staticmethod
+    def compute(z, weight, bias, out=None):
+        """The forward pass, without autograd; into `out` (z's shape) where given."""
         K = weight.shape[-1]
-        out = torch.addcmul(bias[:, None], z, weight[:, K - 1:])  # the tap on z[t]
+        out = torch.addcmul(bias[:, None], z, weight[:, K - 1:], out=out)  # the tap on z[t]
         for j in range(1, K):  # (at L <= j both slices are empty)
             out[..., j:].addcmul_(z[..., :-j], weight[:, K - 1 - j, None])  # the tap on z[t - j]
-        ctx.save_for_backward(z, weight)
         return out
 
     @staticmethod
@@ -306,10 +335,11 @@ class FastHyena:
                            for z, h_g, g in zip(self.project(op, u, groups), h_groups, groups)], dim=1)
         elif torch.is_grad_enabled():
             y = torch.cat([checkpointed(True, mix, u, h_g, g) for h_g, g in zip(h_groups, groups)], dim=1)
-        else:  # each group written into y as it is done: no list of groups to concatenate
-            y = u.new_empty(B, d, L)
+        else:  # each group written into y as it is done, its temporaries in buffers the groups share
+            y, buffers = u.new_empty(B, d, L), None if torch.is_autocast_enabled(u.device.type) else Buffers(u.device)
             for h_g, g in zip(h_groups, groups):
-                self.mix_channels(op, self.project(op, u, [g])[0], h_g, g, out=y[:, g])
+                self.mix_channels(op, self.project(op, u, [g])[0], h_g, g, out=y[:, g], buffers=buffers)
+            del buffers  # before out_proj's output is made
         # out_proj on y transposed, (B, d, L) -> (B, L, d), bias and all in one batched matmul (F.linear on a
         # transposed input adds the bias in a second pass over the output)
         W, b = op.out_proj.weight, op.out_proj.bias
@@ -331,17 +361,25 @@ class FastHyena:
         return GroupedProjection.project(u, W, b, sizes)
 
     @staticmethod
-    def mix_channels(op, z, h, g, out=None):
+    def mix_channels(op, z, h, g, out=None, buffers=None):
         """Channels g (a slice) of the operator, from their projections to before out_proj: the recurrence of
-        HyenaOperator.forward. z: (B, (N+1)*G, L), h: their filters (N-1, G, L) -> (B, G, L); without a
-        gradient into `out` where given (the last gate's product written there, not copied)."""
+        HyenaOperator.forward. z: (B, (N+1)*G, L), h: their filters (N-1, G, L) -> (B, G, L). Without a
+        gradient: into `out` where given (the last gate's product written there, not copied), the short
+        convolution's output and the FFT's padded input in `buffers` (a Buffers, without autocast) if given."""
         N, d = op.cfg.order, op.cfg.d_model
         Wc, bc = op.short_conv.weight.view(N + 1, d, -1), op.short_conv.bias.view(N + 1, d)
-        z = causal_short_conv(z, Wc[:, g].flatten(0, 1), bc[:, g].flatten())
+        Wc, bc = Wc[:, g].flatten(0, 1), bc[:, g].flatten()
+        if buffers is None:
+            z = causal_short_conv(z, Wc, bc)
+        else:
+            z = CausalShortConv.compute(z, Wc, bc, out=buffers("short_conv", z.shape, z.dtype))
         *x, v = z.split(g.stop - g.start, dim=1)  # x_0 .. x_{N-1}, v: each (B, G, L)
         bias = op.filter.bias.view(N - 1, d)
         # h_o (*) (v * x_i) + bias_o * (v * x_i), gate and convolution in one
-        conv = lambda o, v, x_i: gated_causal_conv(v, x_i, h[o], bias[o, g])
+        if buffers is None:
+            conv = lambda o, v, x_i: gated_causal_conv(v, x_i, h[o], bias[o, g])
+        else:  # (no autocast: gated_causal_conv's float32 casts would change nothing)
+            conv = lambda o, v, x_i: GatedCausalConv.compute(v, x_i, h[o], bias[o, g], buffers)
         if out is None:
             return op.recurrence(x, v, conv)
         for o, x_i in enumerate(reversed(x[1:])):  # op.recurrence, its last gate into `out`
