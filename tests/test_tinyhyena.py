@@ -14,13 +14,14 @@ from helpers import FIXTURE, configs_and_lengths, n_params, needs_cuda, random_m
 
 def check_twin(cfg, L, B, seed, group, device, fast=True):
     """The model in float64, its positional tables too, against the twin: what remains is float64's rounding
-    (float32's, compounded by up to three gates and convolutions, reached 1e-3 on the random weights)."""
+    (float32's, compounded by up to three gates and convolutions, reached 1e-3 on the random weights; float64's,
+    through a LayerNorm of two channels that cancel, reached 2.7e-10 for the plain path)."""
     model = with_float64_tables(random_model(cfg, seed, fast, group).double()).to(device)
     ids = torch.randint(0, cfg.vocab_size, (B, L), generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
         out = model(ids.to(device)).cpu().numpy()
     assert out.shape == (B, L, cfg.padded_vocab_size)
-    assert rel_err(out, th.reference_forward(model, ids)) <= 1e-10
+    assert rel_err(out, th.reference_forward(model, ids)) <= 1e-9
 
 
 def test_fixture_matches_published_outputs():
