@@ -75,7 +75,9 @@ def test_causal(case, data):
     changed[:, t + 1:] = torch.randint(0, cfg.vocab_size, changed[:, t + 1:].shape)
     with torch.no_grad():
         a, b = model(ids), model(changed)
-    torch.testing.assert_close(a[:, :t + 1], b[:, :t + 1], rtol=0, atol=1e-9)
+    # (the FFT spreads float64's rounding over every position: 2.7e-9 seen at order 4, through a LayerNorm of two
+    # channels that cancel; a leak of the future would be of the outputs' own size)
+    torch.testing.assert_close(a[:, :t + 1], b[:, :t + 1], rtol=0, atol=1e-8 * max(1.0, float(a.abs().max())))
 
 
 @settings(max_examples=200, deadline=None)
