@@ -126,14 +126,18 @@ class GatedCausalConv(torch.autograd.Function):
 
     @staticmethod
     def compute(v, x, k, bias, buffers=None):
-        """The forward pass, without autograd; with `buffers` (a Buffers) the FFT's padded input is one they hold."""
+        """The forward pass, without autograd. With `buffers` (a Buffers) the FFT's padded input is one they hold,
+        and the result the FFT's own output with the skip term added in place (a view, (B, C, L) of (B, C, n))."""
         L = v.shape[-1]
         n = fft_size(2 * L - 1)
         padded = None if buffers is None else buffers("padded", (*v.shape[:-1], n), v.dtype, zeros=True)
         a = GatedCausalConv.padded_product(v, x, n, padded)  # (B, C, n): v * x, then zeros
         k_spectrum = k if k.is_complex() else torch.fft.rfft(k, n=n)  # (C, n/2+1)
         spectrum = torch.fft.rfft(a).mul_(k_spectrum)  # in place: no third spectrum-sized buffer
-        return torch.addcmul(torch.fft.irfft(spectrum, n=n)[..., :L], a[..., :L], bias[:, None])
+        y = torch.fft.irfft(spectrum, n=n)[..., :L]
+        if buffers is None:
+            return torch.addcmul(y, a[..., :L], bias[:, None])  # a fresh, contiguous (B, C, L)
+        return y.addcmul_(a[..., :L], bias[:, None])
 
     @staticmethod
     def backward(ctx, grad_y):
