@@ -439,14 +439,15 @@ def mlp_into_stream(block, x, rows_per_piece):
     positions at a time, each piece's hidden activations (4x wider than the stream) written into one buffer
     that stays in cache from fc1 through GELU to fc2, instead of three fresh 4x-wide tensors in memory."""
     fc1, fc2, norm = block.mlp.fc1, block.mlp.fc2, block.norm2
+    w1, w2 = fc1.weight.t(), fc2.weight.t()  # (d, 4d), (4d, d)
     rows = x.view(-1, x.shape[-1])  # (B*L, d)
     hidden = x.new_empty(min(rows_per_piece, len(rows)), fc1.out_features)
     for piece in rows.split(rows_per_piece):
         h = hidden[:len(piece)]
         u = torch.layer_norm(piece, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
-        torch.addmm(fc1.bias, u, fc1.weight.t(), out=h)
+        torch.addmm(fc1.bias, u, w1, out=h)
         torch.ops.aten.gelu_(h, approximate="tanh")
-        piece.addmm_(h, fc2.weight.t()).add_(fc2.bias)
+        piece.addmm_(h, w2).add_(fc2.bias)
     return x
 
 
@@ -509,7 +510,7 @@ class FastStep:
     - out_proj and fc2 add their bias in their matrix product, through a row of ones kept beside their inputs,
       and add the residual in the same call;
     - every weight matrix is a row-major (in, out) copy, which a 1-row product reads faster than a transposed
-      view (3.0 against 3.6 us for in_proj's);
+      view;
     - no check of the token ids (decoding.generate draws them) and no dropout (decoding is inference)."""
 
     def __init__(self, model, state):
