@@ -6,6 +6,7 @@ import types
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import example, given
 from hypothesis import strategies as st
 
@@ -206,6 +207,20 @@ print(training, changed, calls)
     result = run_process("-c", code, env={k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"})
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.split() == ["[]", "[]", "[]"], result.stdout
+
+
+@given(st.lists(st.floats(-1e4, 1e4, width=32), min_size=1, max_size=64), st.sampled_from([torch.float32, torch.float64]))
+@example([-5.5, -3.0, -0.5, 0.0, 1e-30, 0.7, 3.0, 9.0], torch.float32)
+def test_gelu_through_the_sigmoid_equals_torch_gelu(values, dtype):
+    """fast.gelu_tanh_ (x * sigmoid(2z)) is F.gelu(x, approximate="tanh") (x * (1 + tanh z) / 2) to the dtype's
+    rounding, both held to torch's GELU in float64, in place and through a scratch buffer."""
+    x = torch.tensor(values, dtype=dtype)
+    exact = F.gelu(x.double(), approximate="tanh")
+    got = fast.gelu_tanh_(x.clone(), torch.empty_like(x))
+    eps = torch.finfo(dtype).eps
+    bound = 8 * eps * x.double().abs().clamp(min=1)  # torch's own float32 GELU is 3.6 eps off at |x| ~ 3
+    assert ((got.double() - exact).abs() <= bound).all(), (got.double() - exact).abs().max()
+    assert ((F.gelu(x, approximate="tanh").double() - exact).abs() <= bound).all()  # the bound is fair to torch
 
 
 def test_mlp_in_pieces_equals_whole(monkeypatch):
