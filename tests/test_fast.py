@@ -133,9 +133,10 @@ def test_short_conv_gradcheck(L, K):
 
 
 @given(st.integers(1, 3), st.integers(1, 6), st.lists(st.integers(1, 5), min_size=1, max_size=4), st.integers(1, 40),
-       st.integers(0, 2**31 - 1))
-def test_grouped_projection_equals_one_linear_layer_with_gradients(B, d, sizes, L, seed):
-    """GroupedProjection's groups are the rows of one linear layer, transposed to (B, rows, L), and its own
+       st.integers(0, 2**31 - 1), st.integers(1, 90))
+def test_grouped_projection_equals_one_linear_layer_with_gradients(B, d, sizes, L, seed, positions):
+    """GroupedProjection's groups are the rows of one linear layer, transposed to (B, rows, L), made in one
+    product or in pieces of `positions` positions (several batch items a piece where L is shorter), and its own
     backward gives autograd's gradients, whatever the gradients of the groups."""
     g = torch.Generator().manual_seed(seed)
     u = torch.randn(B, L, d, generator=g, dtype=torch.float64, requires_grad=True)
@@ -144,12 +145,28 @@ def test_grouped_projection_equals_one_linear_layer_with_gradients(B, d, sizes, 
     ours = fast.GroupedProjection.apply(u, weight, bias, sizes)
     reference = torch.nn.functional.linear(u, weight, bias).transpose(1, 2).split(sizes, dim=1)
     grads_out = [torch.randn(r.shape, generator=g, dtype=torch.float64) for r in reference]
-    for mine, theirs in zip(ours, reference):
+    in_pieces = fast.GroupedProjection.project(u.detach(), weight.detach(), bias.detach(), sizes, positions)
+    for mine, pieces, theirs in zip(ours, in_pieces, reference):
         torch.testing.assert_close(mine, theirs, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(pieces, theirs, rtol=1e-12, atol=1e-12)
     for mine, theirs in zip(torch.autograd.grad(ours, (u, weight, bias), grads_out),
                             torch.autograd.grad(reference, (u, weight, bias), grads_out)):
         torch.testing.assert_close(mine, theirs, rtol=1e-10, atol=1e-10)
     assert torch.autograd.gradcheck(lambda *a: fast.GroupedProjection.apply(*a, sizes), (u, weight, bias))
+
+
+def test_in_proj_runs_in_pieces_only_where_a_group_is_past_the_heap_size_on_the_cpu():
+    """GroupedProjection.piece_positions: pieces (PROJECTION_POSITIONS) on the CPU where a group's output is
+    past HEAP_BUFFER_FLOATS; one product where it is not, or under autocast."""
+    at = lambda B, L: torch.zeros(1, 1, 128).expand(B, L, 128)  # shapes only
+    pieces = fast.GroupedProjection.piece_positions
+    limit = fast.HEAP_BUFFER_FLOATS
+    assert pieces(at(1, 1 << 20), [48, 48]) == fast.PROJECTION_POSITIONS
+    assert pieces(at(1, limit // 48 + 1), [48]) == fast.PROJECTION_POSITIONS
+    assert pieces(at(1, limit // 48), [48]) is None
+    assert pieces(at(32, 1024), [96]) is None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert pieces(at(1, 1 << 20), [48]) is None
 
 
 def test_freed_heap_memory_kept_only_when_the_user_set_no_malloc_variable(monkeypatch):
