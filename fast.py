@@ -11,11 +11,12 @@ In the order a forward pass meets them:
   one group's worth, and under gradient checkpointing each group is recomputed alone in backward. Without a
   gradient the filters' spectra are kept between calls of one length (`cached_spectrum`).
 - Autograd Functions with hand-written backward passes, which keep fewer and smaller tensors than autograd
-  would: `GroupedProjection` (in_proj, straight into each group's layout), `CausalShortConv` (the short
-  convolution as shifted multiply-adds), `GatedCausalConv` (gate, FFT convolution and skip term in one).
+  would: `GroupedProjection` (in_proj, into each group's layout; at long L on the CPU a piece of positions
+  at a time), `CausalShortConv` (the short convolution as shifted multiply-adds), `GatedCausalConv` (gate,
+  FFT convolution and skip term in one).
 - `FastBlock`: the MLP in heap-sized pieces of positions on the CPU, slices of positions at long L; without a
   gradient the residual added in place, and the MLP written into the stream in place a cache-sized piece of
-  positions at a time (`mlp_into_stream`).
+  positions at a time (`mlp_into_stream`; on the CPU its GELU through the sigmoid, `gelu_tanh_`).
 - `tune_cpu_memory`: process-wide settings for CPU memory (huge pages, glibc keeping freed memory), which the
   scripts call first thing in main and a library user may call; importing this file changes nothing.
 
