@@ -243,9 +243,9 @@ class GroupedProjection(torch.autograd.Function):
     """A linear layer whose output rows come in groups, each group its own tensor, laid out for the FFT:
     u (B, L, d), weight (R, d), bias (R,), sizes (rows per group, summing to R) -> per group a (B, rows, L)
     tensor, one matmul against u transposed (no copy) each, or at long L on the CPU a piece of positions at a
-    time (piece_positions). Its own backward, because autograd's would first
-    concatenate the groups' gradients into one (B, R, L) tensor (past the heap's size at batch 32 x 1,024);
-    here each group's matmul adds into one gradient for u, in place."""
+    time (piece_positions). Its own backward, because autograd's would first concatenate the groups' gradients
+    into one (B, R, L) tensor (past the heap's size at batch 32 x 1,024); here each group's matmul adds into
+    one gradient for u, in place."""
 
     @staticmethod
     def forward(ctx, u, weight, bias, sizes):
@@ -485,7 +485,7 @@ def mlp_into_stream(block, x, rows_per_piece):
     """x += block.mlp(block.norm2(x)) in place, without a gradient, x (B, L, d) contiguous: rows_per_piece
     positions at a time, each piece's hidden activations (4x wider than the stream) written into one buffer
     that stays in cache from fc1 through GELU to fc2, instead of three fresh 4x-wide tensors in memory. On the
-    CPU GELU goes through the sigmoid (gelu_tanh_); elsewhere ATen's one kernel is the faster."""
+    CPU GELU goes through the sigmoid (gelu_tanh_); elsewhere through ATen's one kernel (one launch, not five)."""
     fc1, fc2, norm = block.mlp.fc1, block.mlp.fc2, block.norm2
     w1, w2 = fc1.weight.t(), fc2.weight.t()  # (d, 4d), (4d, d)
     rows = x.view(-1, x.shape[-1])  # (B*L, d)

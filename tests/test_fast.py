@@ -226,7 +226,8 @@ print(training, changed, calls)
     assert result.stdout.split() == ["[]", "[]", "[]"], result.stdout
 
 
-@given(st.lists(st.floats(-1e4, 1e4, width=32), min_size=1, max_size=64), st.sampled_from([torch.float32, torch.float64]))
+@given(st.lists(st.floats(-1e4, 1e4, width=32), min_size=1, max_size=64),
+       st.sampled_from([torch.float32, torch.float64]))
 @example([-5.5, -3.0, -0.5, 0.0, 1e-30, 0.7, 3.0, 9.0], torch.float32)
 def test_gelu_through_the_sigmoid_equals_torch_gelu(values, dtype):
     """fast.gelu_tanh_ (x * sigmoid(2z)) is F.gelu(x, approximate="tanh") (x * (1 + tanh z) / 2) to the dtype's
