@@ -9,7 +9,9 @@ In the order a forward pass meets them:
 - `FastHyena`, HyenaOperator's fast path. Everything between in_proj and out_proj acts on each channel alone,
   so it runs a group of channels at a time: the big temporaries (the projected streams, the FFT buffers) are
   one group's worth, and under gradient checkpointing each group is recomputed alone in backward. Without a
-  gradient the filters' spectra are kept between calls of one length (`cached_spectrum`).
+  gradient the filters' spectra are kept between calls of one length (`cached_spectrum`), and on the CPU the
+  streams come first, a piece of positions at a time from the block's LayerNorm to the first gate
+  (`gated_streams`), then each group's long convolutions.
 - Autograd Functions with hand-written backward passes, which keep fewer and smaller tensors than autograd
   would: `GroupedProjection` (in_proj, into each group's layout; at long L on the CPU a piece of positions
   at a time), `CausalShortConv` (the short convolution as shifted multiply-adds), `GatedCausalConv` (gate,
@@ -127,8 +129,9 @@ class GatedCausalConv(torch.autograd.Function):
 
     @staticmethod
     def compute(v, x, k, bias, buffers=None):
-        """The forward pass, without autograd. With `buffers` (a Buffers) the FFT's padded input is one they hold,
-        and the result the FFT's own output with the skip term added in place (a view, (B, C, L) of (B, C, n))."""
+        """The forward pass, without autograd; x None where v is the gate's product already (FastHyena's streams).
+        With `buffers` (a Buffers) the FFT's padded input is one they hold, and the result the FFT's own output
+        with the skip term added in place (a view, (B, C, L) of (B, C, n))."""
         L = v.shape[-1]
         n = fft_size(2 * L - 1)
         padded = None if buffers is None else buffers("padded", (*v.shape[:-1], n), v.dtype, zeros=True)
@@ -165,12 +168,15 @@ class GatedCausalConv(torch.autograd.Function):
     @staticmethod
     def padded_product(v, x, n, padded=None):
         """v * x (B, C, L) followed by zeros up to length n: the FFT's input, with no copy; into `padded`
-        (B, C, n) where given, whose positions from L on are zeros already."""
+        (B, C, n) where given, whose positions from L on are zeros already. x None: v is the product already."""
         L = v.shape[-1]
         if padded is None:
             padded = v.new_empty(*v.shape[:-1], n)
             padded[..., L:].zero_()
-        torch.mul(v, x, out=padded[..., :L])
+        if x is None:
+            padded[..., :L].copy_(v)
+        else:
+            torch.mul(v, x, out=padded[..., :L])
         return padded
 
 
@@ -304,6 +310,13 @@ class GroupedProjection(torch.autograd.Function):
 # ---------------------------------------------------------------------------------------------------------
 # The Hyena operator's fast path.
 
+def recurrence_into(out, x, v, gated_long_conv):
+    """HyenaOperator.recurrence(x, v, gated_long_conv), its last gate's product written into `out`."""
+    for o, x_i in enumerate(reversed(x[1:])):
+        v = gated_long_conv(o, v, x_i)
+    return torch.mul(v, x[0], out=out)
+
+
 FILTER_PIECE = 1 << 16  # positions per piece of the implicit filter's MLP at long L
 
 
@@ -346,17 +359,24 @@ class FastHyena:
     - channel_group: channels per group; None chooses them by group_size within group_budget floats (the
       heap's size, HEAP_BUFFER_FLOATS).
     - spectrum_cache_bytes: room for the filters' spectra kept without a gradient (4 GiB per model, shared
-      among its layers: the tiny model's at 2^20); 0 switches the cache off."""
+      among its layers: the tiny model's at 2^20); 0 switches the cache off.
+    - stream_positions: without a gradient on the CPU, the positions a piece of the streams (gated_streams);
+      None projects each channel group alone, as with a gradient and off the CPU."""
 
     def __init__(self, cfg):
         self.channel_group = None
         self.group_budget = HEAP_BUFFER_FLOATS
+        self.stream_positions = 2048  # a piece's projections 3 MB at d = 128, in cache (BENCHMARKS.md)
         self.spectrum_cache_bytes = (4 << 30) // cfg.n_layer
         self.spectrum_cache = None  # (key, spectra), see cached_spectrum
 
-    def __call__(self, op, u, checkpoint=False):
-        """op(u) for the HyenaOperator op, u (B, L, d) -> (B, L, d). With `checkpoint` (inside a checkpointed
-        block's recomputation) the filter and each channel group are recomputed alone in backward."""
+    def __call__(self, op, u, checkpoint=False, norm=None):
+        """op(u) for the HyenaOperator op, u (B, L, d) -> (B, L, d); op(norm(u)) given `norm`, a LayerNorm
+        (FastBlock's norm1), which where the streams come first (streams_first) is applied a piece at a time:
+        the normalized input is then never whole in memory. With `checkpoint` (inside a checkpointed block's
+        recomputation) the filter and each channel group are recomputed alone in backward."""
+        if norm is not None and not self.streams_first(u):
+            u, norm = norm(u), None
         B, L, d = u.shape
         N = op.cfg.order
         # the filters h (N-1, d, L), or without a gradient their spectra (N-1, d, n/2+1), kept between calls
@@ -373,6 +393,8 @@ class FastHyena:
                            for z, h_g, g in zip(self.project(op, u, groups), h_groups, groups)], dim=1)
         elif torch.is_grad_enabled():
             y = torch.cat([checkpointed(True, mix, u, h_g, g) for h_g, g in zip(h_groups, groups)], dim=1)
+        elif self.streams_first(u):
+            y = self.mix_from_streams(op, u, h_groups, groups, norm)
         else:  # each group written into y as it is done, its temporaries in buffers the groups share
             y, buffers = u.new_empty(B, d, L), None if torch.is_autocast_enabled(u.device.type) else Buffers(u.device)
             for h_g, g in zip(h_groups, groups):
@@ -385,6 +407,53 @@ class FastHyena:
 
     def group_size(self, B, L, d, N):
         return group_size(B, L, d, N, self.group_budget)
+
+    def streams_first(self, u):
+        """Whether this call makes every channel's streams first (mix_from_streams): without a gradient, on the
+        CPU, without autocast, unless stream_positions is None."""
+        return (self.stream_positions is not None and not torch.is_grad_enabled() and u.device.type == "cpu"
+                and not torch.is_autocast_enabled("cpu"))
+
+    def mix_from_streams(self, op, u, h_groups, groups, norm=None):
+        """The recurrence without a gradient, in two stages: the streams of every channel, a piece of positions
+        at a time (gated_streams), then each group's long convolutions, their temporaries in buffers the groups
+        share, the last gate written over the group's first product (read by then) -> y (B, d, L)."""
+        N = op.cfg.order
+        y, gates = self.gated_streams(op, u, self.stream_positions, norm)  # y: the first gate's product, for now
+        bias, buffers = op.filter.bias.view(N - 1, -1), Buffers(u.device)
+        for h_g, g in zip(h_groups, groups):  # gates x_0 .. x_{N-2}, then None: y[:, g] is gated already
+            conv = lambda o, v, x_i: GatedCausalConv.compute(v, x_i, h_g[o], bias[o, g], buffers)
+            recurrence_into(y[:, g], [x_i[:, g] for x_i in gates] + [None], y[:, g], conv)
+        return y
+
+    @staticmethod
+    def gated_streams(op, u, positions, norm=None):
+        """in_proj, the short convolution and the first gate for every channel, without a gradient: `positions`
+        positions at a time, a piece's projections ((N+1)d, K-1 + P, with the K-1 inputs before it) kept in
+        cache from the product through the convolution to the gate. in_proj is one product for all channels
+        (a channel group's thinner product reads every position once a group, and runs at half the speed).
+        u (B, L, d), normalized a piece at a time by `norm` where given -> the first gate's product
+        v * x_{N-1} (B, d, L), and the other gates x_0 .. x_{N-2} (N-1, B, d, L), channels first for the FFT."""
+        B, L, d = u.shape
+        N, K = op.cfg.order, op.cfg.short_filter_order
+        W, b = op.in_proj.weight, op.in_proj.bias  # ((N+1)d, d)
+        taps, tap_bias = op.short_conv.weight[:, 0], op.short_conv.bias  # ((N+1)d, K)
+        first, gates = u.new_empty(B, d, L), u.new_empty(N - 1, B, d, L)
+        P = min(positions, L)
+        z, conv = u.new_empty(2, len(W), K - 1 + P)  # a piece's projections (zeros before position 0), convolved
+        for i in range(B):
+            for start in range(0, L, P):
+                p, before = min(P, L - start), min(K - 1, start)  # positions in the piece, inputs before it
+                rows = u[i, start - before:start + p]  # (before + p, d)
+                if norm is not None:
+                    rows = torch.layer_norm(rows, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+                torch.addmm(b[:, None], W, rows.t(), out=z[:, K - 1 - before:K - 1 + p])
+                z[:, :K - 1 - before].zero_()
+                # the convolution's first K-1 outputs are not used: they would need inputs before the piece's
+                s = CausalShortConv.compute(z[:, :K - 1 + p], taps, tap_bias, out=conv[:, :K - 1 + p])[:, K - 1:]
+                torch.mul(s[N * d:], s[(N - 1) * d:N * d], out=first[i, :, start:start + p])  # v * x_{N-1}
+                gates[:, i, :, start:start + p].copy_(s[:(N - 1) * d].unflatten(0, (N - 1, d)))
+        return first, gates
 
     @staticmethod
     def project(op, u, groups):
@@ -418,11 +487,7 @@ class FastHyena:
             conv = lambda o, v, x_i: gated_causal_conv(v, x_i, h[o], bias[o, g])
         else:  # (no autocast: gated_causal_conv's float32 casts would change nothing)
             conv = lambda o, v, x_i: GatedCausalConv.compute(v, x_i, h[o], bias[o, g], buffers)
-        if out is None:
-            return op.recurrence(x, v, conv)
-        for o, x_i in enumerate(reversed(x[1:])):  # op.recurrence, its last gate into `out`
-            v = conv(o, v, x_i)
-        return torch.mul(v, x[0], out=out)
+        return op.recurrence(x, v, conv) if out is None else recurrence_into(out, x, v, conv)
 
     def cached_spectrum(self, filt, L, rows=None):
         """The filters' spectra rfft(h, n) (n_filters, n/2+1), n = fft_size(2L-1), or those of the filters `rows`
@@ -513,7 +578,7 @@ class FastBlock:
 
     def __call__(self, block, x, checkpoint=False):  # x: (B, L, d)
         mixer = block.mixer
-        branch = block.dropout(mixer.fast(mixer, block.norm1(x), checkpoint))
+        branch = block.dropout(mixer.fast(mixer, x, checkpoint, norm=block.norm1))
         # without a gradient, the residual is added into the branch's own fresh tensor (one big tensor fewer);
         # but not into a bf16 branch under autocast, which would round the float32 stream
         x = branch.add_(x) if not torch.is_grad_enabled() and branch.dtype == x.dtype else x + branch

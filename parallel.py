@@ -175,7 +175,8 @@ class ContextParallelHyena(fast.FastHyena):
         super().__init__(cfg)
         self.group = group
 
-    def __call__(self, op, u, checkpoint=False):
+    def __call__(self, op, u, checkpoint=False, norm=None):  # (norm: see FastHyena)
+        u = u if norm is None else norm(u)
         group, cfg = self.group, op.cfg
         B, S, d = u.shape
         N, K, G = cfg.order, cfg.short_filter_order, d // group.size

@@ -37,13 +37,16 @@ def test_fast_path_equals_plain_path_with_gradients(case, checkpointing, data):
     """HyenaDNA(cfg) and HyenaDNA(cfg, fast=False) with the same weights: the same outputs, and the same
     gradients of every parameter and of the input, with several channel groups, with gradient checkpointing
     (the fast path then recomputes each group, and the MLP in slices of positions, alone), and without a
-    gradient (the kept spectra, read twice; the MLP into the stream in place, in pieces of `rows` positions)."""
+    gradient (the kept spectra, read twice; the streams in pieces of `positions` positions, or each group's
+    from its projection; the MLP into the stream in place, in pieces of `rows` positions)."""
     cfg, L, B, seed, group = case
     fast_model, plain = fast_and_plain(cfg, seed, group)
     chunk = data.draw(st.one_of(st.just(1 << 16), st.integers(1, max(1, L))))  # MLP slices of `chunk` positions
     rows = data.draw(st.one_of(st.just(2048), st.integers(1, B * L + 1)))  # pieces of rows, batch rows included
+    positions = data.draw(st.one_of(st.just(2048), st.none(), st.integers(1, L + 1)))
     for block in fast_model.blocks:
         block.fast.mlp_chunk, block.fast.mlp_rows = chunk, rows
+        block.mixer.fast.stream_positions = positions
     fast_model.gradient_checkpointing = plain.gradient_checkpointing = checkpointing
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(B, L, cfg.d_model, generator=g, dtype=torch.float64)
@@ -167,6 +170,22 @@ def test_in_proj_runs_in_pieces_only_where_a_group_is_past_the_heap_size_on_the_
     assert pieces(at(32, 1024), [96]) is None
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert pieces(at(1, 1 << 20), [48]) is None
+
+
+def test_streams_come_first_only_without_gradient_on_the_cpu_without_autocast():
+    """FastHyena.streams_first: the streams of every channel in pieces of positions (gated_streams) only without
+    a gradient, on the CPU, without autocast, and while stream_positions is set; else each group from its own
+    projection on. Either way the same function (test_fast_path_equals_plain_path_with_gradients)."""
+    path = fast.FastHyena(th.HyenaConfig(d_model=8, n_layer=1, d_inner=16, filter_order=4, l_max=10))
+    u = torch.randn(2, 5, 8)
+    assert path.streams_first(u) is False  # with a gradient
+    with torch.no_grad():
+        assert path.streams_first(u) is True
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert path.streams_first(u) is False
+        assert path.streams_first(u.to("meta")) is False  # off the CPU
+        path.stream_positions = None
+        assert path.streams_first(u) is False
 
 
 def test_freed_heap_memory_kept_only_when_the_user_set_no_malloc_variable(monkeypatch):
