@@ -221,10 +221,10 @@ class CausalShortConv(torch.autograd.Function):
     def compute(z, weight, bias, out=None):
         """The forward pass, without autograd; into `out` (z's shape) where given."""
         K = weight.shape[-1]
-        out = torch.addcmul(bias[:, None], z, weight[:, K - 1:], out=out)  # the tap on z[t]
+        out = torch.mul(z, weight[:, K - 1:], out=out)  # the tap on z[t]
         for j in range(1, K):  # (at L <= j both slices are empty)
             out[..., j:].addcmul_(z[..., :-j], weight[:, K - 1 - j, None])  # the tap on z[t - j]
-        return out
+        return out.add_(bias[:, None])  # (not addcmul's input: with a broadcast input it runs at a third of the speed)
 
     @staticmethod
     def backward(ctx, grad_out):
