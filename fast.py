@@ -429,30 +429,34 @@ class FastHyena:
     @staticmethod
     def gated_streams(op, u, positions, norm=None):
         """in_proj, the short convolution and the first gate for every channel, without a gradient: `positions`
-        positions at a time, a piece's projections ((N+1)d, K-1 + P, with the K-1 inputs before it) kept in
-        cache from the product through the convolution to the gate. in_proj is one product for all channels
-        (a channel group's thinner product reads every position once a group, and runs at half the speed).
-        u (B, L, d), normalized a piece at a time by `norm` where given -> the first gate's product
-        v * x_{N-1} (B, d, L), and the other gates x_0 .. x_{N-2} (N-1, B, d, L), channels first for the FFT."""
+        positions at a time (or as many whole sequences as fit in them), a piece's projections kept in cache
+        from the product through the convolution to the gate, with the K-1 inputs before the piece. in_proj is
+        one product for all channels (a channel group's thinner product reads every position once a group, and
+        runs at half the speed). u (B, L, d), normalized a piece at a time by `norm` where given -> the first
+        gate's product v * x_{N-1} (B, d, L), and the other gates x_0 .. x_{N-2} (N-1, B, d, L), channels first
+        for the FFT."""
         B, L, d = u.shape
         N, K = op.cfg.order, op.cfg.short_filter_order
         W, b = op.in_proj.weight, op.in_proj.bias  # ((N+1)d, d)
         taps, tap_bias = op.short_conv.weight[:, 0], op.short_conv.bias  # ((N+1)d, K)
         first, gates = u.new_empty(B, d, L), u.new_empty(N - 1, B, d, L)
-        P = min(positions, L)
-        z, conv = u.new_empty(2, len(W), K - 1 + P)  # a piece's projections (zeros before position 0), convolved
-        for i in range(B):
+        P, k = min(positions, L), max(1, positions // L)  # positions and sequences a piece
+        z, conv = u.new_empty(2, min(k, B) * len(W) * (K - 1 + P))  # a piece's projections, convolved
+        for i in range(0, B, k):
             for start in range(0, L, P):
-                p, before = min(P, L - start), min(K - 1, start)  # positions in the piece, inputs before it
-                rows = u[i, start - before:start + p]  # (before + p, d)
+                before = min(K - 1, start)  # the inputs before the piece that its convolution reads
+                rows = u[i:i + k, start - before:start + P]  # (k', before + p, d)
                 if norm is not None:
                     rows = torch.layer_norm(rows, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
-                torch.addmm(b[:, None], W, rows.t(), out=z[:, K - 1 - before:K - 1 + p])
-                z[:, :K - 1 - before].zero_()
-                # the convolution's first K-1 outputs are not used: they would need inputs before the piece's
-                s = CausalShortConv.compute(z[:, :K - 1 + p], taps, tap_bias, out=conv[:, :K - 1 + p])[:, K - 1:]
-                torch.mul(s[N * d:], s[(N - 1) * d:N * d], out=first[i, :, start:start + p])  # v * x_{N-1}
-                gates[:, i, :, start:start + p].copy_(s[:(N - 1) * d].unflatten(0, (N - 1, d)))
+                shape = (len(rows), len(W), rows.shape[1])  # (k', (N+1)d, before + p)
+                z_piece = torch.baddbmm(b[:, None], W.expand(len(rows), -1, -1), rows.transpose(1, 2),
+                                        out=z[:math.prod(shape)].view(shape))
+                # (the convolution pads with zeros; its first `before` outputs, which would need inputs from
+                # before them, are not used)
+                s = CausalShortConv.compute(z_piece, taps, tap_bias, out=conv[:math.prod(shape)].view(shape))
+                s, out = s[..., before:], (slice(i, i + k), slice(None), slice(start, start + P))
+                torch.mul(s[:, N * d:], s[:, (N - 1) * d:N * d], out=first[out])  # v * x_{N-1}
+                gates[(slice(None), *out)].copy_(s[:, :(N - 1) * d].unflatten(1, (N - 1, d)).transpose(0, 1))
         return first, gates
 
     @staticmethod

@@ -43,7 +43,7 @@ def test_fast_path_equals_plain_path_with_gradients(case, checkpointing, data):
     fast_model, plain = fast_and_plain(cfg, seed, group)
     chunk = data.draw(st.one_of(st.just(1 << 16), st.integers(1, max(1, L))))  # MLP slices of `chunk` positions
     rows = data.draw(st.one_of(st.just(2048), st.integers(1, B * L + 1)))  # pieces of rows, batch rows included
-    positions = data.draw(st.one_of(st.just(2048), st.none(), st.integers(1, L + 1)))
+    positions = data.draw(st.one_of(st.just(2048), st.none(), st.integers(1, B * L + 1)))  # sequences a piece too
     for block in fast_model.blocks:
         block.fast.mlp_chunk, block.fast.mlp_rows = chunk, rows
         block.mixer.fast.stream_positions = positions
