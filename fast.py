@@ -582,6 +582,7 @@ class FastBlock:
 
     def __call__(self, block, x, checkpoint=False):  # x: (B, L, d)
         mixer = block.mixer
+        # norm1 goes to the operator's path, which applies it (a piece at a time where the streams come first)
         branch = block.dropout(mixer.fast(mixer, x, checkpoint, norm=block.norm1))
         # without a gradient, the residual is added into the branch's own fresh tensor (one big tensor fewer);
         # but not into a bf16 branch under autocast, which would round the float32 stream
