@@ -307,6 +307,26 @@ class GroupedProjection(torch.autograd.Function):
         return PROJECTION_POSITIONS if on_cpu and u.shape[0] * u.shape[1] * max(sizes) > HEAP_BUFFER_FLOATS else None
 
 
+class ChannelsFirstLinear(torch.autograd.Function):
+    """A linear layer on a channels-first input: y (B, d_in, L), weight (d_out, d_in), bias (d_out,) ->
+    F.linear(y.transpose(1, 2), weight, bias) (B, L, d_out), bias and all in one batched product. Its own backward,
+    because autograd's would hand y's producers the transpose of a (B, L, d_in) product, and every gate, skip
+    term and FFT of the operator's backward would then step across rows; here y's gradient is made channels
+    first, (d_in, d_out) @ (d_out, L) a batch item."""
+
+    @staticmethod
+    def forward(ctx, y, weight, bias):
+        ctx.save_for_backward(y, weight)
+        return torch.baddbmm(bias, y.transpose(1, 2), weight.t().expand(len(y), -1, -1))
+
+    @staticmethod
+    def backward(ctx, grad_out):  # grad_out (B, L, d_out)
+        y, weight = ctx.saved_tensors
+        grad_y = torch.bmm(weight.t().expand(len(y), -1, -1), grad_out.transpose(1, 2))  # (B, d_in, L)
+        grad_weight = torch.bmm(y, grad_out).sum(0).t()  # sum over b of (grad_out_b^T y_b^T)
+        return grad_y, grad_weight, grad_out.sum((0, 1))
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The Hyena operator's fast path.
 
@@ -403,6 +423,8 @@ class FastHyena:
         # out_proj on y transposed, (B, d, L) -> (B, L, d), bias and all in one batched matmul (F.linear on a
         # transposed input adds the bias in a second pass over the output)
         W, b = op.out_proj.weight, op.out_proj.bias
+        if torch.is_grad_enabled():
+            return ChannelsFirstLinear.apply(y, W, b)
         return torch.baddbmm(b, y.transpose(1, 2), W.t().expand(B, -1, -1))
 
     def group_size(self, B, L, d, N):

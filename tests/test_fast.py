@@ -158,6 +158,22 @@ def test_grouped_projection_equals_one_linear_layer_with_gradients(B, d, sizes, 
     assert torch.autograd.gradcheck(lambda *a: fast.GroupedProjection.apply(*a, sizes), (u, weight, bias))
 
 
+@given(st.integers(1, 3), st.integers(1, 6), st.integers(1, 6), st.integers(1, 40), st.integers(0, 2**31 - 1))
+def test_channels_first_linear_equals_linear_on_the_transpose_with_a_channels_first_gradient(B, d_in, d_out, L, seed):
+    """out_proj's Function is F.linear on y transposed, and hands y its gradient channels first, contiguous."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randn(B, d_in, L, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(d_out, d_in, generator=g, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(d_out, generator=g, dtype=torch.float64, requires_grad=True)
+    ours, theirs = fast.ChannelsFirstLinear.apply(y, weight, bias), F.linear(y.transpose(1, 2), weight, bias)
+    torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
+    grad_out = torch.randn(theirs.shape, generator=g, dtype=torch.float64)
+    mine = torch.autograd.grad(ours, (y, weight, bias), grad_out)
+    for m, t in zip(mine, torch.autograd.grad(theirs, (y, weight, bias), grad_out)):
+        torch.testing.assert_close(m, t, rtol=1e-10, atol=1e-10)
+    assert mine[0].is_contiguous()
+    assert torch.autograd.gradcheck(fast.ChannelsFirstLinear.apply, (y, weight, bias))
+
 def test_in_proj_runs_in_pieces_only_where_a_group_is_past_the_heap_size_on_the_cpu():
     """GroupedProjection.piece_positions: pieces (PROJECTION_POSITIONS) on the CPU where a group's output is
     past HEAP_BUFFER_FLOATS; one product where it is not, or under autocast."""
