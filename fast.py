@@ -15,7 +15,8 @@ In the order a forward pass meets them:
 - Autograd Functions with hand-written backward passes, which keep fewer and smaller tensors than autograd
   would: `GroupedProjection` (in_proj, into each group's layout; at long L on the CPU a piece of positions
   at a time), `CausalShortConv` (the short convolution as shifted multiply-adds), `GatedCausalConv` (gate,
-  FFT convolution and skip term in one).
+  FFT convolution and skip term in one), `ChannelsFirstLinear` (out_proj, its input's gradient made channels
+  first, the layout the operator's backward reads).
 - `FastBlock`: the MLP in heap-sized pieces of positions on the CPU, slices of positions at long L; without a
   gradient the residual added in place, and the MLP written into the stream in place a cache-sized piece of
   positions at a time (`mlp_into_stream`; on the CPU its GELU through the sigmoid, `gelu_tanh_`).
