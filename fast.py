@@ -243,6 +243,23 @@ class CausalShortConv(torch.autograd.Function):
 causal_short_conv = CausalShortConv.apply  # (z, weight, bias) -> out
 
 
+def summed_product(a, b, pieces=8):
+    """sum over the batch of a_i @ b_i, a (B, r, L), b (B, L, d) -> (r, d): a weight's gradient, whose sum runs
+    over every position. Where the batch is smaller than `pieces`, on the CPU, each item's positions are split
+    into `pieces` products summed after: MKL runs one product with so long a sum and so small a result on one
+    core (BENCHMARKS.md)."""
+    B, r, L = a.shape
+    if a.device.type != "cpu" or B >= pieces or L < 16 * pieces:
+        return torch.bmm(a, b).sum(0)
+    n = L - L % pieces  # positions in the split; the rest in a product of their own
+    out = a.new_zeros(r, b.shape[-1])
+    for a_i, b_i in zip(a, b):  # a_i (r, L), b_i (L, d)
+        out += torch.bmm(a_i[:, :n].reshape(r, pieces, -1).transpose(0, 1), b_i[:n].reshape(pieces, -1, b_i.shape[-1])).sum(0)
+        if n < L:
+            out.addmm_(a_i[:, n:], b_i[n:])
+    return out
+
+
 PROJECTION_POSITIONS = 8192  # positions a piece of in_proj on the CPU (GroupedProjection.project)
 
 
@@ -268,7 +285,7 @@ class GroupedProjection(torch.autograd.Function):
         for grad, w in zip(grad_groups, weight.split(ctx.sizes)):  # grad (B, rows, L), w (rows, d)
             rows_to_u = (grad.transpose(1, 2), w.expand(u.shape[0], -1, -1))  # (B, L, rows) @ (B, rows, d)
             grad_u = torch.bmm(*rows_to_u) if grad_u is None else grad_u.baddbmm_(*rows_to_u)
-        grad_weight = torch.cat([torch.bmm(grad, u).sum(0) for grad in grad_groups])  # (R, d)
+        grad_weight = torch.cat([summed_product(grad, u) for grad in grad_groups])  # (R, d)
         grad_bias = torch.cat([grad.sum((0, 2)) for grad in grad_groups])
         return grad_u, grad_weight, grad_bias, None
 

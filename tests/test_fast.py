@@ -158,6 +158,16 @@ def test_grouped_projection_equals_one_linear_layer_with_gradients(B, d, sizes, 
     assert torch.autograd.gradcheck(lambda *a: fast.GroupedProjection.apply(*a, sizes), (u, weight, bias))
 
 
+@given(st.integers(1, 10), st.integers(1, 5), st.integers(1, 200), st.integers(1, 5), st.integers(1, 9), st.booleans(),
+       st.integers(0, 2**31 - 1))
+def test_summed_product_equals_the_batched_product_summed(B, r, L, d, pieces, strided, seed):
+    """A weight gradient's product, split into pieces of positions where the batch is small, is the batched
+    product summed over the batch, whatever the pieces (one, or more than L / 16) and the input's strides."""
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(B, r, 2 * L if strided else L, generator=g, dtype=torch.float64)[..., ::2 if strided else 1]
+    b = torch.randn(B, L, d, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(fast.summed_product(a, b, pieces), torch.bmm(a, b).sum(0), rtol=1e-12, atol=1e-12)
+
 @given(st.integers(1, 3), st.integers(1, 6), st.integers(1, 6), st.integers(1, 40), st.integers(0, 2**31 - 1))
 def test_channels_first_linear_equals_linear_on_the_transpose_with_a_channels_first_gradient(B, d_in, d_out, L, seed):
     """out_proj's Function is F.linear on y transposed, and hands y its gradient channels first, contiguous."""
