@@ -17,9 +17,10 @@ In the order a forward pass meets them:
   at a time), `CausalShortConv` (the short convolution as shifted multiply-adds), `GatedCausalConv` (gate,
   FFT convolution and skip term in one), `ChannelsFirstLinear` (out_proj, its input's gradient made channels
   first, the layout the operator's backward reads).
-- `FastBlock`: the MLP in heap-sized pieces of positions on the CPU, slices of positions at long L; without a
-  gradient the residual added in place, and the MLP written into the stream in place a cache-sized piece of
-  positions at a time (`mlp_into_stream`; on the CPU its GELU through the sigmoid, `gelu_tanh_`).
+- `FastBlock`: on the CPU the MLP a cache-sized piece of positions at a time, from fc1 through GELU to fc2
+  (`MLPInPieces`, with its own backward over the same pieces; without a gradient `mlp_into_stream`, which
+  writes it into the stream in place, where the residual was added in place too), its GELU through the sigmoid
+  (`gelu_tanh`); slices of positions at long L.
 - `tune_cpu_memory`: process-wide settings for CPU memory (huge pages, glibc keeping freed memory), which the
   scripts call first thing in main and a library user may call; importing this file changes nothing.
 
@@ -70,14 +71,6 @@ def tune_cpu_memory(memory_first=False):
 
 
 HEAP_BUFFER_FLOATS = (15 << 20) // 4  # 15 MB of float32: the largest piece a CPU buffer is made in
-
-
-def cpu_pieces(tensor, per_item):
-    """tensor split along its first dimension into pieces whose rows, per_item floats each, fit in
-    HEAP_BUFFER_FLOATS together (one piece off the CPU). A split, not slices: the gradient of a slice is a
-    zero-filled tensor of the whole's size, one per slice, while the gradient of a split is one concatenation."""
-    step = tensor.shape[0] if tensor.device.type != "cpu" else max(1, HEAP_BUFFER_FLOATS // per_item)
-    return tensor.split(step)
 
 
 def checkpointed(enabled, fn, *args):
@@ -564,37 +557,74 @@ class FastHyena:
 # ---------------------------------------------------------------------------------------------------------
 # The block's fast path.
 
-def mlp_in_pieces(mlp, x, in_pieces=True):
-    """mlp(x), x (B, L, d). The hidden activations, 4x wider than the stream, are the largest tensors of a step:
-    on the CPU they are made (and in backward their gradients) a heap-sized piece of positions at a time. The
-    heap keeps what it has served, though: where memory comes first (FastBlock's slices at long L),
-    in_pieces=False."""
-    rows = x.reshape(-1, x.shape[-1])  # (B*L, d)
-    pieces = cpu_pieces(rows, mlp.fc1.out_features) if in_pieces else [rows]
-    if len(pieces) == 1:
-        return mlp(x)
-    out = torch.cat([mlp.fc2(F.gelu(mlp.fc1(piece), approximate="tanh")) for piece in pieces])
-    return out.view(*x.shape[:-1], -1)
-
-
 GELU_SCALE = 2 * math.sqrt(2 / math.pi)  # tanh-approximate GELU as x * sigmoid(GELU_SCALE * (x + 0.044715 x^3))
 
 
-def gelu_tanh_(x, scratch):
-    """F.gelu(x, approximate="tanh") in place, with `scratch` a buffer of x's shape: since 0.5 (1 + tanh z) =
-    sigmoid(2z), GELU is x * sigmoid(2 sqrt(2/pi) (x + 0.044715 x^3)), and on the CPU these five passes over
-    a piece in cache take less than half the time of ATen's tanh-based GELU kernel (BENCHMARKS.md)."""
-    torch.mul(x, x, out=scratch)
-    torch.addcmul(x, scratch, x, value=0.044715, out=scratch)  # x + 0.044715 x^3
-    scratch.mul_(GELU_SCALE).sigmoid_()
-    return x.mul_(scratch)
+def gelu_tanh(x, out):
+    """F.gelu(x, approximate="tanh") written into `out`, a buffer of x's shape (x is left as it is): since
+    0.5 (1 + tanh z) = sigmoid(2z), GELU is x * sigmoid(2 sqrt(2/pi) (x + 0.044715 x^3)), and on the CPU these
+    five passes over a piece in cache take less than half the time of ATen's tanh-based GELU kernel
+    (BENCHMARKS.md)."""
+    torch.mul(x, x, out=out)
+    torch.addcmul(x, out, x, value=0.044715, out=out)  # x + 0.044715 x^3
+    return out.mul_(GELU_SCALE).sigmoid_().mul_(x)
+
+
+class MLPInPieces(torch.autograd.Function):
+    """The block's MLP on the CPU, x (N, d) -> fc2(gelu(fc1(x))) (N, d), `rows` positions at a time from fc1
+    through GELU to fc2, so that a piece's hidden activations (4x wider than the stream, the largest tensors
+    of a step) are read back while in cache, and each is a heap-sized tensor of its own (see
+    HEAP_BUFFER_FLOATS). It keeps what autograd would, each piece's fc1 output and GELU, and its backward
+    runs over the same pieces, each one's weight gradients added in place; through autograd the pieces'
+    outputs would be concatenated, and in backward x's gradient too."""
+
+    @staticmethod
+    def forward(ctx, x, w1, b1, w2, b2, rows):
+        out = x.new_empty(len(x), len(w2))
+        hidden, gelu = [], []
+        for piece, out_piece in zip(x.split(rows), out.split(rows)):
+            h = torch.addmm(b1, piece, w1.t())  # (p, 4d)
+            g = gelu_tanh(h, torch.empty_like(h))
+            torch.addmm(b2, g, w2.t(), out=out_piece)
+            hidden.append(h)
+            gelu.append(g)
+        ctx.rows = rows
+        ctx.save_for_backward(x, w1, w2, *hidden, *gelu)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):  # (N, d)
+        x, w1, w2, *kept = ctx.saved_tensors
+        hidden, gelu = kept[:len(kept) // 2], kept[len(kept) // 2:]
+        grad_x = torch.empty_like(x)
+        grad_w1, grad_b1 = torch.zeros_like(w1), w1.new_zeros(len(w1))
+        grad_w2, grad_b2 = torch.zeros_like(w2), w2.new_zeros(len(w2))
+        pieces = zip(x.split(ctx.rows), grad_out.split(ctx.rows), grad_x.split(ctx.rows), hidden, gelu)
+        for piece, grad_piece, grad_x_piece, h, g in pieces:
+            grad_w2.addmm_(grad_piece.t(), g)
+            grad_b2 += grad_piece.sum(0)
+            grad_h = torch.ops.aten.gelu_backward(grad_piece @ w2, h, approximate="tanh")  # (p, 4d)
+            grad_w1.addmm_(grad_h.t(), piece)
+            grad_b1 += grad_h.sum(0)
+            torch.mm(grad_h, w1, out=grad_x_piece)
+        return grad_x, grad_w1, grad_b1, grad_w2, grad_b2, None
+
+
+def mlp_in_pieces(mlp, x, rows):
+    """mlp(x), x (B, L, d): on the CPU without autocast MLPInPieces, `rows` positions a piece; elsewhere the
+    plain MLP (one kernel launch a layer counts more there than the cache)."""
+    if x.device.type != "cpu" or torch.is_autocast_enabled("cpu"):
+        return mlp(x)
+    fc1, fc2 = mlp.fc1, mlp.fc2
+    out = MLPInPieces.apply(x.reshape(-1, x.shape[-1]), fc1.weight, fc1.bias, fc2.weight, fc2.bias, rows)
+    return out.view(*x.shape[:-1], -1)
 
 
 def mlp_into_stream(block, x, rows_per_piece):
     """x += block.mlp(block.norm2(x)) in place, without a gradient, x (B, L, d) contiguous: rows_per_piece
     positions at a time, each piece's hidden activations (4x wider than the stream) written into one buffer
     that stays in cache from fc1 through GELU to fc2, instead of three fresh 4x-wide tensors in memory. On the
-    CPU GELU goes through the sigmoid (gelu_tanh_); elsewhere through ATen's one kernel (one launch, not five)."""
+    CPU GELU goes through the sigmoid (gelu_tanh); elsewhere through ATen's one kernel (one launch, not five)."""
     fc1, fc2, norm = block.mlp.fc1, block.mlp.fc2, block.norm2
     w1, w2 = fc1.weight.t(), fc2.weight.t()  # (d, 4d), (4d, d)
     rows = x.view(-1, x.shape[-1])  # (B*L, d)
@@ -607,14 +637,14 @@ def mlp_into_stream(block, x, rows_per_piece):
         if scratch is None:
             torch.ops.aten.gelu_(h, approximate="tanh")
         else:
-            gelu_tanh_(h, scratch[:len(piece)])
+            h = gelu_tanh(h, scratch[:len(piece)])
         piece.addmm_(h, w2).add_(fc2.bias)
     return x
 
 
 class FastBlock:
     """Block's fast path and its settings: mlp_chunk, the positions per MLP call at long L; mlp_rows, the
-    positions per MLP piece without a gradient on the CPU (mlp_into_stream)."""
+    positions per MLP piece on the CPU (mlp_into_stream without a gradient, MLPInPieces with one)."""
 
     def __init__(self):
         self.mlp_chunk = 1 << 16
@@ -634,8 +664,8 @@ class FastBlock:
         # slice at a time; under checkpointing, recomputing one slice at a time in backward.
         if x.shape[1] <= self.mlp_chunk or (torch.is_grad_enabled() and not checkpoint):
             # (with a gradient but no checkpointing, slices would store the same activations, then copy them)
-            return x + block.dropout(mlp_in_pieces(block.mlp, block.norm2(x)))
-        branch = lambda part: block.dropout(mlp_in_pieces(block.mlp, block.norm2(part), in_pieces=False))
+            return x + block.dropout(mlp_in_pieces(block.mlp, block.norm2(x), self.mlp_rows))
+        branch = lambda part: block.dropout(mlp_in_pieces(block.mlp, block.norm2(part), self.mlp_rows))
         if not torch.is_grad_enabled():
             for part in x.split(self.mlp_chunk, dim=1):
                 part += branch(part)

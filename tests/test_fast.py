@@ -275,30 +275,34 @@ print(training, changed, calls)
        st.sampled_from([torch.float32, torch.float64]))
 @example([-5.5, -3.0, -0.5, 0.0, 1e-30, 0.7, 3.0, 9.0], torch.float32)
 def test_gelu_through_the_sigmoid_equals_torch_gelu(values, dtype):
-    """fast.gelu_tanh_ (x * sigmoid(2z)) is F.gelu(x, approximate="tanh") (x * (1 + tanh z) / 2) to the dtype's
-    rounding, both held to torch's GELU in float64, in place and through a scratch buffer."""
+    """fast.gelu_tanh (x * sigmoid(2z)) is F.gelu(x, approximate="tanh") (x * (1 + tanh z) / 2) to the dtype's
+    rounding, both held to torch's GELU in float64, written into a buffer, its input left as it is."""
     x = torch.tensor(values, dtype=dtype)
     exact = F.gelu(x.double(), approximate="tanh")
-    got = fast.gelu_tanh_(x.clone(), torch.empty_like(x))
+    got = fast.gelu_tanh(x, torch.empty_like(x))
+    assert torch.equal(x, torch.tensor(values, dtype=dtype))
     eps = torch.finfo(dtype).eps
     bound = 8 * eps * x.double().abs().clamp(min=1)  # torch's own float32 GELU is 3.6 eps off at |x| ~ 3
     assert ((got.double() - exact).abs() <= bound).all(), (got.double() - exact).abs().max()
     assert ((F.gelu(x, approximate="tanh").double() - exact).abs() <= bound).all()  # the bound is fair to torch
 
 
-def test_mlp_in_pieces_equals_whole(monkeypatch):
-    """The CPU's MLP over pieces of positions (fast.HEAP_BUFFER_FLOATS) is the same function, same gradients."""
-    mlp = th.MLP(th.preset_config("tiny")).double()
-    x = torch.randn(2, 300, 128, dtype=torch.float64, requires_grad=True)
-    whole = mlp(x)  # the plain MLP, one call
-    monkeypatch.setattr(fast, "HEAP_BUFFER_FLOATS", 512 * 70)  # pieces of 70 rows: 9 pieces, the last short
-    assert len(fast.cpu_pieces(x.reshape(600, 128), 512)) == 9
-    pieces = fast.mlp_in_pieces(mlp, x)
-    torch.testing.assert_close(pieces, whole, rtol=1e-12, atol=1e-12)
-    g = torch.randn_like(whole)
-    for a, b in zip(torch.autograd.grad(pieces, [x, *mlp.parameters()], g),
-                    torch.autograd.grad(whole, [x, *mlp.parameters()], g)):
+@given(st.integers(1, 60), st.integers(1, 70), st.integers(1, 6), st.integers(1, 12), st.integers(0, 2**31 - 1))
+def test_mlp_in_pieces_equals_the_plain_mlp_with_gradients(N, rows, d, d_inner, seed):
+    """MLPInPieces, the MLP `rows` positions at a time with its own backward, is the plain MLP: the same
+    outputs and the same gradients of its input and of every parameter, whatever the pieces (one position,
+    several with the last short, or one piece of all)."""
+    torch.manual_seed(seed)
+    mlp = th.MLP(th.HyenaConfig(d_model=d, d_inner=d_inner)).double()
+    x = torch.randn(1, N, d, dtype=torch.float64, requires_grad=True)
+    ours, theirs = fast.mlp_in_pieces(mlp, x, rows), mlp(x)
+    torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
+    grad_out = torch.randn_like(theirs)
+    for a, b in zip(torch.autograd.grad(ours, [x, *mlp.parameters()], grad_out),
+                    torch.autograd.grad(theirs, [x, *mlp.parameters()], grad_out)):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    w = [mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias]
+    assert torch.autograd.gradcheck(lambda x, *w: fast.MLPInPieces.apply(x, *w, rows), (x[0, :7], *w))
 
 
 def test_filter_spectra_kept_without_gradient_follow_the_weights():
