@@ -204,12 +204,16 @@ class CausalShortConv(torch.autograd.Function):
     out[t] = bias + sum_j weight[K-1-j] * z[t-j], written as K shifted multiply-adds (faster on the CPU than
     the depthwise conv1d kernel at long L). Its own backward, the same multiply-adds read the other way:
     autograd through in-place updates of slices would clone the gradient at each one and expand each slice's
-    gradient to full size."""
+    gradient to full size. Each channel is its own convolution, so both run a piece of channels at a time
+    (`channel_pieces`), and the K shifted passes over a piece read it from cache."""
 
     @staticmethod
     def forward(ctx, z, weight, bias):
         ctx.save_for_backward(z, weight)
-        return CausalShortConv.compute(z, weight, bias)
+        out = z.new_empty(z.shape, dtype=torch.promote_types(z.dtype, weight.dtype))
+        for c in CausalShortConv.channel_pieces(z):
+            CausalShortConv.compute(z[:, c], weight[c], bias[c], out=out[:, c])
+        return out
 
     @staticmethod
     def compute(z, weight, bias, out=None):
@@ -224,13 +228,26 @@ class CausalShortConv(torch.autograd.Function):
     def backward(ctx, grad_out):
         z, weight = ctx.saved_tensors
         K = weight.shape[-1]
-        grad_z = grad_out * weight[:, K - 1:]
-        grad_weight = torch.empty_like(weight)
-        grad_weight[:, K - 1] = (grad_out * z).sum((0, 2))
-        for j in range(1, K):  # z[t - j] reached out[t]
-            grad_z[..., :-j].addcmul_(grad_out[..., j:], weight[:, K - 1 - j, None])
-            grad_weight[:, K - 1 - j] = (grad_out[..., j:] * z[..., :-j]).sum((0, 2))
-        return grad_z.to(z.dtype), grad_weight, grad_out.sum((0, 2)).to(weight.dtype)
+        grad_z = grad_out.new_empty(grad_out.shape, dtype=torch.promote_types(grad_out.dtype, weight.dtype))
+        grad_weight, grad_bias = torch.empty_like(weight), torch.empty_like(weight[:, 0])
+        for c in CausalShortConv.channel_pieces(z):
+            g, z_c, w_c, grad_z_c = grad_out[:, c], z[:, c], weight[c], grad_z[:, c]
+            torch.mul(g, w_c[:, K - 1:], out=grad_z_c)
+            grad_weight[c, K - 1] = (g * z_c).sum((0, 2))
+            for j in range(1, K):  # z[t - j] reached out[t]
+                grad_z_c[..., :-j].addcmul_(g[..., j:], w_c[:, K - 1 - j, None])
+                grad_weight[c, K - 1 - j] = (g[..., j:] * z_c[..., :-j]).sum((0, 2))
+            grad_bias[c] = g.sum((0, 2))
+        return grad_z.to(z.dtype), grad_weight, grad_bias
+
+    @staticmethod
+    def channel_pieces(z):
+        """Slices of z's channels (B, C, L), each piece of them about SHORT_CONV_PIECE floats (one channel at least)."""
+        step = max(1, SHORT_CONV_PIECE // max(1, z.shape[0] * z.shape[2]))
+        return [slice(c, c + step) for c in range(0, z.shape[1], step)]
+
+
+SHORT_CONV_PIECE = 1 << 19  # floats a piece of channels of CausalShortConv with a gradient: 2 MB, in cache (BENCHMARKS.md)
 
 
 causal_short_conv = CausalShortConv.apply  # (z, weight, bias) -> out

@@ -112,15 +112,22 @@ def test_fft_conv_gradcheck(L):
         assert torch.autograd.gradcheck(fast.GatedCausalConv.apply, inputs), wanted
 
 
-@given(st.integers(1, 3), st.integers(1, 4), st.integers(1, 60), st.integers(1, 5), st.integers(0, 2**31 - 1))
-def test_short_conv_equals_conv1d_with_gradients(B, C, L, K, seed):
+@given(st.integers(1, 3), st.integers(1, 4), st.integers(1, 60), st.integers(1, 5), st.integers(0, 2**31 - 1),
+       st.one_of(st.just(fast.SHORT_CONV_PIECE), st.integers(1, 400)))
+def test_short_conv_equals_conv1d_with_gradients(B, C, L, K, seed, piece):
+    """The short convolution, forward and backward a piece of `piece` floats of channels at a time (one
+    channel, several, or all), is conv1d's with zeros before position 0."""
     g = torch.Generator().manual_seed(seed)
     z = torch.randn(B, C, L, generator=g, dtype=torch.float64, requires_grad=True)
     weight = torch.randn(C, K, generator=g, dtype=torch.float64, requires_grad=True)
     bias = torch.randn(C, generator=g, dtype=torch.float64, requires_grad=True)
-    ours = fast.causal_short_conv(z, weight, bias)
-    grad_out = torch.randn(ours.shape, generator=g, dtype=torch.float64)  # a different weight on every output
-    grads = torch.autograd.grad(ours, (z, weight, bias), grad_out)
+    default, fast.SHORT_CONV_PIECE = fast.SHORT_CONV_PIECE, piece
+    try:
+        ours = fast.causal_short_conv(z, weight, bias)
+        grad_out = torch.randn(ours.shape, generator=g, dtype=torch.float64)  # a different weight on every output
+        grads = torch.autograd.grad(ours, (z, weight, bias), grad_out)
+    finally:
+        fast.SHORT_CONV_PIECE = default
     left_padded = torch.nn.functional.pad(z, (K - 1, 0))  # causal: out[t] sees z[t-K+1 .. t]
     reference = torch.nn.functional.conv1d(left_padded, weight[:, None, :], bias, groups=C)
     reference_grads = torch.autograd.grad(reference, (z, weight, bias), grad_out)
