@@ -110,16 +110,22 @@ class GatedCausalConv(torch.autograd.Function):
     instead, rfft(k, n) (C, n/2+1) complex, n = fft_size(2L-1) (see FastHyena.cached_spectrum).
 
     The gate's product is written straight into the zero-padded buffer the FFT reads (rfft(u, n) would copy u
-    into a fresh padded tensor). For backward only the inputs are kept: autograd's own rfft/irfft would keep
-    the complex spectra (4x the size of v) and the product a; backward recomputes them. The gradients are
-    correlations, convolutions with the conjugate spectrum:
+    into a fresh padded tensor). For backward it keeps the inputs and the spectrum of a (2x the size of v);
+    autograd's own rfft/irfft would also keep the filter's spectrum, the product's and a, and the FFT's
+    padded output. The gradients are correlations, convolutions with the conjugate spectrum:
         grad_a = corr(grad_y, k) + bias * grad_y,   grad_v = grad_a * x,   grad_x = grad_a * v,
-        grad_k = sum_b corr(grad_y, a),   grad_bias = sum_{b,t} grad_y * a."""
+        grad_k = sum_b corr(grad_y, a),   grad_bias = sum_{b,t} grad_y * a = grad_k at lag 0
+    (the skip term is bias added to the filter's tap at lag 0)."""
 
     @staticmethod
     def forward(ctx, v, x, k, bias):
-        ctx.save_for_backward(v, x, k, bias)
-        return GatedCausalConv.compute(v, x, k, bias)
+        L = v.shape[-1]
+        n = fft_size(2 * L - 1)
+        a = GatedCausalConv.padded_product(v, x, n)  # (B, C, n): v * x, then zeros
+        a_spectrum = torch.fft.rfft(a)  # kept: backward's correlation with a needs it again
+        y = torch.fft.irfft(a_spectrum * torch.fft.rfft(k, n=n), n=n)[..., :L]
+        ctx.save_for_backward(v, x, k, bias, a_spectrum)
+        return torch.addcmul(y, a[..., :L], bias[:, None])
 
     @staticmethod
     def compute(v, x, k, bias, buffers=None):
@@ -139,7 +145,7 @@ class GatedCausalConv(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y):
-        v, x, k, bias = ctx.saved_tensors
+        v, x, k, bias, a_spectrum = ctx.saved_tensors
         L = v.shape[-1]
         n = fft_size(2 * L - 1)
         grad_spectrum = torch.fft.rfft(grad_y, n=n)
@@ -151,12 +157,8 @@ class GatedCausalConv(torch.autograd.Function):
             grad_v = grad_a * x if ctx.needs_input_grad[0] else None
             grad_x = grad_a * v if ctx.needs_input_grad[1] else None
         if ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:
-            a = GatedCausalConv.padded_product(v, x, n)
-            if ctx.needs_input_grad[3]:
-                grad_bias = (grad_y * a[..., :L]).sum((0, 2))
-            if ctx.needs_input_grad[2]:
-                grad_spectrum = grad_spectrum.mul_(torch.fft.rfft(a).conj_physical_()).sum(0)
-                grad_k = torch.fft.irfft(grad_spectrum, n=n)[..., :L]
+            correlation = torch.fft.irfft(grad_spectrum.mul_(a_spectrum.conj()).sum(0), n=n)  # (C, n): lags 0 .. n-1
+            grad_k, grad_bias = correlation[..., :L], correlation[..., 0]  # (bias: the same sum as k's at lag 0)
         return grad_v, grad_x, grad_k, grad_bias
 
     @staticmethod
