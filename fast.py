@@ -119,6 +119,8 @@ class GatedCausalConv(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, v, x, k, bias):
+        if not any(ctx.needs_input_grad):  # (no backward to keep anything for; k may be a spectrum)
+            return GatedCausalConv.compute(v, x, k, bias)
         L = v.shape[-1]
         n = fft_size(2 * L - 1)
         a = GatedCausalConv.padded_product(v, x, n)  # (B, C, n): v * x, then zeros
