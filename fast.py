@@ -251,7 +251,7 @@ class CausalShortConv(torch.autograd.Function):
         return [slice(c, c + step) for c in range(0, z.shape[1], step)]
 
 
-SHORT_CONV_PIECE = 1 << 19  # floats a piece of channels of CausalShortConv with a gradient: 2 MB, in cache (BENCHMARKS.md)
+SHORT_CONV_PIECE = 1 << 19  # floats a piece of CausalShortConv's channels: 2 MB, in cache (BENCHMARKS.md)
 
 
 causal_short_conv = CausalShortConv.apply  # (z, weight, bias) -> out
@@ -268,7 +268,8 @@ def summed_product(a, b, pieces=8):
     n = L - L % pieces  # positions in the split; the rest in a product of their own
     out = a.new_zeros(r, b.shape[-1])
     for a_i, b_i in zip(a, b):  # a_i (r, L), b_i (L, d)
-        out += torch.bmm(a_i[:, :n].reshape(r, pieces, -1).transpose(0, 1), b_i[:n].reshape(pieces, -1, b_i.shape[-1])).sum(0)
+        a_split, b_split = a_i[:, :n].reshape(r, pieces, -1).transpose(0, 1), b_i[:n].reshape(pieces, -1, b_i.shape[-1])
+        out += torch.bmm(a_split, b_split).sum(0)  # (pieces, r, L/pieces) @ (pieces, L/pieces, d), summed
         if n < L:
             out.addmm_(a_i[:, n:], b_i[n:])
     return out
