@@ -119,27 +119,28 @@ class GatedCausalConv(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, v, x, k, bias):
-        if not any(ctx.needs_input_grad):  # (no backward to keep anything for; k may be a spectrum)
-            return GatedCausalConv.compute(v, x, k, bias)
-        L = v.shape[-1]
-        n = fft_size(2 * L - 1)
-        a = GatedCausalConv.padded_product(v, x, n)  # (B, C, n): v * x, then zeros
-        a_spectrum = torch.fft.rfft(a)  # kept: backward's correlation with a needs it again
-        y = torch.fft.irfft(a_spectrum * torch.fft.rfft(k, n=n), n=n)[..., :L]
-        ctx.save_for_backward(v, x, k, bias, a_spectrum)
-        return torch.addcmul(y, a[..., :L], bias[:, None])
+        kept = [] if any(ctx.needs_input_grad) else None  # (for backward: the spectrum of a)
+        y = GatedCausalConv.compute(v, x, k, bias, kept=kept)
+        ctx.save_for_backward(v, x, k, bias, *(kept or []))
+        return y
 
     @staticmethod
-    def compute(v, x, k, bias, buffers=None):
+    def compute(v, x, k, bias, buffers=None, kept=None):
         """The forward pass, without autograd; x None where v is the gate's product already (FastHyena's streams).
         With `buffers` (a Buffers) the FFT's padded input is one they hold, and the result the FFT's own output
-        with the skip term added in place (a view, (B, C, L) of (B, C, n))."""
+        with the skip term added in place (a view, (B, C, L) of (B, C, n)). With `kept` (a list) the spectrum of
+        a is appended to it, left as it is."""
         L = v.shape[-1]
         n = fft_size(2 * L - 1)
         padded = None if buffers is None else buffers("padded", (*v.shape[:-1], n), v.dtype, zeros=True)
         a = GatedCausalConv.padded_product(v, x, n, padded)  # (B, C, n): v * x, then zeros
         k_spectrum = k if k.is_complex() else torch.fft.rfft(k, n=n)  # (C, n/2+1)
-        spectrum = torch.fft.rfft(a).mul_(k_spectrum)  # in place: no third spectrum-sized buffer
+        spectrum = torch.fft.rfft(a)
+        if kept is None:
+            spectrum.mul_(k_spectrum)  # in place: no third spectrum-sized buffer
+        else:
+            kept.append(spectrum)
+            spectrum = spectrum * k_spectrum
         y = torch.fft.irfft(spectrum, n=n)[..., :L]
         if buffers is None:
             return torch.addcmul(y, a[..., :L], bias[:, None])  # a fresh, contiguous (B, C, L)
