@@ -276,14 +276,14 @@ def summed_product(a, b, pieces=8):
     return out
 
 
-PROJECTION_POSITIONS = 8192  # positions a piece of in_proj on the CPU (GroupedProjection.project)
+PROJECTION_POSITIONS = 2048  # positions a piece of in_proj on the CPU: all rows' 3 MB at d = 128, in cache
 
 
 class GroupedProjection(torch.autograd.Function):
     """A linear layer whose output rows come in groups, each group its own tensor, laid out for the FFT:
     u (B, L, d), weight (R, d), bias (R,), sizes (rows per group, summing to R) -> per group a (B, rows, L)
-    tensor, one matmul against u transposed (no copy) each, or at long L on the CPU a piece of positions at a
-    time (piece_positions). Its own backward, because autograd's would first concatenate the groups' gradients
+    tensor, one matmul against u transposed (no copy) each, or on the CPU a piece of positions at a time for
+    every group (piece_positions). Its own backward, because autograd's would first concatenate the groups' gradients
     into one (B, R, L) tensor (past the heap's size at batch 32 x 1,024); here each group's matmul adds into
     one gradient for u, in place."""
 
@@ -291,7 +291,7 @@ class GroupedProjection(torch.autograd.Function):
     def forward(ctx, u, weight, bias, sizes):
         ctx.save_for_backward(u, weight)
         ctx.sizes = sizes
-        positions = GroupedProjection.piece_positions(u, sizes)
+        positions = GroupedProjection.piece_positions(u)
         return tuple(GroupedProjection.project(u, weight, bias, sizes, positions))
 
     @staticmethod
@@ -309,36 +309,34 @@ class GroupedProjection(torch.autograd.Function):
     def project(u, weight, bias, sizes, positions=None):
         """The forward pass, without autograd: one batched product a group or, given `positions`, a piece of
         that many positions at a time (at most, and several batch items a piece where L is shorter), each
-        made position-major as a linear layer's output (P, rows) and copied transposed into its columns of
-        the group's output while it is in cache (see piece_positions)."""
+        piece one product for every row, (R, d) @ (d, P), whose rows are copied into their group's output while
+        in cache (see piece_positions)."""
         B, L, _ = u.shape
         if positions is None:
             u_t = u.transpose(1, 2)  # (B, d, L)
             return [torch.baddbmm(b[:, None], w.expand(B, -1, -1), u_t)
                     for w, b in zip(weight.split(sizes), bias.split(sizes))]
         P, k = min(L, positions), max(1, positions // L)  # positions and batch items a piece
-        buffer = u.new_empty(min(k, B) * P * max(sizes))
-        groups = []
-        for w, b in zip(weight.split(sizes), bias.split(sizes)):
-            out = u.new_empty(B, len(w), L)
-            w_t = w.t()  # (d, rows)
-            for i in range(0, B, k):
-                for start in range(0, L, P):
-                    u_piece = u[i:i + k, start:start + P]  # (k', P', d)
-                    piece = buffer[:u_piece.shape[0] * u_piece.shape[1] * len(w)].view(*u_piece.shape[:2], len(w))
-                    torch.baddbmm(b, u_piece, w_t.expand(len(u_piece), -1, -1), out=piece)
-                    out[i:i + k, :, start:start + P].copy_(piece.transpose(1, 2))
-            groups.append(out)
+        buffer = u.new_empty(min(k, B) * len(weight) * P)
+        groups = [u.new_empty(B, n, L) for n in sizes]
+        for i in range(0, B, k):
+            for start in range(0, L, P):
+                u_piece = u[i:i + k, start:start + P]  # (k', P', d)
+                shape = (len(u_piece), len(weight), u_piece.shape[1])
+                piece = torch.baddbmm(bias[:, None], weight.expand(len(u_piece), -1, -1), u_piece.transpose(1, 2),
+                                      out=buffer[:math.prod(shape)].view(shape))  # (k', R, P')
+                for out, rows in zip(groups, piece.split(sizes, dim=1)):
+                    out[i:i + k, :, start:start + P].copy_(rows)
         return groups
 
     @staticmethod
-    def piece_positions(u, sizes):
-        """The positions a piece for project: PROJECTION_POSITIONS on the CPU (without autocast) where a group's
-        output is past HEAP_BUFFER_FLOATS, else None. MKL's product straight into the channels-first layout,
-        (rows, d) @ (d, L), runs at two thirds of the speed of the pieces at long L, and at the same speed
-        on shorter inputs (BENCHMARKS.md)."""
+    def piece_positions(u):
+        """The positions a piece for project: PROJECTION_POSITIONS on the CPU without autocast, else None (one
+        product a group). On the CPU each group's own product is thinner, reads every position once a group,
+        and runs at two thirds of the speed of the pieces (BENCHMARKS.md); off it the pieces would be many
+        small kernel launches."""
         on_cpu = u.device.type == "cpu" and not torch.is_autocast_enabled("cpu")
-        return PROJECTION_POSITIONS if on_cpu and u.shape[0] * u.shape[1] * max(sizes) > HEAP_BUFFER_FLOATS else None
+        return PROJECTION_POSITIONS if on_cpu else None
 
 
 class ChannelsFirstLinear(torch.autograd.Function):
@@ -525,7 +523,7 @@ class FastHyena:
         sizes = [(N + 1) * (g.stop - g.start) for g in groups]
         if torch.is_grad_enabled():
             return GroupedProjection.apply(u, W, b, sizes)
-        return GroupedProjection.project(u, W, b, sizes, GroupedProjection.piece_positions(u, sizes))
+        return GroupedProjection.project(u, W, b, sizes, GroupedProjection.piece_positions(u))
 
     @staticmethod
     def mix_channels(op, z, h, g, out=None, buffers=None):

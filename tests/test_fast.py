@@ -150,7 +150,8 @@ def test_short_conv_gradcheck(L, K):
        st.integers(0, 2**31 - 1), st.integers(1, 90))
 def test_grouped_projection_equals_one_linear_layer_with_gradients(B, d, sizes, L, seed, positions):
     """GroupedProjection's groups are the rows of one linear layer, transposed to (B, rows, L), made in one
-    product or in pieces of `positions` positions (several batch items a piece where L is shorter), and its own
+    product a group or in pieces of `positions` positions for all groups (several batch items a piece where L is
+    shorter), and its own
     backward gives autograd's gradients, whatever the gradients of the groups."""
     g = torch.Generator().manual_seed(seed)
     u = torch.randn(B, L, d, generator=g, dtype=torch.float64, requires_grad=True)
@@ -160,9 +161,10 @@ def test_grouped_projection_equals_one_linear_layer_with_gradients(B, d, sizes, 
     reference = torch.nn.functional.linear(u, weight, bias).transpose(1, 2).split(sizes, dim=1)
     grads_out = [torch.randn(r.shape, generator=g, dtype=torch.float64) for r in reference]
     in_pieces = fast.GroupedProjection.project(u.detach(), weight.detach(), bias.detach(), sizes, positions)
-    for mine, pieces, theirs in zip(ours, in_pieces, reference):
-        torch.testing.assert_close(mine, theirs, rtol=1e-12, atol=1e-12)
-        torch.testing.assert_close(pieces, theirs, rtol=1e-12, atol=1e-12)
+    whole = fast.GroupedProjection.project(u.detach(), weight.detach(), bias.detach(), sizes)  # (off the CPU)
+    for mine, pieces, one_product, theirs in zip(ours, in_pieces, whole, reference):
+        for made in (mine, pieces, one_product):
+            torch.testing.assert_close(made, theirs, rtol=1e-12, atol=1e-12)
     for mine, theirs in zip(torch.autograd.grad(ours, (u, weight, bias), grads_out),
                             torch.autograd.grad(reference, (u, weight, bias), grads_out)):
         torch.testing.assert_close(mine, theirs, rtol=1e-10, atol=1e-10)
@@ -195,18 +197,15 @@ def test_channels_first_linear_equals_linear_on_the_transpose_with_a_channels_fi
     assert mine[0].is_contiguous()
     assert torch.autograd.gradcheck(fast.ChannelsFirstLinear.apply, (y, weight, bias))
 
-def test_in_proj_runs_in_pieces_only_where_a_group_is_past_the_heap_size_on_the_cpu():
-    """GroupedProjection.piece_positions: pieces (PROJECTION_POSITIONS) on the CPU where a group's output is
-    past HEAP_BUFFER_FLOATS; one product where it is not, or under autocast."""
-    at = lambda B, L: torch.zeros(1, 1, 128).expand(B, L, 128)  # shapes only
+def test_in_proj_runs_in_pieces_on_the_cpu_without_autocast():
+    """GroupedProjection.piece_positions: pieces of PROJECTION_POSITIONS on the CPU, one product a group under
+    autocast or off the CPU."""
+    at = lambda B, L, device="cpu": torch.zeros(1, 1, 128, device=device).expand(B, L, 128)  # shapes only
     pieces = fast.GroupedProjection.piece_positions
-    limit = fast.HEAP_BUFFER_FLOATS
-    assert pieces(at(1, 1 << 20), [48, 48]) == fast.PROJECTION_POSITIONS
-    assert pieces(at(1, limit // 48 + 1), [48]) == fast.PROJECTION_POSITIONS
-    assert pieces(at(1, limit // 48), [48]) is None
-    assert pieces(at(32, 1024), [96]) is None
+    assert pieces(at(1, 1 << 20)) == pieces(at(32, 1024)) == pieces(at(1, 1)) == fast.PROJECTION_POSITIONS
+    assert pieces(at(1, 1 << 20, "meta")) is None
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert pieces(at(1, 1 << 20), [48]) is None
+        assert pieces(at(1, 1 << 20)) is None
 
 
 def test_streams_come_first_only_without_gradient_on_the_cpu_without_autocast():
