@@ -308,10 +308,12 @@ class GroupedProjection(torch.autograd.Function):
     @staticmethod
     def project(u, weight, bias, sizes, positions=None):
         """The forward pass, without autograd: one batched product a group or, given `positions`, a piece of
-        that many positions at a time (at most, and several batch items a piece where L is shorter), each
-        piece one product for every row, (R, d) @ (d, P), whose rows are copied into their group's output while
-        in cache (see piece_positions)."""
-        B, L, _ = u.shape
+        that many positions at a time (at most, and several batch items a piece where L is shorter), each piece
+        one product for every row whose rows are copied into their groups' outputs while in cache: (R, d) @
+        (d, P), rows copied as they are; or where there are fewer rows than channels (one group alone) the
+        product position-major, (P, d) @ (d, R), copied transposed, at one and a half times the other's speed
+        for so thin a product (BENCHMARKS.md)."""
+        B, L, d = u.shape
         if positions is None:
             u_t = u.transpose(1, 2)  # (B, d, L)
             return [torch.baddbmm(b[:, None], w.expand(B, -1, -1), u_t)
@@ -322,9 +324,15 @@ class GroupedProjection(torch.autograd.Function):
         for i in range(0, B, k):
             for start in range(0, L, P):
                 u_piece = u[i:i + k, start:start + P]  # (k', P', d)
-                shape = (len(u_piece), len(weight), u_piece.shape[1])
-                piece = torch.baddbmm(bias[:, None], weight.expand(len(u_piece), -1, -1), u_piece.transpose(1, 2),
-                                      out=buffer[:math.prod(shape)].view(shape))  # (k', R, P')
+                W = weight.expand(len(u_piece), -1, -1)
+                if len(weight) >= d:
+                    shape = (len(u_piece), len(weight), u_piece.shape[1])  # (k', R, P')
+                    piece = torch.baddbmm(bias[:, None], W, u_piece.transpose(1, 2),
+                                          out=buffer[:math.prod(shape)].view(shape))
+                else:
+                    shape = (*u_piece.shape[:2], len(weight))  # (k', P', R)
+                    piece = torch.baddbmm(bias, u_piece, W.transpose(1, 2),
+                                          out=buffer[:math.prod(shape)].view(shape)).transpose(1, 2)
                 for out, rows in zip(groups, piece.split(sizes, dim=1)):
                     out[i:i + k, :, start:start + P].copy_(rows)
         return groups
