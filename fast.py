@@ -377,7 +377,7 @@ def recurrence_into(out, x, v, gated_long_conv):
     return torch.mul(v, x[0], out=out)
 
 
-FILTER_PIECE = 1 << 16  # positions per piece of the implicit filter's MLP at long L
+FILTER_PIECE = 1 << 15  # positions per piece of the implicit filter's MLP at long L (BENCHMARKS.md)
 
 
 def filters(filt, L, rows=None, checkpoint=False):
@@ -390,7 +390,10 @@ def filters(filt, L, rows=None, checkpoint=False):
     decay = -(filt.deltas if rows is None else filt.deltas[rows]).abs()  # (n_filters,)
 
     def piece(z, t):  # z (P, emb_dim), t (P,) -> (n_filters, P)
-        h = torch.mm(W, filt.mlp[:-1](z).t())
+        # (the first layer's weight made contiguous transposed, so that autograd makes its gradient as z^T @ grad
+        # (emb_dim, P) @ (P, filter_order): as grad^T @ z, with five columns, it ran at a fifth of the speed)
+        first = filt.mlp[0]
+        h = torch.mm(W, filt.mlp[1:-1](torch.addmm(first.bias, z, first.weight.t().contiguous())).t())
         return h.mul_(torch.outer(decay, t).exp_().add_(0.05))  # tinyhyena.filter_window, in place
 
     zs, ts = filt.z[:L].split(FILTER_PIECE), filt.t[:L, 0].split(FILTER_PIECE)
