@@ -363,7 +363,7 @@ class ChannelsFirstLinear(torch.autograd.Function):
     def backward(ctx, grad_out):  # grad_out (B, L, d_out)
         y, weight = ctx.saved_tensors
         grad_y = torch.bmm(weight.t().expand(len(y), -1, -1), grad_out.transpose(1, 2))  # (B, d_in, L)
-        grad_weight = torch.bmm(y, grad_out).sum(0).t()  # sum over b of (grad_out_b^T y_b^T)
+        grad_weight = summed_product(y, grad_out).t()  # sum over b of (grad_out_b^T y_b^T)
         return grad_y, grad_weight, grad_out.sum((0, 1))
 
 
