@@ -283,20 +283,21 @@ class GroupedProjection(torch.autograd.Function):
     """A linear layer whose output rows come in groups, each group its own tensor, laid out for the FFT:
     u (B, L, d), weight (R, d), bias (R,), sizes (rows per group, summing to R) -> per group a (B, rows, L)
     tensor, one matmul against u transposed (no copy) each, or on the CPU a piece of positions at a time for
-    every group (piece_positions). Its own backward, because autograd's would first concatenate the groups' gradients
-    into one (B, R, L) tensor (past the heap's size at batch 32 x 1,024); here each group's matmul adds into
-    one gradient for u, in place."""
+    every group (piece_positions). Its own backward, because autograd's would first concatenate the groups'
+    gradients into one (B, R, L) tensor (past the heap's size at batch 32 x 1,024); here each group's matmul
+    adds into one gradient for u, in place, or on the CPU the pieces of positions again (backward_in_pieces)."""
 
     @staticmethod
     def forward(ctx, u, weight, bias, sizes):
         ctx.save_for_backward(u, weight)
-        ctx.sizes = sizes
-        positions = GroupedProjection.piece_positions(u)
-        return tuple(GroupedProjection.project(u, weight, bias, sizes, positions))
+        ctx.sizes, ctx.positions = sizes, GroupedProjection.piece_positions(u)
+        return tuple(GroupedProjection.project(u, weight, bias, sizes, ctx.positions))
 
     @staticmethod
     def backward(ctx, *grad_groups):
         u, weight = ctx.saved_tensors
+        if ctx.positions is not None and len(weight) >= u.shape[-1]:
+            return *GroupedProjection.backward_in_pieces(u, weight, grad_groups, ctx.sizes, ctx.positions), None
         grad_u = None
         for grad, w in zip(grad_groups, weight.split(ctx.sizes)):  # grad (B, rows, L), w (rows, d)
             rows_to_u = (grad.transpose(1, 2), w.expand(u.shape[0], -1, -1))  # (B, L, rows) @ (B, rows, d)
@@ -304,6 +305,29 @@ class GroupedProjection(torch.autograd.Function):
         grad_weight = torch.cat([summed_product(grad, u) for grad in grad_groups])  # (R, d)
         grad_bias = torch.cat([grad.sum((0, 2)) for grad in grad_groups])
         return grad_u, grad_weight, grad_bias, None
+
+    @staticmethod
+    def backward_in_pieces(u, weight, grad_groups, sizes, positions):
+        """The gradients of u, weight and bias a piece of positions at a time, as project makes the groups: the
+        piece's gradients of every group copied into one (R, P) buffer in cache, then one product for u's
+        gradient, (P, R) @ (R, d), and one for the weight's, (R, P) @ (P, d), added in place. Each group's own
+        products were thinner, and read u and wrote u's gradient once a group (BENCHMARKS.md)."""
+        B, L, d = u.shape
+        P, k = min(L, positions), max(1, positions // L)  # positions and batch items a piece
+        grad_u, grad_weight, grad_bias = torch.empty_like(u), torch.zeros_like(weight), weight.new_zeros(len(weight))
+        buffer = u.new_empty(min(k, B) * len(weight) * P)
+        for i in range(0, B, k):
+            for start in range(0, L, P):
+                u_piece = u[i:i + k, start:start + P]  # (k', P', d)
+                shape = (len(u_piece), len(weight), u_piece.shape[1])
+                grad = buffer[:math.prod(shape)].view(shape)  # (k', R, P')
+                for rows, grad_group in zip(grad.split(sizes, dim=1), grad_groups):
+                    rows.copy_(grad_group[i:i + k, :, start:start + P])
+                torch.bmm(grad.transpose(1, 2), weight.expand(len(grad), -1, -1), out=grad_u[i:i + k, start:start + P])
+                for grad_item, u_item in zip(grad, u_piece):
+                    grad_weight.addmm_(grad_item, u_item)
+                grad_bias += grad.sum((0, 2))
+        return grad_u, grad_weight, grad_bias
 
     @staticmethod
     def project(u, weight, bias, sizes, positions=None):

@@ -152,7 +152,8 @@ def test_grouped_projection_equals_one_linear_layer_with_gradients(B, d, sizes, 
     """GroupedProjection's groups are the rows of one linear layer, transposed to (B, rows, L), made in one
     product a group or in pieces of `positions` positions for all groups (several batch items a piece where L is
     shorter), and its own
-    backward gives autograd's gradients, whatever the gradients of the groups."""
+    backward, in one product a group or in the same pieces, gives autograd's gradients, whatever the gradients
+    of the groups."""
     g = torch.Generator().manual_seed(seed)
     u = torch.randn(B, L, d, generator=g, dtype=torch.float64, requires_grad=True)
     weight = torch.randn(sum(sizes), d, generator=g, dtype=torch.float64, requires_grad=True)
@@ -165,9 +166,11 @@ def test_grouped_projection_equals_one_linear_layer_with_gradients(B, d, sizes, 
     for mine, pieces, one_product, theirs in zip(ours, in_pieces, whole, reference):
         for made in (mine, pieces, one_product):
             torch.testing.assert_close(made, theirs, rtol=1e-12, atol=1e-12)
-    for mine, theirs in zip(torch.autograd.grad(ours, (u, weight, bias), grads_out),
-                            torch.autograd.grad(reference, (u, weight, bias), grads_out)):
-        torch.testing.assert_close(mine, theirs, rtol=1e-10, atol=1e-10)
+    theirs = torch.autograd.grad(reference, (u, weight, bias), grads_out)
+    pieces = fast.GroupedProjection.backward_in_pieces(u.detach(), weight.detach(), grads_out, sizes, positions)
+    for mine, in_pieces, exact in zip(torch.autograd.grad(ours, (u, weight, bias), grads_out), pieces, theirs):
+        torch.testing.assert_close(mine, exact, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(in_pieces, exact, rtol=1e-10, atol=1e-10)
     assert torch.autograd.gradcheck(lambda *a: fast.GroupedProjection.apply(*a, sizes), (u, weight, bias))
 
 
