@@ -13,14 +13,15 @@ In the order a forward pass meets them:
   streams come first, a piece of positions at a time from the block's LayerNorm to the first gate
   (`gated_streams`), then each group's long convolutions.
 - Autograd Functions with hand-written backward passes, which keep fewer and smaller tensors than autograd
-  would: `GroupedProjection` (in_proj, into each group's layout; at long L on the CPU a piece of positions
-  at a time), `CausalShortConv` (the short convolution as shifted multiply-adds, a cache-sized piece of
-  channels at a time), `GatedCausalConv` (gate, FFT convolution and skip term in one), `ChannelsFirstLinear`
-  (out_proj, its input's gradient made channels first, the layout the operator's backward reads).
+  would: `GroupedProjection` (in_proj, into each group's layout; on the CPU a piece of positions at a time,
+  one product for every group, forward and backward), `CausalShortConv` (the short convolution as shifted
+  multiply-adds, a cache-sized piece of channels at a time), `GatedCausalConv` (gate, FFT convolution and skip
+  term in one), `ChannelsFirstLinear` (out_proj, its input's gradient made channels first, the layout the
+  operator's backward reads).
 - `FastBlock`: on the CPU the MLP a cache-sized piece of positions at a time, from fc1 through GELU to fc2
   (`MLPInPieces`, with its own backward over the same pieces; without a gradient `mlp_into_stream`, which
   writes it into the stream in place, where the residual was added in place too), its GELU through the sigmoid
-  (`gelu_tanh`); slices of positions at long L.
+  (`gelu_tanh`) and GELU's derivative from that sigmoid (`gelu_tanh_backward`); slices of positions at long L.
 - `tune_cpu_memory`: process-wide settings for CPU memory (huge pages, glibc keeping freed memory), which the
   scripts call first thing in main and a library user may call; importing this file changes nothing.
 
