@@ -21,7 +21,8 @@ In the order a forward pass meets them:
 - `FastBlock`: on the CPU the MLP a cache-sized piece of positions at a time, from fc1 through GELU to fc2
   (`MLPInPieces`, with its own backward over the same pieces; without a gradient `mlp_into_stream`, which
   writes it into the stream in place, where the residual was added in place too), its GELU through the sigmoid
-  (`gelu_tanh`) and GELU's derivative from that sigmoid (`gelu_tanh_backward`); slices of positions at long L.
+  (`gelu_tanh`), and with a gradient GELU's slope made beside it (`gelu_tanh_with_slope`); slices of
+  positions at long L.
 - `tune_cpu_memory`: process-wide settings for CPU memory (huge pages, glibc keeping freed memory), which the
   scripts call first thing in main and a library user may call; importing this file changes nothing.
 
@@ -625,68 +626,71 @@ class FastHyena:
 GELU_SCALE = 2 * math.sqrt(2 / math.pi)  # tanh-approximate GELU as x * sigmoid(GELU_SCALE * (x + 0.044715 x^3))
 
 
-def gelu_tanh(x, out, gate=None):
+def gelu_tanh(x, out):
     """F.gelu(x, approximate="tanh") written into `out`, a buffer of x's shape (x is left as it is): since
     0.5 (1 + tanh z) = sigmoid(2z), GELU is x * sigmoid(2 sqrt(2/pi) (x + 0.044715 x^3)), and on the CPU these
     five passes over a piece in cache take less than half the time of ATen's tanh-based GELU kernel
-    (BENCHMARKS.md). With `gate`, another such buffer, the sigmoid is left there for gelu_tanh_backward."""
-    s = out if gate is None else gate
-    torch.mul(x, x, out=s)
-    torch.addcmul(x, s, x, value=0.044715, out=s)  # x + 0.044715 x^3
-    s.mul_(GELU_SCALE).sigmoid_()
-    return torch.mul(x, s, out=out)
+    (BENCHMARKS.md)."""
+    torch.mul(x, x, out=out)
+    torch.addcmul(x, out, x, value=0.044715, out=out)  # x + 0.044715 x^3
+    out.mul_(GELU_SCALE).sigmoid_()
+    return out.mul_(x)
 
 
-def gelu_tanh_backward(grad, x, gate, scratch):
-    """grad * GELU'(x), written into grad, from x and its gate s = sigmoid(GELU_SCALE (x + 0.044715 x^3)) (see
-    gelu_tanh); scratch: two buffers of x's shape. GELU(x) = x s, so GELU'(x) = s + GELU_SCALE (x + 3 0.044715 x^3)
-    s (1 - s): four passes over a piece in cache and one to multiply grad, a third of the time of ATen's
-    gelu_backward, which computes tanh again (BENCHMARKS.md)."""
-    t, u = scratch
-    torch.mul(x, x, out=t)
-    torch.addcmul(x, t, x, value=3 * 0.044715, out=t)  # x + 3 0.044715 x^3
-    torch.addcmul(gate, gate, gate, value=-1, out=u)  # s (1 - s)
-    torch.addcmul(gate, t, u, value=GELU_SCALE, out=t)  # GELU'(x)
-    return grad.mul_(t)
+def gelu_tanh_with_slope(x, gelu, slope, gate):
+    """gelu_tanh(x) into `gelu` and GELU's derivative at x into `slope`, all buffers of x's shape, `gate` a
+    scratch; x is overwritten. GELU(x) = x s with s = sigmoid(GELU_SCALE (x + 0.044715 x^3)), so GELU'(x) = s +
+    GELU_SCALE (x + 3 0.044715 x^3) s (1 - s): eight passes over a piece in cache, x^2 made once for both. Kept
+    for backward where autograd would keep x, the slope leaves backward one pass (grad * slope) where it took
+    six (the GELU again, the derivative from x and s), and ATen's gelu_backward computes tanh again
+    (BENCHMARKS.md)."""
+    torch.mul(x, x, out=slope)  # x^2
+    torch.addcmul(x, slope, x, value=0.044715, out=gate)  # x + 0.044715 x^3
+    gate.mul_(GELU_SCALE).sigmoid_()  # s
+    torch.mul(x, gate, out=gelu)
+    torch.addcmul(x, slope, x, value=3 * 0.044715, out=slope)  # x + 3 0.044715 x^3
+    torch.addcmul(gate, gate, gate, value=-1, out=x)  # s (1 - s), over x
+    return torch.addcmul(gate, slope, x, value=GELU_SCALE, out=slope)
 
 
 class MLPInPieces(torch.autograd.Function):
     """The block's MLP on the CPU, x (N, d) -> fc2(gelu(fc1(x))) (N, d), `rows` positions at a time from fc1
     through GELU to fc2, so that a piece's hidden activations (4x wider than the stream, the largest tensors
     of a step) are read back while in cache, and each is a heap-sized tensor of its own (see
-    HEAP_BUFFER_FLOATS). It keeps each piece's fc1 output and GELU's gate (where autograd would keep the GELU
-    itself), and its backward runs over the same pieces: the GELU again from the two, GELU's derivative from
-    the gate (gelu_tanh_backward), each piece's weight gradients added in place. Through autograd the pieces'
-    outputs would be concatenated, and in backward x's gradient too."""
+    HEAP_BUFFER_FLOATS). It keeps each piece's GELU and GELU's slope (where autograd would keep fc1's output
+    and the GELU; gelu_tanh_with_slope), and its backward runs over the same pieces, each piece's weight
+    gradients added in place. Through autograd the pieces' outputs would be concatenated, and in backward x's
+    gradient too."""
 
     @staticmethod
     def forward(ctx, x, w1, b1, w2, b2, rows):
         out = x.new_empty(len(x), len(w2))
-        gelu = x.new_empty(min(rows, len(x)), len(w1))  # a piece's GELU, read by fc2 while in cache
-        hidden, gates = [], []
+        h, gate = x.new_empty(2, min(rows, len(x)), len(w1))  # a piece's fc1 output and GELU's gate, in cache
+        gelus, slopes = [], []
         for piece, out_piece in zip(x.split(rows), out.split(rows)):
-            h = torch.addmm(b1, piece, w1.t())  # (p, 4d)
-            gates.append(torch.empty_like(h))
-            torch.addmm(b2, gelu_tanh(h, gelu[:len(h)], gates[-1]), w2.t(), out=out_piece)
-            hidden.append(h)
+            p = len(piece)
+            gelus.append(x.new_empty(p, len(w1)))
+            slopes.append(torch.empty_like(gelus[-1]))
+            torch.addmm(b1, piece, w1.t(), out=h[:p])  # (p, 4d)
+            gelu_tanh_with_slope(h[:p], gelus[-1], slopes[-1], gate[:p])
+            torch.addmm(b2, gelus[-1], w2.t(), out=out_piece)
         ctx.rows = rows
-        ctx.save_for_backward(x, w1, w2, *hidden, *gates)
+        ctx.save_for_backward(x, w1, w2, *gelus, *slopes)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):  # (N, d)
         x, w1, w2, *kept = ctx.saved_tensors
-        hidden, gates = kept[:len(kept) // 2], kept[len(kept) // 2:]
+        gelus, slopes = kept[:len(kept) // 2], kept[len(kept) // 2:]
         grad_x = torch.empty_like(x)
         grad_w1, grad_b1 = torch.zeros_like(w1), w1.new_zeros(len(w1))
         grad_w2, grad_b2 = torch.zeros_like(w2), w2.new_zeros(len(w2))
-        gelu, *scratch = x.new_empty(3, min(ctx.rows, len(x)), len(w1))
-        pieces = zip(x.split(ctx.rows), grad_out.split(ctx.rows), grad_x.split(ctx.rows), hidden, gates)
-        for piece, grad_piece, grad_x_piece, h, s in pieces:
-            p = len(h)
-            grad_w2.addmm_(grad_piece.t(), torch.mul(h, s, out=gelu[:p]))
+        grad_hidden = x.new_empty(min(ctx.rows, len(x)), len(w1))
+        pieces = zip(x.split(ctx.rows), grad_out.split(ctx.rows), grad_x.split(ctx.rows), gelus, slopes)
+        for piece, grad_piece, grad_x_piece, gelu, slope in pieces:
+            grad_w2.addmm_(grad_piece.t(), gelu)
             grad_b2 += grad_piece.sum(0)
-            grad_h = gelu_tanh_backward(grad_piece @ w2, h, s, [t[:p] for t in scratch])  # (p, 4d)
+            grad_h = torch.mm(grad_piece, w2, out=grad_hidden[:len(piece)]).mul_(slope)  # (p, 4d)
             grad_w1.addmm_(grad_h.t(), piece)
             grad_b1 += grad_h.sum(0)
             torch.mm(grad_h, w1, out=grad_x_piece)
