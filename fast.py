@@ -212,15 +212,18 @@ class CausalShortConv(torch.autograd.Function):
     the depthwise conv1d kernel at long L). Its own backward, the same multiply-adds read the other way:
     autograd through in-place updates of slices would clone the gradient at each one and expand each slice's
     gradient to full size. Each channel is its own convolution, so both run a piece of channels at a time
-    (`channel_pieces`), and the K shifted passes over a piece read it from cache."""
+    (`channel_pieces`), and the K shifted passes over a piece read it from cache. Given `split`, the output
+    comes split along channels into parts of that many (the operator's streams), and backward reads each
+    part's gradient where it is: split by autograd, their gradients would first be concatenated."""
 
     @staticmethod
-    def forward(ctx, z, weight, bias):
+    def forward(ctx, z, weight, bias, split=None):
         ctx.save_for_backward(z, weight)
+        ctx.split = split
         out = z.new_empty(z.shape, dtype=torch.promote_types(z.dtype, weight.dtype))
         for c in CausalShortConv.channel_pieces(z):
             CausalShortConv.compute(z[:, c], weight[c], bias[c], out=out[:, c])
-        return out
+        return out if split is None else out.split(split, dim=1)
 
     @staticmethod
     def compute(z, weight, bias, out=None):
@@ -232,20 +235,22 @@ class CausalShortConv(torch.autograd.Function):
         return out.add_(bias[:, None])  # (not addcmul's input: with a broadcast input it runs at a third of the speed)
 
     @staticmethod
-    def backward(ctx, grad_out):
+    def backward(ctx, *grad_outs):  # one gradient, or one for each of the split's parts
         z, weight = ctx.saved_tensors
         K = weight.shape[-1]
-        grad_z = grad_out.new_empty(grad_out.shape, dtype=torch.promote_types(grad_out.dtype, weight.dtype))
+        grad_z = z.new_empty(z.shape, dtype=torch.promote_types(grad_outs[0].dtype, weight.dtype))
         grad_weight, grad_bias = torch.empty_like(weight), torch.empty_like(weight[:, 0])
-        for c in CausalShortConv.channel_pieces(z):
-            g, z_c, w_c, grad_z_c = grad_out[:, c], z[:, c].to(grad_out.dtype), weight[c], grad_z[:, c]
+        starts = range(0, z.shape[1], ctx.split or z.shape[1])
+        for c, g in [(slice(s + c.start, s + c.stop), part[:, c])
+                     for s, part in zip(starts, grad_outs) for c in CausalShortConv.channel_pieces(part)]:
+            z_c, w_c, grad_z_c = z[:, c].to(g.dtype), weight[c], grad_z[:, c]
             torch.mul(g, w_c[:, K - 1:], out=grad_z_c)
             grad_weight[c, K - 1] = CausalShortConv.summed_products(g, z_c)
             for j in range(1, K):  # z[t - j] reached out[t]
                 grad_z_c[..., :-j].addcmul_(g[..., j:], w_c[:, K - 1 - j, None])
                 grad_weight[c, K - 1 - j] = CausalShortConv.summed_products(g[..., j:], z_c[..., :-j])
             grad_bias[c] = g.sum((0, 2))
-        return grad_z.to(z.dtype), grad_weight, grad_bias
+        return grad_z.to(z.dtype), grad_weight, grad_bias, None
 
     @staticmethod
     def summed_products(a, b):
@@ -258,13 +263,13 @@ class CausalShortConv(torch.autograd.Function):
     def channel_pieces(z):
         """Slices of z's channels (B, C, L), each piece of them about SHORT_CONV_PIECE floats (one channel at least)."""
         step = max(1, SHORT_CONV_PIECE // max(1, z.shape[0] * z.shape[2]))
-        return [slice(c, c + step) for c in range(0, z.shape[1], step)]
+        return [slice(c, min(c + step, z.shape[1])) for c in range(0, z.shape[1], step)]
 
 
 SHORT_CONV_PIECE = 1 << 19  # floats a piece of CausalShortConv's channels: 2 MB, in cache (BENCHMARKS.md)
 
 
-causal_short_conv = CausalShortConv.apply  # (z, weight, bias) -> out
+causal_short_conv = CausalShortConv.apply  # (z, weight, bias[, split]) -> out, or its channels split in parts of `split`
 
 
 def summed_product(a, b, pieces=8):
@@ -579,11 +584,11 @@ class FastHyena:
         N, d = op.cfg.order, op.cfg.d_model
         Wc, bc = op.short_conv.weight.view(N + 1, d, -1), op.short_conv.bias.view(N + 1, d)
         Wc, bc = Wc[:, g].flatten(0, 1), bc[:, g].flatten()
-        if buffers is None:
-            z = causal_short_conv(z, Wc, bc)
+        if buffers is None:  # (split by the convolution: its backward then reads each part's gradient as it is)
+            *x, v = causal_short_conv(z, Wc, bc, g.stop - g.start)  # x_0 .. x_{N-1}, v: each (B, G, L)
         else:
             z = CausalShortConv.compute(z, Wc, bc, out=buffers("short_conv", z.shape, z.dtype))
-        *x, v = z.split(g.stop - g.start, dim=1)  # x_0 .. x_{N-1}, v: each (B, G, L)
+            *x, v = z.split(g.stop - g.start, dim=1)
         bias = op.filter.bias.view(N - 1, d)
         # h_o (*) (v * x_i) + bias_o * (v * x_i), gate and convolution in one
         if buffers is None:

@@ -140,6 +140,30 @@ def test_short_conv_equals_conv1d_with_gradients(B, C, L, K, seed, piece):
         torch.testing.assert_close(mine, theirs, rtol=1e-9, atol=1e-9)
 
 
+@given(st.integers(1, 3), st.integers(1, 4), st.integers(1, 4), st.integers(1, 30), st.integers(0, 2**31 - 1),
+       st.integers(1, 200))
+def test_short_conv_split_into_parts_is_the_whole_split(B, parts, size, L, seed, piece):
+    """causal_short_conv(z, weight, bias, size) is the convolution's output split along channels into parts of
+    `size`, and its gradients, from each part's own gradient, are those of the whole (pieces of channels that
+    end inside a part, at its end, or take one channel)."""
+    g = torch.Generator().manual_seed(seed)
+    C = parts * size
+    z = torch.randn(B, C, L, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(C, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(C, generator=g, dtype=torch.float64, requires_grad=True)
+    grad_out = torch.randn(B, C, L, generator=g, dtype=torch.float64)
+    default, fast.SHORT_CONV_PIECE = fast.SHORT_CONV_PIECE, piece
+    try:
+        split = fast.causal_short_conv(z, weight, bias, size)
+        grads = torch.autograd.grad(split, (z, weight, bias), grad_out.split(size, dim=1))
+    finally:
+        fast.SHORT_CONV_PIECE = default
+    whole = fast.causal_short_conv(z, weight, bias)
+    assert len(split) == parts and all(torch.equal(a, b) for a, b in zip(split, whole.split(size, dim=1)))
+    for mine, theirs in zip(grads, torch.autograd.grad(whole, (z, weight, bias), grad_out)):
+        torch.testing.assert_close(mine, theirs, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("L, K", [(1, 1), (1, 3), (2, 3), (7, 3), (9, 4)])
 def test_short_conv_gradcheck(L, K):
     z, weight, bias = (torch.randn(*shape, dtype=torch.float64, requires_grad=True) for shape in ((2, 3, L), (3, K), (3,)))
