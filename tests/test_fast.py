@@ -327,10 +327,13 @@ def test_gelu_through_the_sigmoid_equals_torch_gelu(values, dtype):
 @given(st.lists(st.floats(-1e4, 1e4, width=32), min_size=1, max_size=64),
        st.sampled_from([torch.float32, torch.float64]))
 @example([-5.5, -3.0, -0.5, 0.0, 1e-30, 0.7, 3.0, 9.0], torch.float32)
+@example([4.5, 5.0], torch.float32)  # the gate rounds near 1 (hypothesis found x = 5 past a flat bound)
 def test_gelu_slope_equals_autograds_derivative(values, dtype):
-    """fast.gelu_tanh_with_slope's slope (s + c (x + 3 0.044715 x^3) s (1 - s), from GELU's gate s) times a
-    gradient is autograd's gradient through F.gelu(x, approximate="tanh") in float64, to the dtype's rounding;
-    and the GELU it writes beside the slope is gelu_tanh's, to the bit."""
+    """fast.gelu_tanh_with_slope's slope (s + c t s (1 - s), t = x + 3 0.044715 x^3, from GELU's gate s) times
+    a gradient is autograd's gradient through F.gelu(x, approximate="tanh") in float64, to the dtype's rounding:
+    a few eps, and the gate's own rounding (up to eps, near s = 1) carried by c |t| into the term c t s (1 - s),
+    never by more than that term (13 eps at x = 5 in float32, where ATen's is 4); and the GELU it writes beside
+    the slope is gelu_tanh's, to the bit."""
     x = torch.tensor(values, dtype=dtype)
     gelu, slope, gate = torch.empty(3, *x.shape, dtype=dtype)
     fast.gelu_tanh_with_slope(x.clone(), gelu, slope, gate)
@@ -340,7 +343,12 @@ def test_gelu_slope_equals_autograds_derivative(values, dtype):
     exact, = torch.autograd.grad(F.gelu(x64, approximate="tanh"), x64, grad.double())
     got = grad * slope
     eps = torch.finfo(dtype).eps
-    assert ((got.double() - exact).abs() <= 8 * eps * (1 + grad.double().abs())).all(), (got.double() - exact).abs().max()
+    x64 = x64.detach()
+    z = fast.GELU_SCALE * (x64 + 0.044715 * x64 ** 3)
+    s_times_1_minus_s = torch.sigmoid(z) * torch.sigmoid(-z)  # (1 - s as sigmoid(-z): exact where s rounds to 1)
+    carried = fast.GELU_SCALE * (x64 + 3 * 0.044715 * x64 ** 3).abs() * s_times_1_minus_s.clamp(max=eps)
+    bound = (8 * eps + 2 * carried) * (1 + grad.double().abs())
+    assert ((got.double() - exact).abs() <= bound).all(), (got.double() - exact).abs().max()
 
 
 @given(st.integers(1, 60), st.integers(1, 70), st.integers(1, 6), st.integers(1, 12), st.integers(0, 2**31 - 1))
