@@ -15,9 +15,10 @@ In the order a forward pass meets them:
 - Autograd Functions with hand-written backward passes, which keep fewer and smaller tensors than autograd
   would: `GroupedProjection` (in_proj, into each group's layout; on the CPU a piece of positions at a time,
   one product for every group, forward and backward), `CausalShortConv` (the short convolution as shifted
-  multiply-adds, a cache-sized piece of channels at a time), `GatedCausalConv` (gate, FFT convolution and skip
-  term in one), `ChannelsFirstLinear` (out_proj, its input's gradient made channels first, the layout the
-  operator's backward reads).
+  multiply-adds, a cache-sized piece of channels at a time, its output split into the operator's streams and
+  each stream's gradient read where it is), `GatedCausalConv` (gate, FFT convolution and skip term in one),
+  `ChannelsFirstLinear` (out_proj, its input's gradient made channels first, the layout the operator's
+  backward reads).
 - `FastBlock`: on the CPU the MLP a cache-sized piece of positions at a time, from fc1 through GELU to fc2
   (`MLPInPieces`, with its own backward over the same pieces; without a gradient `mlp_into_stream`, which
   writes it into the stream in place, where the residual was added in place too), its GELU through the sigmoid
