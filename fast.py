@@ -270,7 +270,7 @@ class CausalShortConv(torch.autograd.Function):
 SHORT_CONV_PIECE = 1 << 19  # floats a piece of CausalShortConv's channels: 2 MB, in cache (BENCHMARKS.md)
 
 
-causal_short_conv = CausalShortConv.apply  # (z, weight, bias[, split]) -> out, or its channels split in parts of `split`
+causal_short_conv = CausalShortConv.apply  # (z, weight, bias[, split]) -> out, or out.split(split, dim=1)
 
 
 def summed_product(a, b, pieces=8):
