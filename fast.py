@@ -113,26 +113,27 @@ class GatedCausalConv(torch.autograd.Function):
     instead, rfft(k, n) (C, n/2+1) complex, n = fft_size(2L-1) (see FastHyena.cached_spectrum).
 
     The gate's product is written straight into the zero-padded buffer the FFT reads (rfft(u, n) would copy u
-    into a fresh padded tensor). For backward it keeps the inputs and the spectrum of a (2x the size of v);
-    autograd's own rfft/irfft would also keep the filter's spectrum, the product's and a, and the FFT's
-    padded output. The gradients are correlations, convolutions with the conjugate spectrum:
+    into a fresh padded tensor). For backward it keeps v, x, the skip weights and the spectra of a (2x the size
+    of v) and of k (in place of k: backward would make it again); autograd's own rfft/irfft would also keep
+    the product's spectrum, a and the FFT's padded output. The gradients are correlations, convolutions with
+    the conjugate spectrum:
         grad_a = corr(grad_y, k) + bias * grad_y,   grad_v = grad_a * x,   grad_x = grad_a * v,
         grad_k = sum_b corr(grad_y, a),   grad_bias = sum_{b,t} grad_y * a = grad_k at lag 0
     (the skip term is bias added to the filter's tap at lag 0)."""
 
     @staticmethod
     def forward(ctx, v, x, k, bias):
-        kept = [] if any(ctx.needs_input_grad) else None  # (for backward: the spectrum of a)
+        kept = [] if any(ctx.needs_input_grad) else None  # (for backward: the spectra of a and of k)
         y = GatedCausalConv.compute(v, x, k, bias, kept=kept)
-        ctx.save_for_backward(v, x, k, bias, *(kept or []))
+        ctx.save_for_backward(v, x, bias, *(kept or []))
         return y
 
     @staticmethod
     def compute(v, x, k, bias, buffers=None, kept=None):
         """The forward pass, without autograd; x None where v is the gate's product already (FastHyena's streams).
         With `buffers` (a Buffers) the FFT's padded input is one they hold, and the result the FFT's own output
-        with the skip term added in place (a view, (B, C, L) of (B, C, n)). With `kept` (a list) the spectrum of
-        a is appended to it, left as it is."""
+        with the skip term added in place (a view, (B, C, L) of (B, C, n)). With `kept` (a list) the spectra of
+        a and of k are appended to it, left as they are."""
         L = v.shape[-1]
         n = fft_size(2 * L - 1)
         padded = None if buffers is None else buffers("padded", (*v.shape[:-1], n), v.dtype, zeros=True)
@@ -142,7 +143,7 @@ class GatedCausalConv(torch.autograd.Function):
         if kept is None:
             spectrum.mul_(k_spectrum)  # in place: no third spectrum-sized buffer
         else:
-            kept.append(spectrum)
+            kept += [spectrum, k_spectrum]
             spectrum = spectrum * k_spectrum
         y = torch.fft.irfft(spectrum, n=n)[..., :L]
         if buffers is None:
@@ -151,20 +152,24 @@ class GatedCausalConv(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y):
-        v, x, k, bias, a_spectrum = ctx.saved_tensors
+        v, x, bias, a_spectrum, k_spectrum = ctx.saved_tensors
         L = v.shape[-1]
         n = fft_size(2 * L - 1)
         grad_spectrum = torch.fft.rfft(grad_y, n=n)
         grad_v = grad_x = grad_k = grad_bias = None
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
-            # (conj_physical_ in place: a lazy .conj() is copied whole by the product that reads it)
-            grad_a = torch.fft.irfft(grad_spectrum * torch.fft.rfft(k, n=n).conj_physical_(), n=n)[..., :L]
+            # (conj_physical: a lazy .conj() would be copied whole by the product that reads it anyway)
+            grad_a = torch.fft.irfft(grad_spectrum * k_spectrum.conj_physical(), n=n)[..., :L]
             grad_a = grad_a.addcmul_(grad_y, bias[:, None])
             grad_v = grad_a * x if ctx.needs_input_grad[0] else None
             grad_x = grad_a * v if ctx.needs_input_grad[1] else None
         if ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:
-            correlation = torch.fft.irfft(grad_spectrum.mul_(a_spectrum.conj()).sum(0), n=n)  # (C, n): lags 0 .. n-1
-            grad_k, grad_bias = correlation[..., :L], correlation[..., 0]  # (bias: the same sum as k's at lag 0)
+            # The correlation is irfft(sum_b grad_spectrum conj(a_spectrum)) (C, n), lags 0 .. n-1. Conjugated in
+            # place, the gradient's spectrum times a's is its conjugate, whose irfft r is the correlation reversed:
+            # lag t is r[-t mod n]. (a's spectrum conjugated would be a copy of the batch's spectra.)
+            r = torch.fft.irfft(grad_spectrum.conj_physical_().mul_(a_spectrum).sum(0), n=n)
+            grad_bias = r[..., 0]  # (the skip term's gradient: the same sum as k's at lag 0)
+            grad_k = torch.cat([r[..., :1], r[..., n - L + 1:].flip(-1)], dim=-1)  # (C, L)
         return grad_v, grad_x, grad_k, grad_bias
 
     @staticmethod
@@ -417,24 +422,37 @@ def recurrence_into(out, x, v, gated_long_conv):
     return torch.mul(v, x[0], out=out)
 
 
-FILTER_PIECE = 1 << 15  # positions per piece of the implicit filter's MLP at long L (BENCHMARKS.md)
+FILTER_PIECE = 1 << 15  # positions per piece of filters_through_autograd at long L (BENCHMARKS.md)
+FILTER_ROWS = 4096  # positions per piece of FilterInPieces: activations of 1 MB at filter_order 64, in cache
 
 
 def filters(filt, L, rows=None, checkpoint=False):
     """ImplicitFilter's h (n_filters, L), or only the filters `rows` (an index tensor), computed straight into
     that layout: the last layer as W @ features^T, so that each filter is a contiguous row for the FFT (padding
-    the rows of the transposed product was a strided copy), and the window's exp and product in place. The MLP
-    runs on pieces of FILTER_PIECE positions, each (with `checkpoint`) recomputed alone in backward: its hidden
-    activations, six of (L, filter_order), would otherwise be held at once."""
+    the rows of the transposed product was a strided copy). With `checkpoint` the MLP's activations are made
+    again in backward, a piece at a time, instead of kept. On the CPU without autocast FilterInPieces;
+    elsewhere filters_through_autograd."""
     W = filt.mlp[-1].weight if rows is None else filt.mlp[-1].weight[rows]  # (n_filters, filter_order)
     decay = -(filt.deltas if rows is None else filt.deltas[rows]).abs()  # (n_filters,)
+    if W.device.type != "cpu" or torch.is_autocast_enabled("cpu"):
+        return filters_through_autograd(filt, L, W, decay, checkpoint)
+    layers = [p for linear in filt.mlp[0:-1:2] for p in (linear.weight, linear.bias)]
+    args = (filt.z[:L], filt.t[:L, 0], decay, filt.mlp[1].freq, *layers, W, FILTER_ROWS)
+    return FilterInPieces.apply(*args, not checkpoint) if torch.is_grad_enabled() else FilterInPieces.compute(*args)
+
+
+def filters_through_autograd(filt, L, W, decay, checkpoint=False):
+    """filters' general path, the last layer's weight W and the window's decay rates given: the MLP through
+    the filter's own modules on pieces of FILTER_PIECE positions, the window's exp and product in place, each
+    piece (with `checkpoint`) recomputed alone in backward: its hidden activations, six of (L, filter_order),
+    would otherwise be held at once."""
 
     def piece(z, t):  # z (P, emb_dim), t (P,) -> (n_filters, P)
         # (the first layer's weight made contiguous transposed, so that autograd makes its gradient as z^T @ grad
         # (emb_dim, P) @ (P, filter_order): as grad^T @ z, with five columns, it ran at a fifth of the speed)
         first = filt.mlp[0]
         h = torch.mm(W, filt.mlp[1:-1](torch.addmm(first.bias, z, first.weight.t().contiguous())).t())
-        return h.mul_(torch.outer(decay, t).exp_().add_(0.05))  # tinyhyena.filter_window, in place
+        return h.mul_(FilterInPieces.window(decay, t))
 
     zs, ts = filt.z[:L].split(FILTER_PIECE), filt.t[:L, 0].split(FILTER_PIECE)
     if len(zs) == 1:
@@ -445,6 +463,87 @@ def filters(filt, L, rows=None, checkpoint=False):
             h[:, start:start + len(t)] = piece(z, t)
         return h
     return torch.cat([checkpointed(checkpoint, piece, z, t) for z, t in zip(zs, ts)], dim=1)
+
+
+class FilterInPieces(torch.autograd.Function):
+    """ImplicitFilter's MLP and window on the CPU, `rows` positions at a time from the positional features to the
+    windowed filters, each piece's filters written into its columns of h: z (L, emb_dim), t (L,), decay
+    (n_filters,) = -|deltas|, freq (1, F) the Sin's (one at all three places), the three inner layers' weights
+    and biases, w4 (n_filters, F) -> h (n_filters, L). A piece's activations, (rows, F) each, are read back
+    while in cache, and there is no list of pieces to concatenate. It keeps each piece's Sin inputs and outputs
+    (autograd would keep those, each Sin's product with freq and the window (n_filters, L) too), or with
+    keep=False nothing: backward then makes each piece again, as checkpointing would. Its backward runs over
+    the same pieces, the window made again in cache, each piece's weight gradients added in place."""
+
+    @staticmethod
+    def forward(ctx, z, t, decay, freq, w1, b1, w2, b2, w3, b3, w4, rows, keep):
+        kept = [] if keep else None
+        h = FilterInPieces.compute(z, t, decay, freq, w1, b1, w2, b2, w3, b3, w4, rows, kept)
+        ctx.rows = rows
+        ctx.save_for_backward(z, t, decay, freq, w1, b1, w2, b2, w3, b3, w4, *(kept or []))
+        return h
+
+    @staticmethod
+    def compute(z, t, decay, freq, w1, b1, w2, b2, w3, b3, w4, rows, kept=None):
+        """The forward pass, without autograd; each piece's activations appended to `kept` (a list) if given."""
+        h = w4.new_empty(len(w4), len(z))
+        for start in range(0, len(z), rows):
+            p = slice(start, start + rows)
+            activations = FilterInPieces.piece(z[p], t[p], decay, freq, (w1, b1, w2, b2, w3, b3), w4, h[:, p])
+            if kept is not None:
+                kept.extend(activations)
+        return h
+
+    @staticmethod
+    def piece(z, t, decay, freq, layers, w4, out):
+        """One piece: z (P, emb_dim), t (P,) -> its windowed filters written into out (n_filters, P); returns the
+        Sin inputs and outputs (a1, s1, a2, s2, a3, s3), each (P, F)."""
+        activations, x = [], z
+        for w, b in zip(layers[0::2], layers[1::2]):
+            a = torch.addmm(b, x, w.t())
+            x = torch.mul(a, freq).sin_()  # tinyhyena.Sin
+            activations += [a, x]
+        # (made in a buffer of its own, then copied: written in place, across rows L apart, the product ran slower)
+        out.copy_(torch.mm(w4, x.t()).mul_(FilterInPieces.window(decay, t)))
+        return activations
+
+    @staticmethod
+    def window(decay, t):
+        """tinyhyena.filter_window, transposed: decay (n_filters,) = -|rates|, t (P,) -> (n_filters, P)."""
+        return torch.outer(decay, t).exp_().add_(0.05)
+
+    @staticmethod
+    def backward(ctx, grad_h):  # (n_filters, L)
+        z, t, decay, freq, w1, b1, w2, b2, w3, b3, w4, *kept = ctx.saved_tensors
+        layers, rows = (w1, b1, w2, b2, w3, b3), ctx.rows
+        grads = [torch.zeros_like(p) for p in (freq, w1.t(), b1, w2, b2, w3, b3, w4)]
+        grad_freq, grad_w1_t, grad_b1, grad_w2, grad_b2, grad_w3, grad_b3, grad_w4 = grads
+        scratch = w4.new_empty(len(w4), min(rows, len(z)))  # a piece's filters, when made again
+        for i, start in enumerate(range(0, len(z), rows)):
+            p = slice(start, start + rows)
+            z_p, t_p = z[p], t[p]
+            if kept:
+                a1, s1, a2, s2, a3, s3 = kept[6 * i:6 * i + 6]
+            else:
+                a1, s1, a2, s2, a3, s3 = FilterInPieces.piece(z_p, t_p, decay, freq, layers, w4,
+                                                              scratch[:, :len(z_p)])
+            grad = torch.mul(grad_h[:, p], FilterInPieces.window(decay, t_p))  # (n_filters, P)
+            grad_w4.addmm_(grad, s3)
+            grad_s = torch.mm(grad.t(), w4)  # (P, F)
+            for a, x, w, grad_w, grad_b in ((a3, s2, w3, grad_w3, grad_b3), (a2, s1, w2, grad_w2, grad_b2),
+                                            (a1, z_p, None, grad_w1_t, grad_b1)):
+                slope = torch.mul(a, freq).cos_()
+                grad_u = grad_s.mul_(slope)  # the gradient of freq * a
+                grad_freq += torch.mul(grad_u, a, out=slope).sum(0)  # (slope's buffer reused)
+                grad_a = grad_u.mul_(freq)
+                grad_b += grad_a.sum(0)
+                if w is None:  # the first layer: its weight's gradient as z^T @ grad (emb_dim, P) @ (P, F)
+                    grad_w.addmm_(x.t(), grad_a)
+                else:
+                    grad_w.addmm_(grad_a.t(), x)
+                    grad_s = torch.mm(grad_a, w)
+        return (None, None, None, grad_freq, grad_w1_t.t(), grad_b1, grad_w2, grad_b2, grad_w3, grad_b3, grad_w4,
+                None, None)
 
 
 def group_size(B, L, d, N, budget=HEAP_BUFFER_FLOATS):

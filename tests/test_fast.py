@@ -65,12 +65,13 @@ def test_fast_path_equals_plain_path_with_gradients(case, checkpointing, data):
 def test_memory_budgets_split_long_sequences_into_groups_and_slices(monkeypatch):
     """Where a sequence is long for the memory budgets, the fast path runs the operator in several channel groups
     (group_size, from group_budget), the MLP in slices of positions (mlp_chunk) and the filter's MLP in pieces of
-    positions (FILTER_PIECE): in place without a gradient, recomputed one group, slice and piece at a time under
-    checkpointing. The same values and gradients as the
+    positions (FILTER_ROWS on the CPU, FILTER_PIECE elsewhere): in place without a gradient, recomputed one
+    group, slice and piece at a time under checkpointing. The same values and gradients as the
     plain path. (The budgets are shrunk here so that 3,000 positions are "long".)"""
     cfg = th.HyenaConfig(d_model=40, n_layer=2, d_inner=16, filter_order=4, l_max=3_002)
     model, plain = fast_and_plain(cfg, 0, None)
     monkeypatch.setattr(fast, "FILTER_PIECE", 1_100)  # 3 pieces, the last short
+    monkeypatch.setattr(fast, "FILTER_ROWS", 1_100)
     for block in model.blocks:
         block.mixer.fast.group_budget = 3 * 3_000  # one channel's projections: the 16-channel floor decides
         block.fast.mlp_chunk = 700  # 5 slices, the last short
@@ -367,6 +368,45 @@ def test_mlp_in_pieces_equals_the_plain_mlp_with_gradients(N, rows, d, d_inner, 
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
     w = [mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias]
     assert torch.autograd.gradcheck(lambda x, *w: fast.MLPInPieces.apply(x, *w, rows), (x[0, :7], *w))
+
+
+@given(st.integers(1, 300), st.integers(1, 400), st.integers(2, 3), st.integers(1, 9), st.booleans(), st.booleans(),
+       st.booleans(), st.integers(0, 2**31 - 1))
+@example(L=300, rows=128, order=3, filter_order=4, keep=True, some_rows=False, general=False, seed=0)  # 3 pieces
+@example(L=300, rows=128, order=3, filter_order=4, keep=False, some_rows=False, general=True, seed=0)
+def test_filters_in_pieces_equal_the_plain_filter_with_gradients(L, rows, order, filter_order, keep, some_rows,
+                                                                 general, seed):
+    """fast.filters, the implicit filter `rows` positions at a time (FilterInPieces with its own backward on the
+    CPU; filters_through_autograd, the path off it, with `general`), is the plain ImplicitFilter: the same
+    filters and the same gradient of every parameter (the Sin's frequency, shared by its three places,
+    included), whatever the pieces, whether backward keeps their activations or makes them again, and for a
+    subset of the filters (FastHyena.cached_spectrum's and context parallelism's rows)."""
+    torch.manual_seed(seed)
+    cfg = th.HyenaConfig(d_model=5, order=order, filter_order=filter_order, l_max=300)
+    filt = th.ImplicitFilter(cfg).double()
+    n_filters = (order - 1) * 5
+    chosen = torch.randperm(n_filters)[:max(1, n_filters // 2)] if some_rows else None
+
+    def filters():
+        if not general:
+            return fast.filters(filt, L, chosen, checkpoint=not keep)
+        W, deltas = (filt.mlp[-1].weight, filt.deltas) if chosen is None else (filt.mlp[-1].weight[chosen],
+                                                                                 filt.deltas[chosen])
+        return fast.filters_through_autograd(filt, L, W, -deltas.abs(), checkpoint=not keep)
+
+    theirs = filt(L) if chosen is None else filt(L)[chosen]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(fast, "FILTER_ROWS", rows)
+        patch.setattr(fast, "FILTER_PIECE", rows)
+        ours = filters()
+        with torch.no_grad():
+            torch.testing.assert_close(filters(), theirs, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-14)
+    grad_h = torch.randn_like(theirs)
+    names, params = zip(*[(n, p) for n, p in filt.named_parameters() if p is not filt.bias])  # (the skip term's)
+    ours, theirs = torch.autograd.grad(ours, params, grad_h), torch.autograd.grad(theirs, params, grad_h)
+    for name, a, b in zip(names, ours, theirs):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=name)
 
 
 def test_filter_spectra_kept_without_gradient_follow_the_weights():
