@@ -155,7 +155,8 @@ class GatedCausalConv(torch.autograd.Function):
         v, x, bias, a_spectrum, k_spectrum = ctx.saved_tensors
         L = v.shape[-1]
         n = fft_size(2 * L - 1)
-        grad_spectrum = torch.fft.rfft(grad_y, n=n)
+        grad_spectrum = torch.fft.rfft(GatedCausalConv.padded_product(grad_y, None, n))  # (rfft(grad_y, n) fills
+        # all n positions with zeros before copying grad_y in)
         grad_v = grad_x = grad_k = grad_bias = None
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
             # (conj_physical: a lazy .conj() would be copied whole by the product that reads it anyway)
@@ -167,7 +168,8 @@ class GatedCausalConv(torch.autograd.Function):
             # The correlation is irfft(sum_b grad_spectrum conj(a_spectrum)) (C, n), lags 0 .. n-1. Conjugated in
             # place, the gradient's spectrum times a's is its conjugate, whose irfft r is the correlation reversed:
             # lag t is r[-t mod n]. (a's spectrum conjugated would be a copy of the batch's spectra.)
-            r = torch.fft.irfft(grad_spectrum.conj_physical_().mul_(a_spectrum).sum(0), n=n)
+            products = grad_spectrum.conj_physical_().mul_(a_spectrum)
+            r = torch.fft.irfft(products[0] if len(products) == 1 else products.sum(0), n=n)  # (a sum is a copy)
             grad_bias = r[..., 0]  # (the skip term's gradient: the same sum as k's at lag 0)
             grad_k = torch.cat([r[..., :1], r[..., n - L + 1:].flip(-1)], dim=-1)  # (C, L)
         return grad_v, grad_x, grad_k, grad_bias
