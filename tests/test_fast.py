@@ -400,8 +400,8 @@ def test_filters_in_pieces_equal_the_plain_filter_with_gradients(L, rows, order,
         patch.setattr(fast, "FILTER_PIECE", rows)
         ours = filters()
         with torch.no_grad():
-            torch.testing.assert_close(filters(), theirs, rtol=1e-12, atol=1e-14)
-    torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-14)
+            torch.testing.assert_close(filters(), theirs, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-12)
     grad_h = torch.randn_like(theirs)
     names, params = zip(*[(n, p) for n, p in filt.named_parameters() if p is not filt.bias])  # (the skip term's)
     ours, theirs = torch.autograd.grad(ours, params, grad_h), torch.autograd.grad(theirs, params, grad_h)
