@@ -13,10 +13,12 @@ In the order a forward pass meets them:
   streams come first, a piece of positions at a time from the block's LayerNorm to the first gate
   (`gated_streams`), then each group's long convolutions.
 - Autograd Functions with hand-written backward passes, which keep fewer and smaller tensors than autograd
-  would: `GroupedProjection` (in_proj, into each group's layout; on the CPU a piece of positions at a time,
-  one product for every group, forward and backward), `CausalShortConv` (the short convolution as shifted
-  multiply-adds, a cache-sized piece of channels at a time, its output split into the operator's streams and
-  each stream's gradient read where it is), `GatedCausalConv` (gate, FFT convolution and skip term in one),
+  would: `FilterInPieces` (the implicit filter on the CPU, a cache-sized piece of positions at a time from the
+  positional features to the windowed filters), `GroupedProjection` (in_proj, into each group's layout; on
+  the CPU a piece of positions at a time, one product for every group, forward and backward),
+  `CausalShortConv` (the short convolution as shifted multiply-adds, a cache-sized piece of channels at a
+  time, its output split into the operator's streams and each stream's gradient read where it is),
+  `GatedCausalConv` (gate, FFT convolution and skip term in one, the filter's spectrum kept for backward),
   `ChannelsFirstLinear` (out_proj, its input's gradient made channels first, the layout the operator's
   backward reads).
 - `FastBlock`: on the CPU the MLP a cache-sized piece of positions at a time, from fc1 through GELU to fc2
