@@ -112,35 +112,39 @@ class GatedCausalConv(torch.autograd.Function):
     """One gate and long convolution of the Hyena recurrence, with its skip term, by FFT:
         a = v * x;   y[..., t] = sum_{s<=t} k[..., t-s] a[..., s]  +  bias * a[..., t]
     v, x: (B, C, L), k: (C, L), bias: (C,) -> y: (B, C, L). Without a gradient k may be given as its spectrum
-    instead, rfft(k, n) (C, n/2+1) complex, n = fft_size(2L-1) (see FastHyena.cached_spectrum).
+    instead, with the skip term in it (bias is then not read): rfft(k', n) (C, n/2+1) complex, n =
+    fft_size(2L-1), where k' is k with bias added to its tap at lag 0 (see FastHyena.cached_spectrum).
 
-    The gate's product is written straight into the zero-padded buffer the FFT reads (rfft(u, n) would copy u
-    into a fresh padded tensor). For backward it keeps v, x, the skip weights and the spectra of a (2x the size
-    of v) and of k (in place of k: backward would make it again); autograd's own rfft/irfft would also keep
-    the product's spectrum, a and the FFT's padded output. The gradients are correlations, convolutions with
-    the conjugate spectrum:
-        grad_a = corr(grad_y, k) + bias * grad_y,   grad_v = grad_a * x,   grad_x = grad_a * v,
-        grad_k = sum_b corr(grad_y, a),   grad_bias = sum_{b,t} grad_y * a = grad_k at lag 0
-    (the skip term is bias added to the filter's tap at lag 0)."""
+    The skip term is that tap: bias * a is the convolution of a with bias at lag 0, whose spectrum is bias at
+    every frequency, so bias is added to the filter's spectrum (C, n/2+1), not to the output (B, C, L), and the
+    product's spectrum carries it through both FFTs (a pass over the output fewer, forward and backward). The
+    gate's product is written straight into the zero-padded buffer the FFT reads (rfft(u, n) would copy u into
+    a fresh padded tensor). For backward it keeps v, x and the spectra of a (2x the size of v) and of k' (in
+    place of k: backward would make it again); autograd's own rfft/irfft would also keep the product's
+    spectrum, a and the FFT's padded output. The gradients are correlations, convolutions with the conjugate
+    spectrum:
+        grad_a = corr(grad_y, k'),   grad_v = grad_a * x,   grad_x = grad_a * v,
+        grad_k = sum_b corr(grad_y, a),   grad_bias = sum_{b,t} grad_y * a = grad_k at lag 0."""
 
     @staticmethod
     def forward(ctx, v, x, k, bias):
         kept = [] if any(ctx.needs_input_grad) else None  # (for backward: the spectra of a and of k)
         y = GatedCausalConv.compute(v, x, k, bias, kept=kept)
-        ctx.save_for_backward(v, x, bias, *(kept or []))
+        ctx.save_for_backward(v, x, *(kept or []))
         return y
 
     @staticmethod
     def compute(v, x, k, bias, buffers=None, kept=None):
         """The forward pass, without autograd; x None where v is the gate's product already (FastHyena's streams).
-        With `buffers` (a Buffers) the FFT's padded input is one they hold, and the result the FFT's own output
-        with the skip term added in place (a view, (B, C, L) of (B, C, n)). With `kept` (a list) the spectra of
-        a and of k are appended to it, left as they are."""
+        With `buffers` (a Buffers) the FFT's padded input is one they hold, and the result is the FFT's own
+        output (a view, (B, C, L) of (B, C, n)). With `kept` (a list) the spectra of a and of k' are appended
+        to it, left as they are."""
         L = v.shape[-1]
         n = fft_size(2 * L - 1)
         padded = None if buffers is None else buffers("padded", (*v.shape[:-1], n), v.dtype, zeros=True)
         a = GatedCausalConv.padded_product(v, x, n, padded)  # (B, C, n): v * x, then zeros
-        k_spectrum = k if k.is_complex() else torch.fft.rfft(k, n=n)  # (C, n/2+1)
+        # (C, n/2+1): the filter's spectrum with the skip term, bias at lag 0, in it
+        k_spectrum = k if k.is_complex() else torch.fft.rfft(k, n=n).add_(bias[:, None])
         spectrum = torch.fft.rfft(a)
         if kept is None:
             spectrum.mul_(k_spectrum)  # in place: no third spectrum-sized buffer
@@ -148,13 +152,12 @@ class GatedCausalConv(torch.autograd.Function):
             kept += [spectrum, k_spectrum]
             spectrum = spectrum * k_spectrum
         y = torch.fft.irfft(spectrum, n=n)[..., :L]
-        if buffers is None:
-            return torch.addcmul(y, a[..., :L], bias[:, None])  # a fresh, contiguous (B, C, L)
-        return y.addcmul_(a[..., :L], bias[:, None])
+        # with no buffers shared a fresh (B, C, L): a view would keep the whole (B, C, n) output for backward
+        return y if buffers is not None else y.contiguous()
 
     @staticmethod
     def backward(ctx, grad_y):
-        v, x, bias, a_spectrum, k_spectrum = ctx.saved_tensors
+        v, x, a_spectrum, k_spectrum = ctx.saved_tensors
         L = v.shape[-1]
         n = fft_size(2 * L - 1)
         grad_spectrum = torch.fft.rfft(GatedCausalConv.padded_product(grad_y, None, n))  # (rfft(grad_y, n) fills
@@ -163,7 +166,6 @@ class GatedCausalConv(torch.autograd.Function):
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
             # (conj_physical: a lazy .conj() would be copied whole by the product that reads it anyway)
             grad_a = torch.fft.irfft(grad_spectrum * k_spectrum.conj_physical(), n=n)[..., :L]
-            grad_a = grad_a.addcmul_(grad_y, bias[:, None])
             grad_v = grad_a * x if ctx.needs_input_grad[0] else None
             grad_x = grad_a * v if ctx.needs_input_grad[1] else None
         if ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:
@@ -702,8 +704,9 @@ class FastHyena:
         return op.recurrence(x, v, conv) if out is None else recurrence_into(out, x, v, conv)
 
     def cached_spectrum(self, filt, L, rows=None):
-        """The filters' spectra rfft(h, n) (n_filters, n/2+1), n = fft_size(2L-1), or those of the filters `rows`
-        (an index tensor), for use without a gradient; None where they would not fit in spectrum_cache_bytes.
+        """The filters' spectra rfft(h, n) (n_filters, n/2+1), n = fft_size(2L-1), each filter's skip term (its
+        bias) added to its tap at lag 0 (see GatedCausalConv), or those of the filters `rows` (an index tensor),
+        for use without a gradient; None where they would not fit in spectrum_cache_bytes.
         Without a gradient the filters depend only on the weights and L, so a model that reads many inputs of
         one length (scoring, embedding, evaluation) computes them once. They are recomputed when L, the rows,
         the device, autocast or any weight changes (every in-place update of a tensor, an optimizer step or
@@ -721,6 +724,7 @@ class FastHyena:
         if self.spectrum_cache is None or self.spectrum_cache[0] != key:
             self.spectrum_cache = None  # free the old spectra before making new ones
             h = filters(filt, L, rows).to(dtype)  # (in float32, as gated_causal_conv runs the FFTs)
+            h[:, 0] += filt.bias if rows is None else filt.bias[rows]
             spectrum = h.new_empty(h.shape[0], n // 2 + 1, dtype=dtype.to_complex())
             for i in range(0, h.shape[0], 16):  # 16 filters at a time: all at once would pad a copy of all of
                 # them, and MKL's batched FFT is several times slower per row on a few rows

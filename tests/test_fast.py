@@ -111,10 +111,13 @@ def test_fft_conv_gradcheck(L):
                    (False, True, False, True), (True, False, True, False)):
         inputs = [t.clone().requires_grad_(w) for t, w in zip((v, x, k, bias), wanted)]
         assert torch.autograd.gradcheck(fast.GatedCausalConv.apply, inputs), wanted
-    # without a gradient the filter may come as its spectrum (the kept spectra; parallel.py's channel steps)
+    # without a gradient the filter may come as its spectrum, the skip term added to its tap at lag 0 (the kept
+    # spectra; parallel.py's channel steps)
     with torch.no_grad():
-        spectrum = torch.fft.rfft(k, n=fast.fft_size(2 * L - 1))
-        torch.testing.assert_close(fast.gated_causal_conv(v, x, spectrum, bias), fast.gated_causal_conv(v, x, k, bias))
+        with_skip = torch.cat([k[:, :1] + bias[:, None], k[:, 1:]], dim=1)
+        spectrum = torch.fft.rfft(with_skip, n=fast.fft_size(2 * L - 1))
+        torch.testing.assert_close(fast.gated_causal_conv(v, x, spectrum, bias.neg()),  # (bias not read)
+                                   fast.gated_causal_conv(v, x, k, bias))
 
 
 @given(st.integers(1, 3), st.integers(1, 4), st.integers(1, 60), st.integers(1, 5), st.integers(0, 2**31 - 1),
