@@ -24,8 +24,8 @@ In the order a forward pass meets them:
 - `FastBlock`: on the CPU the MLP a cache-sized piece of positions at a time, from fc1 through GELU to fc2
   (`MLPInPieces`, with its own backward over the same pieces; without a gradient `mlp_into_stream`, which
   writes it into the stream in place, where the residual was added in place too), its GELU through the sigmoid
-  (`gelu_tanh`), and with a gradient GELU's slope made beside it (`gelu_tanh_with_slope`); slices of
-  positions at long L.
+  (`scaled_gelu`, fc1 scaled to save a pass), and with a gradient GELU's slope made beside it
+  (`scaled_gelu_with_slope`); slices of positions at long L.
 - `tune_cpu_memory`: process-wide settings for CPU memory (huge pages, glibc keeping freed memory), which the
   scripts call first thing in main and a library user may call; importing this file changes nothing.
 
@@ -736,57 +736,61 @@ class FastHyena:
 # ---------------------------------------------------------------------------------------------------------
 # The block's fast path.
 
-GELU_SCALE = 2 * math.sqrt(2 / math.pi)  # tanh-approximate GELU as x * sigmoid(GELU_SCALE * (x + 0.044715 x^3))
+# Tanh-approximate GELU through the sigmoid: 0.5 (1 + tanh z) = sigmoid(2z), so GELU(h) = h * sigmoid(GELU_SCALE
+# (h + 0.044715 h^3)). With x = GELU_SCALE * h, made by fc1 with its weight and bias scaled by GELU_SCALE, the
+# sigmoid's argument is x + GELU_CUBIC x^3, one pass fewer; fc2 with its weight divided by GELU_SCALE takes the
+# scale back out of GELU_SCALE * GELU(h) = x * sigmoid(...).
+GELU_SCALE = 2 * math.sqrt(2 / math.pi)
+GELU_CUBIC = 0.044715 / GELU_SCALE ** 2
 
 
-def gelu_tanh(x, out):
-    """F.gelu(x, approximate="tanh") written into `out`, a buffer of x's shape (x is left as it is): since
-    0.5 (1 + tanh z) = sigmoid(2z), GELU is x * sigmoid(2 sqrt(2/pi) (x + 0.044715 x^3)), and on the CPU these
-    five passes over a piece in cache take less than half the time of ATen's tanh-based GELU kernel
-    (BENCHMARKS.md)."""
+def scaled_gelu(x, out):
+    """GELU_SCALE * F.gelu(h, approximate="tanh") written into `out`, a buffer of x's shape, from x = GELU_SCALE * h
+    (x is left as it is). On the CPU these four passes over a piece in cache take under half the time of ATen's
+    tanh-based GELU kernel, and 0.7x that of the same five passes on h (BENCHMARKS.md)."""
     torch.mul(x, x, out=out)
-    torch.addcmul(x, out, x, value=0.044715, out=out)  # x + 0.044715 x^3
-    out.mul_(GELU_SCALE).sigmoid_()
-    return out.mul_(x)
+    torch.addcmul(x, out, x, value=GELU_CUBIC, out=out)  # x + GELU_CUBIC x^3
+    return out.sigmoid_().mul_(x)
 
 
-def gelu_tanh_with_slope(x, gelu, slope, gate):
-    """gelu_tanh(x) into `gelu` and GELU's derivative at x into `slope`, all buffers of x's shape, `gate` a
-    scratch; x is overwritten. GELU(x) = x s with s = sigmoid(GELU_SCALE (x + 0.044715 x^3)), so GELU'(x) = s +
-    GELU_SCALE (x + 3 0.044715 x^3) s (1 - s): eight passes over a piece in cache, x^2 made once for both. Kept
-    for backward where autograd would keep x, the slope leaves backward one pass (grad * slope) where it took
-    six (the GELU again, the derivative from x and s), and ATen's gelu_backward computes tanh again
-    (BENCHMARKS.md)."""
+def scaled_gelu_with_slope(x, gelu, slope, gate):
+    """scaled_gelu(x) into `gelu` and GELU's derivative at h = x / GELU_SCALE into `slope`, all buffers of x's
+    shape, `gate` a scratch; x is overwritten. GELU(h) = h s with s = sigmoid(x + GELU_CUBIC x^3), so GELU'(h) =
+    s + GELU_SCALE (h + 3 0.044715 h^3) s (1 - s) = s + (x + 3 GELU_CUBIC x^3) s (1 - s): seven passes over a
+    piece in cache, x^2 made once for both. Kept for backward where autograd would keep h, the slope leaves
+    backward one pass (grad * slope) where it took six (the GELU again, the derivative from h and s), and
+    ATen's gelu_backward computes tanh again (BENCHMARKS.md)."""
     torch.mul(x, x, out=slope)  # x^2
-    torch.addcmul(x, slope, x, value=0.044715, out=gate)  # x + 0.044715 x^3
-    gate.mul_(GELU_SCALE).sigmoid_()  # s
+    torch.addcmul(x, slope, x, value=GELU_CUBIC, out=gate)
+    gate.sigmoid_()  # s
     torch.mul(x, gate, out=gelu)
-    torch.addcmul(x, slope, x, value=3 * 0.044715, out=slope)  # x + 3 0.044715 x^3
+    torch.addcmul(x, slope, x, value=3 * GELU_CUBIC, out=slope)  # x + 3 GELU_CUBIC x^3
     torch.addcmul(gate, gate, gate, value=-1, out=x)  # s (1 - s), over x
-    return torch.addcmul(gate, slope, x, value=GELU_SCALE, out=slope)
+    return torch.addcmul(gate, slope, x, out=slope)
 
 
 class MLPInPieces(torch.autograd.Function):
     """The block's MLP on the CPU, x (N, d) -> fc2(gelu(fc1(x))) (N, d), `rows` positions at a time from fc1
     through GELU to fc2, so that a piece's hidden activations (4x wider than the stream, the largest tensors
     of a step) are read back while in cache, and each is a heap-sized tensor of its own (see
-    HEAP_BUFFER_FLOATS). It keeps each piece's GELU and GELU's slope (where autograd would keep fc1's output
-    and the GELU; gelu_tanh_with_slope), and its backward runs over the same pieces, each piece's weight
-    gradients added in place. Through autograd the pieces' outputs would be concatenated, and in backward x's
-    gradient too."""
+    HEAP_BUFFER_FLOATS). fc1 and fc2 run scaled by GELU_SCALE and by its inverse (scaled_gelu_with_slope). It
+    keeps each piece's scaled GELU and GELU's slope (where autograd would keep fc1's output and the GELU), and
+    its backward runs over the same pieces, each piece's weight gradients added in place. Through autograd the
+    pieces' outputs would be concatenated, and in backward x's gradient too."""
 
     @staticmethod
     def forward(ctx, x, w1, b1, w2, b2, rows):
         out = x.new_empty(len(x), len(w2))
         h, gate = x.new_empty(2, min(rows, len(x)), len(w1))  # a piece's fc1 output and GELU's gate, in cache
+        w1_t, b1, w2_t = w1.t() * GELU_SCALE, b1 * GELU_SCALE, w2.t() / GELU_SCALE
         gelus, slopes = [], []
         for piece, out_piece in zip(x.split(rows), out.split(rows)):
             p = len(piece)
             gelus.append(x.new_empty(p, len(w1)))
             slopes.append(torch.empty_like(gelus[-1]))
-            torch.addmm(b1, piece, w1.t(), out=h[:p])  # (p, 4d)
-            gelu_tanh_with_slope(h[:p], gelus[-1], slopes[-1], gate[:p])
-            torch.addmm(b2, gelus[-1], w2.t(), out=out_piece)
+            torch.addmm(b1, piece, w1_t, out=h[:p])  # (p, 4d): GELU_SCALE * fc1(piece)
+            scaled_gelu_with_slope(h[:p], gelus[-1], slopes[-1], gate[:p])
+            torch.addmm(b2, gelus[-1], w2_t, out=out_piece)
         ctx.rows = rows
         ctx.save_for_backward(x, w1, w2, *gelus, *slopes)
         return out
@@ -807,7 +811,7 @@ class MLPInPieces(torch.autograd.Function):
             grad_w1.addmm_(grad_h.t(), piece)
             grad_b1 += grad_h.sum(0)
             torch.mm(grad_h, w1, out=grad_x_piece)
-        return grad_x, grad_w1, grad_b1, grad_w2, grad_b2, None
+        return grad_x, grad_w1, grad_b1, grad_w2.div_(GELU_SCALE), grad_b2, None  # (the GELUs kept were scaled)
 
 
 def mlp_in_pieces(mlp, x, rows):
@@ -824,20 +828,24 @@ def mlp_into_stream(block, x, rows_per_piece):
     """x += block.mlp(block.norm2(x)) in place, without a gradient, x (B, L, d) contiguous: rows_per_piece
     positions at a time, each piece's hidden activations (4x wider than the stream) written into one buffer
     that stays in cache from fc1 through GELU to fc2, instead of three fresh 4x-wide tensors in memory. On the
-    CPU GELU goes through the sigmoid (gelu_tanh); elsewhere through ATen's one kernel (one launch, not five)."""
+    CPU GELU goes through the sigmoid, fc1 and fc2 scaled (scaled_gelu); elsewhere through ATen's one kernel
+    (one launch, not four)."""
     fc1, fc2, norm = block.mlp.fc1, block.mlp.fc2, block.norm2
-    w1, w2 = fc1.weight.t(), fc2.weight.t()  # (d, 4d), (4d, d)
+    scale = GELU_SCALE if x.device.type == "cpu" else None
+    w1, b1, w2 = fc1.weight.t(), fc1.bias, fc2.weight.t()  # (d, 4d), (4d,), (4d, d)
+    if scale is not None:
+        w1, b1, w2 = w1 * scale, b1 * scale, w2 / scale
     rows = x.view(-1, x.shape[-1])  # (B*L, d)
     hidden = x.new_empty(min(rows_per_piece, len(rows)), fc1.out_features)
-    scratch = torch.empty_like(hidden) if x.device.type == "cpu" else None
+    scratch = torch.empty_like(hidden) if scale is not None else None
     for piece in rows.split(rows_per_piece):
         h = hidden[:len(piece)]
         u = torch.layer_norm(piece, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
-        torch.addmm(fc1.bias, u, w1, out=h)
+        torch.addmm(b1, u, w1, out=h)
         if scratch is None:
             torch.ops.aten.gelu_(h, approximate="tanh")
         else:
-            h = gelu_tanh(h, scratch[:len(piece)])
+            h = scaled_gelu(h, scratch[:len(piece)])
         piece.addmm_(h, w2).add_(fc2.bias)
     return x
 

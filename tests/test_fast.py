@@ -316,41 +316,44 @@ print(training, changed, calls)
        st.sampled_from([torch.float32, torch.float64]))
 @example([-5.5, -3.0, -0.5, 0.0, 1e-30, 0.7, 3.0, 9.0], torch.float32)
 def test_gelu_through_the_sigmoid_equals_torch_gelu(values, dtype):
-    """fast.gelu_tanh (x * sigmoid(2z)) is F.gelu(x, approximate="tanh") (x * (1 + tanh z) / 2) to the dtype's
-    rounding, both held to torch's GELU in float64, written into a buffer, its input left as it is."""
-    x = torch.tensor(values, dtype=dtype)
-    exact = F.gelu(x.double(), approximate="tanh")
-    got = fast.gelu_tanh(x, torch.empty_like(x))
-    assert torch.equal(x, torch.tensor(values, dtype=dtype))
+    """fast.scaled_gelu (x * sigmoid(x + c x^3) at x = GELU_SCALE h) is GELU_SCALE * F.gelu(h, approximate="tanh")
+    (h * (1 + tanh z) / 2) to the dtype's rounding, both held to torch's GELU in float64, written into a buffer,
+    its input left as it is."""
+    h = torch.tensor(values, dtype=dtype)
+    x = h * fast.GELU_SCALE  # (as fc1 with its weights scaled makes it: rounded once more)
+    exact = F.gelu(h.double(), approximate="tanh")
+    got = fast.scaled_gelu(x, torch.empty_like(x)) / fast.GELU_SCALE
+    assert torch.equal(x, torch.tensor(values, dtype=dtype) * fast.GELU_SCALE)
     eps = torch.finfo(dtype).eps
-    bound = 8 * eps * x.double().abs().clamp(min=1)  # torch's own float32 GELU is 3.6 eps off at |x| ~ 3
+    bound = 8 * eps * h.double().abs().clamp(min=1)  # torch's own float32 GELU is 3.6 eps off at |h| ~ 3
     assert ((got.double() - exact).abs() <= bound).all(), (got.double() - exact).abs().max()
-    assert ((F.gelu(x, approximate="tanh").double() - exact).abs() <= bound).all()  # the bound is fair to torch
+    assert ((F.gelu(h, approximate="tanh").double() - exact).abs() <= bound).all()  # the bound is fair to torch
 
 
 @given(st.lists(st.floats(-1e4, 1e4, width=32), min_size=1, max_size=64),
        st.sampled_from([torch.float32, torch.float64]))
 @example([-5.5, -3.0, -0.5, 0.0, 1e-30, 0.7, 3.0, 9.0], torch.float32)
-@example([4.5, 5.0], torch.float32)  # the gate rounds near 1 (hypothesis found x = 5 past a flat bound)
+@example([4.5, 5.0], torch.float32)  # the gate rounds near 1 (hypothesis found h = 5 past a flat bound)
 def test_gelu_slope_equals_autograds_derivative(values, dtype):
-    """fast.gelu_tanh_with_slope's slope (s + c t s (1 - s), t = x + 3 0.044715 x^3, from GELU's gate s) times
-    a gradient is autograd's gradient through F.gelu(x, approximate="tanh") in float64, to the dtype's rounding:
-    a few eps, and the gate's own rounding (up to eps, near s = 1) carried by c |t| into the term c t s (1 - s),
-    never by more than that term (13 eps at x = 5 in float32, where ATen's is 4); and the GELU it writes beside
-    the slope is gelu_tanh's, to the bit."""
-    x = torch.tensor(values, dtype=dtype)
+    """fast.scaled_gelu_with_slope's slope (s + t s (1 - s), t = x + 3 c x^3 at x = GELU_SCALE h, from GELU's
+    gate s) times a gradient is autograd's gradient through F.gelu(h, approximate="tanh") in float64, to the
+    dtype's rounding: a few eps, and the gate's own rounding (up to eps, near s = 1) carried by |t| into the
+    term t s (1 - s), never by more than that term (13 eps at h = 5 in float32, where ATen's is 4); and the
+    GELU it writes beside the slope is scaled_gelu's, to the bit."""
+    h = torch.tensor(values, dtype=dtype)
+    x = h * fast.GELU_SCALE
     gelu, slope, gate = torch.empty(3, *x.shape, dtype=dtype)
-    fast.gelu_tanh_with_slope(x.clone(), gelu, slope, gate)
-    assert torch.equal(gelu, fast.gelu_tanh(x, torch.empty_like(x)))
+    fast.scaled_gelu_with_slope(x.clone(), gelu, slope, gate)
+    assert torch.equal(gelu, fast.scaled_gelu(x, torch.empty_like(x)))
     grad = torch.linspace(-2, 3, len(values), dtype=dtype)
-    x64 = x.double().clone().requires_grad_()
-    exact, = torch.autograd.grad(F.gelu(x64, approximate="tanh"), x64, grad.double())
+    h64 = h.double().clone().requires_grad_()
+    exact, = torch.autograd.grad(F.gelu(h64, approximate="tanh"), h64, grad.double())
     got = grad * slope
     eps = torch.finfo(dtype).eps
-    x64 = x64.detach()
-    z = fast.GELU_SCALE * (x64 + 0.044715 * x64 ** 3)
+    h64 = h64.detach()
+    z = fast.GELU_SCALE * (h64 + 0.044715 * h64 ** 3)
     s_times_1_minus_s = torch.sigmoid(z) * torch.sigmoid(-z)  # (1 - s as sigmoid(-z): exact where s rounds to 1)
-    carried = fast.GELU_SCALE * (x64 + 3 * 0.044715 * x64 ** 3).abs() * s_times_1_minus_s.clamp(max=eps)
+    carried = fast.GELU_SCALE * (h64 + 3 * 0.044715 * h64 ** 3).abs() * s_times_1_minus_s.clamp(max=eps)
     bound = (8 * eps + 2 * carried) * (1 + grad.double().abs())
     assert ((got.double() - exact).abs() <= bound).all(), (got.double() - exact).abs().max()
 
