@@ -128,7 +128,7 @@ class GatedCausalConv(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, v, x, k, bias):
-        kept = [] if any(ctx.needs_input_grad) else None  # (for backward: the spectra of a and of k)
+        kept = [] if any(ctx.needs_input_grad) else None  # (for backward: the spectra of a and of k')
         y = GatedCausalConv.compute(v, x, k, bias, kept=kept)
         ctx.save_for_backward(v, x, *(kept or []))
         return y
