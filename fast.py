@@ -266,10 +266,14 @@ class CausalShortConv(torch.autograd.Function):
 
     @staticmethod
     def summed_products(a, b):
-        """(a * b).sum((0, 2)), a and b (B, C, L) -> (C,). Over a batch, as dot products along positions summed
-        over the batch: ATen's sum over two dimensions at once ran at under half their speed at batch 32, and at
-        batch 1 the product summed was the faster (BENCHMARKS.md)."""
-        return torch.linalg.vecdot(a, b).sum(0) if len(a) > 1 else (a * b).sum((0, 2))
+        """(a * b).sum((0, 2)), a and b (B, C, L) -> (C,). Over a batch, the diagonals of the C x C products
+        a_i b_i^T summed: for a piece of few channels MKL's batched product reads each operand once, where
+        dot products along positions (vecdot) write the products and read them back to sum, and ATen's sum
+        over two dimensions at once ran at under half their speed; at batch 1 the product summed was the
+        faster (BENCHMARKS.md)."""
+        if len(a) == 1:
+            return (a * b).sum((0, 2))
+        return torch.bmm(a, b.transpose(1, 2)).sum(0).diagonal()
 
     @staticmethod
     def channel_pieces(z):
@@ -278,7 +282,7 @@ class CausalShortConv(torch.autograd.Function):
         return [slice(c, min(c + step, z.shape[1])) for c in range(0, z.shape[1], step)]
 
 
-SHORT_CONV_PIECE = 1 << 19  # floats a piece of CausalShortConv's channels: 2 MB, in cache (BENCHMARKS.md)
+SHORT_CONV_PIECE = 1 << 18  # floats a piece of CausalShortConv's channels: 1 MB, in cache (BENCHMARKS.md)
 
 
 causal_short_conv = CausalShortConv.apply  # (z, weight, bias[, split]) -> out, or out.split(split, dim=1)
