@@ -315,7 +315,8 @@ class GroupedProjection(torch.autograd.Function):
     tensor, one matmul against u transposed (no copy) each, or on the CPU a piece of positions at a time for
     every group (piece_positions). Its own backward, because autograd's would first concatenate the groups'
     gradients into one (B, R, L) tensor (past the heap's size at batch 32 x 1,024); here each group's matmul
-    adds into one gradient for u, in place, or on the CPU the pieces of positions again (backward_in_pieces)."""
+    adds into one gradient for u, in place, or on the CPU at long L the pieces of positions again
+    (backward_in_pieces)."""
 
     @staticmethod
     def forward(ctx, u, weight, bias, sizes):
@@ -326,8 +327,9 @@ class GroupedProjection(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grad_groups):
         u, weight = ctx.saved_tensors
-        # pieces where project made them with every group's rows; a thin projection's own products were faster
-        if ctx.positions is not None and len(weight) >= u.shape[-1]:
+        # pieces where project made them with every group's rows, each piece within one sequence; a thin
+        # projection's own products were faster, and so were the groups' where a piece held several sequences
+        if ctx.positions is not None and len(weight) >= u.shape[-1] and u.shape[1] >= ctx.positions:
             return *GroupedProjection.backward_in_pieces(u, weight, grad_groups, ctx.sizes, ctx.positions), None
         grad_u = None
         for grad, w in zip(grad_groups, weight.split(ctx.sizes)):  # grad (B, rows, L), w (rows, d)

@@ -239,6 +239,20 @@ def test_in_proj_runs_in_pieces_on_the_cpu_without_autocast():
         assert pieces(at(1, 1 << 20)) is None
 
 
+def test_in_proj_backward_runs_in_pieces_only_where_a_piece_is_within_one_sequence(monkeypatch):
+    """GroupedProjection's backward walks the forward's pieces of positions where each lies within one sequence
+    (L >= PROJECTION_POSITIONS); where a piece would hold several short sequences, each group's own products."""
+    shapes, in_pieces = [], fast.GroupedProjection.backward_in_pieces
+    monkeypatch.setattr(fast.GroupedProjection, "backward_in_pieces",
+                        staticmethod(lambda u, *rest: shapes.append(tuple(u.shape)) or in_pieces(u, *rest)))
+    monkeypatch.setattr(fast, "PROJECTION_POSITIONS", 8)
+    for B, L in ((1, 8), (2, 20), (3, 4), (1, 7)):
+        u = torch.randn(B, L, 4, requires_grad=True)
+        weight, bias = torch.randn(6, 4, requires_grad=True), torch.randn(6, requires_grad=True)
+        sum(group.sum() for group in fast.GroupedProjection.apply(u, weight, bias, [3, 3])).backward()
+    assert shapes == [(1, 8, 4), (2, 20, 4)]
+
+
 def test_streams_come_first_only_without_gradient_on_the_cpu_without_autocast():
     """FastHyena.streams_first: the streams of every channel in pieces of positions (gated_streams) only without
     a gradient, on the CPU, without autocast, and while stream_positions is set; else each group from its own
