@@ -266,13 +266,16 @@ class CausalShortConv(torch.autograd.Function):
 
     @staticmethod
     def summed_products(a, b):
-        """(a * b).sum((0, 2)), a and b (B, C, L) -> (C,). Over a batch, the diagonals of the C x C products
-        a_i b_i^T summed: for a piece of few channels MKL's batched product reads each operand once, where
-        dot products along positions (vecdot) write the products and read them back to sum, and ATen's sum
-        over two dimensions at once ran at under half their speed; at batch 1 the product summed was the
-        faster (BENCHMARKS.md)."""
+        """(a * b).sum((0, 2)), a and b (B, C, L) -> (C,). Over a batch of a piece of at most 16 channels, the
+        diagonals of the C x C products a_i b_i^T summed: MKL's batched product reads each operand once, where
+        dot products along positions (vecdot) write the products and read them back to sum; the product's
+        C-fold multiply-adds make it the slower past 16 channels (a piece of short sequences), where vecdot
+        stays. ATen's sum over two dimensions at once ran at under half their speed; at batch 1 the product
+        summed was the faster (BENCHMARKS.md)."""
         if len(a) == 1:
             return (a * b).sum((0, 2))
+        if a.shape[1] > 16:
+            return torch.linalg.vecdot(a, b).sum(0)
         return torch.bmm(a, b.transpose(1, 2)).sum(0).diagonal()
 
     @staticmethod

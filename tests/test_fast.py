@@ -168,6 +168,16 @@ def test_short_conv_split_into_parts_is_the_whole_split(B, parts, size, L, seed,
         torch.testing.assert_close(mine, theirs, rtol=1e-12, atol=1e-12)
 
 
+@given(st.integers(1, 4), st.integers(1, 40), st.integers(1, 50), st.integers(0, 2**31 - 1))
+def test_short_conv_summed_products_equal_the_products_summed(B, C, L, seed):
+    """CausalShortConv.summed_products (the weight gradients' sums over batch and positions) is (a * b).sum((0, 2))
+    whatever its way: the product summed at batch 1, the diagonal of the batched product for a few channels,
+    dot products for many."""
+    g = torch.Generator().manual_seed(seed)
+    a, b = torch.randn(2, B, C, L, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(fast.CausalShortConv.summed_products(a, b), (a * b).sum((0, 2)), rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("L, K", [(1, 1), (1, 3), (2, 3), (7, 3), (9, 4)])
 def test_short_conv_gradcheck(L, K):
     z, weight, bias = (torch.randn(*shape, dtype=torch.float64, requires_grad=True) for shape in ((2, 3, L), (3, K), (3,)))
