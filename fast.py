@@ -252,31 +252,38 @@ class CausalShortConv(torch.autograd.Function):
         K = weight.shape[-1]
         grad_z = z.new_empty(z.shape, dtype=torch.promote_types(grad_outs[0].dtype, weight.dtype))
         grad_weight, grad_bias = torch.empty_like(weight), torch.empty_like(weight[:, 0])
+        taps = weight.t()[:, :, None]  # (K, C, 1): taps[K-1-j] weighs z[t - j]
         starts = range(0, z.shape[1], ctx.split or z.shape[1])
         for c, g in [(slice(s + c.start, s + c.stop), part[:, c])
                      for s, part in zip(starts, grad_outs) for c in CausalShortConv.channel_pieces(part)]:
-            z_c, w_c, grad_z_c = z[:, c].to(g.dtype), weight[c], grad_z[:, c]
-            torch.mul(g, w_c[:, K - 1:], out=grad_z_c)
-            grad_weight[c, K - 1] = CausalShortConv.summed_products(g, z_c)
+            z_c, taps_c, grad_z_c = z[:, c].to(g.dtype), taps[:, c], grad_z[:, c]
+            torch.mul(g, taps_c[K - 1], out=grad_z_c)
             for j in range(1, K):  # z[t - j] reached out[t]
-                grad_z_c[..., :-j].addcmul_(g[..., j:], w_c[:, K - 1 - j, None])
-                grad_weight[c, K - 1 - j] = CausalShortConv.summed_products(g[..., j:], z_c[..., :-j])
+                grad_z_c[..., :-j].addcmul_(g[..., j:], taps_c[K - 1 - j])
+            grad_weight[c] = CausalShortConv.lagged_sums(g, z_c, K)
             grad_bias[c] = g.sum((0, 2))
         return grad_z.to(z.dtype), grad_weight, grad_bias, None
 
     @staticmethod
-    def summed_products(a, b):
-        """(a * b).sum((0, 2)), a and b (B, C, L) -> (C,). Over a batch of a piece of at most 16 channels, the
-        diagonals of the C x C products a_i b_i^T summed: MKL's batched product reads each operand once, where
-        dot products along positions (vecdot) write the products and read them back to sum; the product's
-        C-fold multiply-adds make it the slower past 16 channels (a piece of short sequences), where vecdot
-        stays. ATen's sum over two dimensions at once ran at under half their speed; at batch 1 the product
-        summed was the faster (BENCHMARKS.md)."""
-        if len(a) == 1:
-            return (a * b).sum((0, 2))
-        if a.shape[1] > 16:
-            return torch.linalg.vecdot(a, b).sum(0)
-        return torch.bmm(a, b.transpose(1, 2)).sum(0).diagonal()
+    def lagged_sums(g, z, K):
+        """The weight's gradient, g and z (B, C, L) -> (C, K): column K-1-j the sum over b and t of g[b, c, t]
+        z[b, c, t - j]. Over a batch of a piece of at most 16 channels, the diagonals of the C x C products
+        g_i z_i^T summed, every lag's products in one tensor summed at once: MKL's batched product reads each
+        operand once, where dot products along positions (vecdot) write the products and read them back to sum;
+        the product's C-fold multiply-adds make it the slower past 16 channels (a piece of short sequences),
+        where vecdot stays. ATen's sum over two dimensions at once ran at under half their speed; at batch 1
+        the product summed was the faster (BENCHMARKS.md)."""
+        B, C, L = g.shape
+        if B > 1 and C <= 16:
+            products = g.new_empty(K, B, C, C)
+            for j in range(K):
+                torch.bmm(g[..., j:], z[..., :L - j].transpose(1, 2), out=products[K - 1 - j])
+            return products.sum(1).diagonal(dim1=1, dim2=2).t()
+        sums = g.new_empty(C, K)
+        for j in range(K):
+            a, b = g[..., j:], z[..., :L - j]
+            sums[:, K - 1 - j] = (a * b).sum((0, 2)) if B == 1 else torch.linalg.vecdot(a, b).sum(0)
+        return sums
 
     @staticmethod
     def channel_pieces(z):

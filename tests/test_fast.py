@@ -168,14 +168,15 @@ def test_short_conv_split_into_parts_is_the_whole_split(B, parts, size, L, seed,
         torch.testing.assert_close(mine, theirs, rtol=1e-12, atol=1e-12)
 
 
-@given(st.integers(1, 4), st.integers(1, 40), st.integers(1, 50), st.integers(0, 2**31 - 1))
-def test_short_conv_summed_products_equal_the_products_summed(B, C, L, seed):
-    """CausalShortConv.summed_products (the weight gradients' sums over batch and positions) is (a * b).sum((0, 2))
-    whatever its way: the product summed at batch 1, the diagonal of the batched product for a few channels,
-    dot products for many."""
+@given(st.integers(1, 4), st.integers(1, 40), st.integers(1, 50), st.integers(1, 5), st.integers(0, 2**31 - 1))
+def test_short_conv_lagged_sums_equal_the_shifted_products_summed(B, C, L, K, seed):
+    """CausalShortConv.lagged_sums (the weight's gradient: for each lag j the sum over batch and positions of
+    g[t] z[t - j], in column K-1-j) whatever its way: the products summed at batch 1, the diagonals of the
+    batched products for a few channels, dot products for many; lags past the sequence sum to zero."""
     g = torch.Generator().manual_seed(seed)
     a, b = torch.randn(2, B, C, L, generator=g, dtype=torch.float64)
-    torch.testing.assert_close(fast.CausalShortConv.summed_products(a, b), (a * b).sum((0, 2)), rtol=1e-12, atol=1e-12)
+    expected = torch.stack([(a[..., j:] * b[..., :L - j]).sum((0, 2)) for j in reversed(range(K))], dim=1)
+    torch.testing.assert_close(fast.CausalShortConv.lagged_sums(a, b, K), expected, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("L, K", [(1, 1), (1, 3), (2, 3), (7, 3), (9, 4)])
