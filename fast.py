@@ -277,11 +277,11 @@ class CausalShortConv(torch.autograd.Function):
         if B > 1 and C <= 16:
             products = g.new_empty(K, B, C, C)
             for j in range(K):
-                torch.bmm(g[..., j:], z[..., :L - j].transpose(1, 2), out=products[K - 1 - j])
+                torch.bmm(g[..., j:], z[..., :max(L - j, 0)].transpose(1, 2), out=products[K - 1 - j])
             return products.sum(1).diagonal(dim1=1, dim2=2).t()
         sums = g.new_empty(C, K)
         for j in range(K):
-            a, b = g[..., j:], z[..., :L - j]
+            a, b = g[..., j:], z[..., :max(L - j, 0)]  # (lags past the sequence: both empty)
             sums[:, K - 1 - j] = (a * b).sum((0, 2)) if B == 1 else torch.linalg.vecdot(a, b).sum(0)
         return sums
 

@@ -169,13 +169,16 @@ def test_short_conv_split_into_parts_is_the_whole_split(B, parts, size, L, seed,
 
 
 @given(st.integers(1, 4), st.integers(1, 40), st.integers(1, 50), st.integers(1, 5), st.integers(0, 2**31 - 1))
+@example(2, 2, 2, 4, 0).via("a lag past the sequence")
+@example(1, 2, 2, 4, 0).via("a lag past the sequence")
+@example(2, 17, 2, 4, 0).via("a lag past the sequence")
 def test_short_conv_lagged_sums_equal_the_shifted_products_summed(B, C, L, K, seed):
     """CausalShortConv.lagged_sums (the weight's gradient: for each lag j the sum over batch and positions of
     g[t] z[t - j], in column K-1-j) whatever its way: the products summed at batch 1, the diagonals of the
     batched products for a few channels, dot products for many; lags past the sequence sum to zero."""
     g = torch.Generator().manual_seed(seed)
     a, b = torch.randn(2, B, C, L, generator=g, dtype=torch.float64)
-    expected = torch.stack([(a[..., j:] * b[..., :L - j]).sum((0, 2)) for j in reversed(range(K))], dim=1)
+    expected = torch.stack([(a[..., j:] * b[..., :max(L - j, 0)]).sum((0, 2)) for j in reversed(range(K))], dim=1)
     torch.testing.assert_close(fast.CausalShortConv.lagged_sums(a, b, K), expected, rtol=1e-12, atol=1e-12)
 
 
