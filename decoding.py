@@ -31,6 +31,7 @@ import tinyhyena as th
 
 FIRST_BASE = th.BASE_IDS["A"]  # A, C, G, T have consecutive ids (th.BASE_IDS): what sampling may choose
 BASE_TOKENS = torch.arange(FIRST_BASE, FIRST_BASE + 4)
+BASES = slice(FIRST_BASE, FIRST_BASE + 4)  # the bases' columns of next-token logits
 METHODS = ("online", "cache", "forward")
 DIRECT_BLOCK = 64  # blocks up to this size are summed directly: a small Toeplitz product beats three FFT calls
 
@@ -133,21 +134,43 @@ class OnlineConv:
 LONG_CONVS = {"online": OnlineConv, "cache": th.ConvHistory}  # each method's long-convolution state
 
 
-def choose(logits, temperature, top_k, generator):
-    """One base per row from next-token logits (B, V): A, C, G or T only; temperature 0 takes the most probable;
-    top_k keeps the k most probable bases. Draws by inverse CDF from `generator`'s uniforms."""
-    scores = logits[:, FIRST_BASE:FIRST_BASE + 4].double()  # (B, 4)
-    if temperature == 0:
-        return FIRST_BASE + scores.argmax(-1)
-    if temperature != 1:
-        scores = scores / temperature
-    if top_k is not None and top_k < 4:
-        kth = scores.topk(top_k, -1).values[:, -1:]
-        scores = scores.masked_fill(scores < kth, -torch.inf)
-    cdf = torch.softmax(scores, -1).cumsum(-1)
-    u = torch.rand(len(scores), 1, generator=generator, dtype=torch.float64)
-    # the base: how many of the first three CDF entries lie below u (the last is 1 but for rounding: never counted)
-    return FIRST_BASE + (cdf[:, :3] < u).sum(-1)
+class Sampler:
+    """One base per row from next-token logits (B, V), by the Gumbel-max trick: with g iid Gumbel(0, 1), the
+    argmax over the bases of logits / temperature + g is distributed as softmax(base logits / temperature)
+    (Gumbel 1954; Maddison et al. 2014, arXiv 1411.0030). A, C, G and T only: every other token's noise is -inf.
+    temperature 0 takes the most probable base (no noise); top_k keeps the k most probable bases.
+
+    `sampler(logits, out)` writes the bases' token ids (B,) into out (int64). The noise comes from `generator`,
+    drawn for NOISE_ROWS positions at once, so that a position costs an add and an argmax whatever the batch."""
+
+    NOISE_ROWS = 256  # positions whose noise is drawn at once: (256, B, V) float64
+
+    def __init__(self, temperature, top_k, generator):
+        self.greedy, self.scale = temperature == 0, 1 / temperature if temperature > 0 else 1.0
+        self.top_k = top_k if top_k is not None and top_k < 4 else None
+        self.generator, self.noise, self.row = generator, None, 0
+
+    def __call__(self, logits, out):
+        scores = torch.add(self.next_noise(*logits.shape), logits, alpha=self.scale)  # (B, V) float64
+        if self.top_k is not None:  # the bases below the k-th best (ties with it kept) cannot be drawn
+            bases = logits[:, BASES]
+            scores[:, BASES].masked_fill_(bases < bases.topk(self.top_k, -1).values[:, -1:], -torch.inf)
+        return torch.argmax(scores, -1, out=out)
+
+    def next_noise(self, B, V):
+        """The next position's noise (B, V): greedy's is zero on the bases, and -inf elsewhere as every other's."""
+        if self.noise is None or self.row == len(self.noise):
+            rows = 1 if self.greedy else self.NOISE_ROWS
+            self.noise, self.row = torch.full((rows, B, V), -torch.inf, dtype=torch.float64), 0
+            if self.greedy:
+                self.noise[..., BASES] = 0.0
+            else:  # Gumbel(0, 1) = -log(Exp(1)), and Exp(1) = -log(1 - uniform), kept above 0: finite, below 709
+                uniform = torch.rand(rows, B, 4, generator=self.generator, dtype=torch.float64)
+                exponential = torch.log1p(-uniform).neg_().clamp_(min=torch.finfo(torch.float64).tiny)
+                self.noise[..., BASES] = exponential.log_().neg_()
+        noise = self.noise[self.row]
+        self.row += not self.greedy  # greedy's one row serves every position
+        return noise
 
 
 def generate(model, prompt, length, num=1, temperature=1.0, top_k=None, seed=0, method="online", progress=None):
@@ -169,9 +192,9 @@ def generate(model, prompt, length, num=1, temperature=1.0, top_k=None, seed=0, 
     # batch 1 (BENCHMARKS.md)
     with torch.inference_mode():
         device = next(model.parameters()).device
-        generator = torch.Generator().manual_seed(seed)
+        sampler = Sampler(temperature, top_k, torch.Generator().manual_seed(seed))
         seqs = ids.to(device)[None].repeat(num, 1)  # (num, P)
-        out = seqs.new_empty(num, length)
+        out = torch.empty(length, num, dtype=torch.long)  # position-major: each position's bases one row
         if method != "forward":
             state = model.decoding_state(max(total, len(ids)), LONG_CONVS[method])
             logits = model.prefill(seqs, state)[:, -1]  # the prompt in one pass
@@ -179,10 +202,10 @@ def generate(model, prompt, length, num=1, temperature=1.0, top_k=None, seed=0, 
             step = fast.FastStep(model, state) if model.blocks[0].fast is not None else partial(model.step, state=state)
         for i in range(length):
             if method == "forward":
-                logits = model(torch.cat([seqs, out[:, :i]], 1))[:, -1]
-            out[:, i] = bases = choose(logits.float().cpu(), temperature, top_k, generator).to(device)
+                logits = model(torch.cat([seqs, out[:i].t().to(device)], 1))[:, -1]
+            bases = sampler(logits.cpu(), out[i])  # (num,)
             if method != "forward" and i < length - 1:
-                logits = step(bases)
+                logits = step(bases.to(device))
             if progress:
                 progress(1)
-    return out.cpu().clone()  # (a clone made outside inference mode: an ordinary tensor for the caller)
+    return out.t().clone(memory_format=torch.contiguous_format)  # (made outside inference mode: an ordinary tensor)

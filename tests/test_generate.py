@@ -135,6 +135,12 @@ LOGITS[[0, 11]] = 5.0
 DRAWS = 20000
 
 
+def draw(logits, temperature, top_k, seed):
+    """One position's draws (B,) from logits (B, V) by a fresh decoding.Sampler seeded with `seed`."""
+    sampler = decoding.Sampler(temperature, top_k, torch.Generator().manual_seed(seed))
+    return sampler(logits, torch.empty(len(logits), dtype=torch.long))
+
+
 def expected_frequencies(temperature, top_k):
     """What choose must draw from: softmax(base logits / temperature) over the top_k best bases."""
     scores = LOGITS[decoding.BASE_TOKENS].double() / temperature
@@ -150,7 +156,7 @@ def test_sampling_draws_from_the_tempered_top_k_distribution(temperature, top_k)
     bases (Pearson's chi-square below its 1e-4 quantile; the seed is fixed, so this cannot flake), and no
     base outside the top_k is ever drawn. A temperature multiplied instead of divided, a top_k off by one, or
     special tokens left in the softmax each put the statistic in the thousands."""
-    drawn = decoding.choose(LOGITS.repeat(DRAWS, 1), temperature, top_k, torch.Generator().manual_seed(0))
+    drawn = draw(LOGITS.repeat(DRAWS, 1), temperature, top_k, 0)
     counts = torch.stack([(drawn == token).sum() for token in decoding.BASE_TOKENS]).double()
     p = expected_frequencies(temperature, top_k)
     assert counts.sum() == DRAWS and counts[p == 0].sum() == 0  # only bases, and only the top_k of them
@@ -159,30 +165,41 @@ def test_sampling_draws_from_the_tempered_top_k_distribution(temperature, top_k)
     assert chi2 < {1: 15.1, 2: 18.4, 3: 21.1}[int(kept.sum()) - 1], (counts, DRAWS * p)  # 1e-4 quantiles
 
 
-def test_a_uniform_beyond_a_cdf_that_rounds_below_one_still_draws_a_base(monkeypatch):
-    """These base logits' float64 CDF ends at 1 - 2^-52: a uniform draw above that (here the largest below 1) must
-    still give base T, not the token after it."""
-    logits = torch.full((1, 12), -3.0)
-    logits[0, decoding.BASE_TOKENS] = torch.tensor([0.6718751788139343, 1.6558928489685059, -1.736393928527832,
-                                                    0.05316635221242905])
-    cdf = torch.softmax(logits[:, decoding.BASE_TOKENS].double(), -1).cumsum(-1)
-    largest_below_one = 1 - 2.0 ** -53
-    assert cdf[0, 3] < largest_below_one  # the case this test is for
-    monkeypatch.setattr(decoding.torch, "rand", lambda *shape, **kwargs: torch.full(shape, largest_below_one,
+def test_draws_at_many_positions_fit_and_each_batch_of_noise_is_new():
+    """Over positions: a batch of 40 drawn at 600 positions (the noise drawn NOISE_ROWS at a time, three times)
+    fits softmax(logits) as one position's draws do, and no position's draws repeat those NOISE_ROWS before
+    (a batch of noise used twice would)."""
+    sampler, rows = decoding.Sampler(1.0, None, torch.Generator().manual_seed(3)), decoding.Sampler.NOISE_ROWS
+    drawn = torch.stack([sampler(LOGITS.repeat(40, 1), torch.empty(40, dtype=torch.long)) for _ in range(600)])
+    counts = torch.stack([(drawn == token).sum() for token in decoding.BASE_TOKENS]).double()
+    p = expected_frequencies(1.0, None)
+    expected = drawn.numel() * p
+    assert counts.sum() == drawn.numel() and float(((counts - expected) ** 2 / expected).sum()) < 21.1  # 1e-4
+    assert not (drawn[rows:] == drawn[:-rows]).all(-1).any()
+
+
+@pytest.mark.parametrize("uniform", [0.0, 1 - 2.0 ** -53])
+def test_the_extreme_uniforms_draw_a_base_and_never_one_of_probability_zero(monkeypatch, uniform):
+    """Every base's uniform at 0 (an Exp(1) draw of 0: infinite Gumbel noise, but for the clamp) or at the largest
+    below 1: the draw is still a base, and never one whose logit is -inf (inf + -inf would be NaN, and argmax
+    takes NaN)."""
+    logits = LOGITS.repeat(3, 1)
+    logits[:, decoding.BASE_TOKENS[0]] = -torch.inf  # the best base made impossible: the next best must be drawn
+    monkeypatch.setattr(decoding.torch, "rand", lambda *shape, **kwargs: torch.full(shape, uniform,
                                                                                     dtype=torch.float64))
-    assert decoding.choose(logits, 1.0, None, torch.Generator()).tolist() == [int(decoding.BASE_TOKENS[3])]
+    assert draw(logits, 1.0, None, 0).tolist() == [int(decoding.BASE_TOKENS[1])] * 3
 
 
 def test_lower_temperature_sharpens_and_top_k_1_or_temperature_0_is_greedy():
     frequencies = {}
     for temperature in (0.25, 0.5, 1.0, 2.0, 4.0):
-        drawn = decoding.choose(LOGITS.repeat(DRAWS, 1), temperature, None, torch.Generator().manual_seed(1))
+        drawn = draw(LOGITS.repeat(DRAWS, 1), temperature, None, 1)
         frequencies[temperature] = float((drawn == decoding.BASE_TOKENS[0]).double().mean())
     best = list(frequencies.values())
     assert all(a > b for a, b in zip(best, best[1:])), frequencies  # the best base ever likelier as T falls
     assert best[-1] > 0.25  # even a high temperature keeps the order of the bases
     for temperature, top_k in ((0, None), (0, 3), (1.0, 1), (7.5, 1)):
-        drawn = decoding.choose(LOGITS.repeat(50, 1), temperature, top_k, torch.Generator().manual_seed(2))
+        drawn = draw(LOGITS.repeat(50, 1), temperature, top_k, 2)
         assert (drawn == decoding.BASE_TOKENS[0]).all(), (temperature, top_k)
 
 
@@ -191,7 +208,7 @@ def test_lower_temperature_sharpens_and_top_k_1_or_temperature_0_is_greedy():
 def test_sampling_draws_only_among_the_k_best_bases(logits, temperature, top_k, seed):
     """(Distinct float32 logits: a tie at the k-th best base keeps every tied base.)"""
     logits = torch.tensor(logits)
-    drawn = decoding.choose(logits.repeat(64, 1), temperature, top_k, torch.Generator().manual_seed(seed))
+    drawn = draw(logits.repeat(64, 1), temperature, top_k, seed)
     best = decoding.BASE_TOKENS[logits[decoding.BASE_TOKENS].argsort(descending=True)[:top_k]]
     assert torch.isin(drawn, best).all()
 
