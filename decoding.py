@@ -58,8 +58,9 @@ class OnlineConv:
         self.taps = list(self.lag(lags.to(h.device), h)[..., None].unbind(1))  # per r: (C, window, 1)
         self.far = h.clone()  # the lags the blocks carry: from `window` up
         self.far[:, :window] = 0
-        # inputs after the prompt and contributions ahead are kept channels first, (C, B, ...), so that a
-        # window's or a block's product is one batched matrix product over the channels
+        # inputs after the prompt are kept channels first, (C, B, ...), so that a window's or a block's product is
+        # one batched matrix product over the channels; the contributions ahead position first, (total, C, B, 1),
+        # so that the window's product adds into a position's in place
         self.inputs, self.ahead, self.t = None, None, 0  # t: how many inputs there are
         self.spectra, self.toeplitz = {}, {}  # per block size U: the far filter's lags 1 .. 2U-1
 
@@ -74,7 +75,8 @@ class OnlineConv:
         # one FFT convolution gives the prompt's outputs and what it contributes to every later position
         n = fast.fft_size(P + self.total - 1)
         y = torch.fft.irfft(torch.fft.rfft(a, n=n) * torch.fft.rfft(self.h, n=n), n=n)[..., :self.total]
-        self.ahead = y.transpose(0, 1).contiguous()  # (C, B, total): at t >= P, what the inputs taken contribute
+        # (total, C, B, 1): at each t >= P, what the inputs taken so far contribute to y[t]
+        self.ahead = y.permute(2, 1, 0)[..., None].contiguous()
         return y[..., :P]
 
     def step(self, a):
@@ -93,7 +95,7 @@ class OnlineConv:
         after."""
         t, i = self.t, self.t - self.start  # i: inputs taken after the prompt
         # lags below the window: its ring of last `window` inputs, on top of what is ahead
-        y = torch.baddbmm(self.ahead.narrow(2, t, 1), self.ring, self.taps[i % self.window])
+        y = self.ahead[t].baddbmm_(self.ring, self.taps[i % self.window])  # (position t's row is not read again)
         self.t, i = t + 1, i + 1
         if i % self.window == 0:  # the ring holds inputs i-window .. i-1 in order: into the kept inputs
             self.inputs[..., i - self.window:i] = self.ring
@@ -101,7 +103,8 @@ class OnlineConv:
                 U = i & -i  # the largest power of two dividing i: the block a[t-U+1 .. t] reaches y[t+1 .. t+U]
                 stop = min(t + 1 + U, self.total)
                 block = self.inputs[..., i - U:i]
-                self.ahead[..., t + 1:stop] += self.block_contribution(block, U)[..., :stop - t - 1]
+                reach = self.block_contribution(block, U)[..., :stop - t - 1]  # (C, B, stop - t - 1)
+                self.ahead[t + 1:stop] += reach.permute(2, 0, 1)[..., None]
         return y
 
     def add_skip(self, skip):

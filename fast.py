@@ -918,7 +918,7 @@ class FastStep:
     (decoding.generate runs it under torch.inference_mode).
     - in_proj writes its output straight into the short convolution's window of its last K inputs, a ring
       (K, B, C), and the convolution is one batched matrix product over the channels, with the tap weights
-      in the ring's current rotation and its bias (in_proj's bias with it) added in the same call;
+      in the ring's current rotation and its bias (in_proj's bias with it) as one more tap, on a slot of ones;
     - the streams, the gates and the long convolutions' inputs go into buffers in place, each read through
       views made once (the online convolution's next input is a view of its own buffer:
       decoding.OnlineConv.next_input), and the online convolution adds the skip term itself, as its tap at
@@ -938,15 +938,17 @@ class FastStep:
         for block, layer_state in zip(model.blocks, state):
             op = block.mixer
             w = op.short_conv.weight[:, 0]  # (C, K): tap K-1 weighs the newest input
-            ring = w.new_zeros(K, B, w.shape[0])  # the last K inputs: slot (K-1+s) % K is step s's
+            # the last K inputs, slot (K-1+s) % K step s's, and a slot of ones after them, whose tap is the bias
+            ring = w.new_ones(K + 1, B, w.shape[0])
             # in_proj's bias b rides in the convolution's (every input has it: sum_k w_k (r_k + b) = sum_k w_k r_k
             # + b sum_k w_k), so the ring holds in_proj's outputs less b, written by a plain mm; a zero before the
             # prompt is then held as -b
             in_b = op.in_proj.bias
             ring[:K - 1] = (layer_state.recent - in_b[:, None]).permute(2, 0, 1)  # the last K-1, slots 0 .. K-2
-            # at step s, slot k holds the input (K-1+s - k) % K positions back, which tap K-1 - that weighs
-            rotations = [torch.stack([w[:, K - 1 - (K - 1 + s - k) % K] for k in range(K)], 1)[..., None]
-                         for s in range(K)]  # each (C, K, 1)
+            conv_bias = op.short_conv.bias + in_b * w.sum(1)
+            # at step s, slot k < K holds the input (K-1+s - k) % K positions back, which tap K-1 - that weighs
+            rotations = [torch.stack([w[:, K - 1 - (K - 1 + s - k) % K] for k in range(K)] + [conv_bias], 1)[..., None]
+                         for s in range(K)]  # each (C, K + 1, 1)
             z = w.new_empty(N + 1, d, B, 1)  # the streams x_0 .. x_{N-1}, v, channels first
             *xs, v = z
             # the gates and long convolutions in HyenaOperator.recurrence's order: (x_i, state, skip weight,
@@ -960,8 +962,8 @@ class FastStep:
             gated = w.new_ones(d + 1, B)  # out_proj's input, and a row of ones for its bias
             hidden = w.new_ones(B, cfg.d_inner + 1)  # fc2's input, and a column of ones for its bias
             self.layers.append((
-                block.norm1.weight, block.norm1.bias, op.in_proj.weight.t().contiguous(), list(ring),
-                ring.permute(2, 1, 0), rotations, (op.short_conv.bias + in_b * w.sum(1))[:, None, None],
+                block.norm1.weight, block.norm1.bias, op.in_proj.weight.t().contiguous(), list(ring[:K]),
+                ring.permute(2, 1, 0), rotations,
                 z.view(-1, B, 1), v, gates,
                 xs[0], gated[:d, :, None], gated.t(), torch.cat([op.out_proj.weight.t(), op.out_proj.bias[None]]),
                 block.norm2.weight, block.norm2.bias, block.mlp.fc1.bias, block.mlp.fc1.weight.t().contiguous(),
@@ -978,12 +980,12 @@ class FastStep:
         self.t += 1
         # (torch.layer_norm: F.layer_norm's own binding, without its Python wrapper's checks, 1-2 us a call here)
         x = torch.index_select(self.embedding, 0, input_ids, out=self.stream)  # (B, d)
-        for (norm1_w, norm1_b, in_w, ring_slots, window, rotations, conv_bias, z, v, gates, x_0, gated,
+        for (norm1_w, norm1_b, in_w, ring_slots, window, rotations, z, v, gates, x_0, gated,
              gated_t, out_w, norm2_w, norm2_b, fc1_b, fc1_w, fc1_out, hidden, hidden_out, fc2_w) in self.layers:
             u = torch.layer_norm(x, (d,), norm1_w, norm1_b, eps)
             torch.mm(u, in_w, out=ring_slots[(K - 1 + t) % K])  # in_proj less its bias, into the ring
-            # the short convolution: (C, B, K) window times (C, K, 1) taps, into the streams' buffer z
-            torch.baddbmm(conv_bias, window, rotations[t % K], out=z)
+            # the short convolution: (C, B, K + 1) window times (C, K + 1, 1) taps and bias, into the streams' buffer
+            torch.bmm(window, rotations[t % K], out=z)
             for x_i, conv, skip, in_place in gates:  # v, x_i: (d, B, 1); as HyenaOperator.recurrence
                 if in_place:  # the gate's product written into the state's input buffer; the skip term its own
                     torch.mul(v, x_i, out=conv.next_input())
