@@ -161,8 +161,9 @@ class Sampler:
         return torch.argmax(scores, -1, out=out)
 
     def next_noise(self, B, V):
-        """The next position's noise (B, V): greedy's is zero on the bases, and -inf elsewhere as every other's."""
-        if self.noise is None or self.row == len(self.noise):
+        """The next position's noise (B, V): greedy's is zero on the bases, and -inf elsewhere as every other's
+        (drawn afresh for logits of another shape: one row of noise broadcast over a batch would draw alike)."""
+        if self.noise is None or self.row == len(self.noise) or self.noise.shape[1:] != (B, V):
             rows = 1 if self.greedy else self.NOISE_ROWS
             self.noise, self.row = torch.full((rows, B, V), -torch.inf, dtype=torch.float64), 0
             if self.greedy:

@@ -168,7 +168,7 @@ def test_sampling_draws_from_the_tempered_top_k_distribution(temperature, top_k)
 def test_draws_at_many_positions_fit_and_each_batch_of_noise_is_new():
     """Over positions: a batch of 40 drawn at 600 positions (the noise drawn NOISE_ROWS at a time, three times)
     fits softmax(logits) as one position's draws do, and no position's draws repeat those NOISE_ROWS before
-    (a batch of noise used twice would)."""
+    (a batch of noise used twice would); then logits of another batch size get noise of their own."""
     sampler, rows = decoding.Sampler(1.0, None, torch.Generator().manual_seed(3)), decoding.Sampler.NOISE_ROWS
     drawn = torch.stack([sampler(LOGITS.repeat(40, 1), torch.empty(40, dtype=torch.long)) for _ in range(600)])
     counts = torch.stack([(drawn == token).sum() for token in decoding.BASE_TOKENS]).double()
@@ -176,6 +176,8 @@ def test_draws_at_many_positions_fit_and_each_batch_of_noise_is_new():
     expected = drawn.numel() * p
     assert counts.sum() == drawn.numel() and float(((counts - expected) ** 2 / expected).sum()) < 21.1  # 1e-4
     assert not (drawn[rows:] == drawn[:-rows]).all(-1).any()
+    one = sampler(LOGITS[None], torch.empty(1, dtype=torch.long))  # then a batch of 1, then of 64: noise for each
+    assert one.shape == (1,) and len(set(sampler(LOGITS.repeat(64, 1), torch.empty(64, dtype=torch.long)).tolist())) > 1
 
 
 @pytest.mark.parametrize("uniform", [0.0, 1 - 2.0 ** -53])
