@@ -963,9 +963,8 @@ class FastStep:
             hidden = w.new_ones(B, cfg.d_inner + 1)  # fc2's input, and a column of ones for its bias
             self.layers.append((
                 block.norm1.weight, block.norm1.bias, op.in_proj.weight.t().contiguous(), list(ring[:K]),
-                ring.permute(2, 1, 0), rotations,
-                z.view(-1, B, 1), v, gates,
-                xs[0], gated[:d, :, None], gated.t(), torch.cat([op.out_proj.weight.t(), op.out_proj.bias[None]]),
+                ring.permute(2, 1, 0), rotations, z.view(-1, B, 1), v, gates, xs[0], gated[:d, :, None], gated.t(),
+                torch.cat([op.out_proj.weight.t(), op.out_proj.bias[None]]),
                 block.norm2.weight, block.norm2.bias, block.mlp.fc1.bias, block.mlp.fc1.weight.t().contiguous(),
                 w.new_empty(B, cfg.d_inner), hidden, hidden[:, :cfg.d_inner],
                 torch.cat([block.mlp.fc2.weight.t(), block.mlp.fc2.bias[None]])))
