@@ -30,8 +30,8 @@ import fast
 import tinyhyena as th
 
 FIRST_BASE = th.BASE_IDS["A"]  # A, C, G, T have consecutive ids (th.BASE_IDS): what sampling may choose
-BASE_TOKENS = torch.arange(FIRST_BASE, FIRST_BASE + 4)
-BASES = slice(FIRST_BASE, FIRST_BASE + 4)  # the bases' columns of next-token logits
+BASE_COLUMNS = slice(FIRST_BASE, FIRST_BASE + 4)  # their columns of next-token logits
+BASE_TOKENS = torch.arange(BASE_COLUMNS.start, BASE_COLUMNS.stop)  # their token ids
 METHODS = ("online", "cache", "forward")
 DIRECT_BLOCK = 64  # blocks up to this size are summed directly: a small Toeplitz product beats three FFT calls
 
@@ -156,8 +156,8 @@ class Sampler:
     def __call__(self, logits, out):
         scores = torch.add(self.next_noise(*logits.shape), logits, alpha=self.scale)  # (B, V) float64
         if self.top_k is not None:  # the bases below the k-th best (ties with it kept) cannot be drawn
-            bases = logits[:, BASES]
-            scores[:, BASES].masked_fill_(bases < bases.topk(self.top_k, -1).values[:, -1:], -torch.inf)
+            bases = logits[:, BASE_COLUMNS]
+            scores[:, BASE_COLUMNS].masked_fill_(bases < bases.topk(self.top_k, -1).values[:, -1:], -torch.inf)
         return torch.argmax(scores, -1, out=out)
 
     def next_noise(self, B, V):
@@ -167,11 +167,11 @@ class Sampler:
             rows = 1 if self.greedy else self.NOISE_ROWS
             self.noise, self.row = torch.full((rows, B, V), -torch.inf, dtype=torch.float64), 0
             if self.greedy:
-                self.noise[..., BASES] = 0.0
+                self.noise[..., BASE_COLUMNS] = 0.0
             else:  # Gumbel(0, 1) = -log(Exp(1)), and Exp(1) = -log(1 - uniform), kept above 0: finite, below 709
                 uniform = torch.rand(rows, B, 4, generator=self.generator, dtype=torch.float64)
                 exponential = torch.log1p(-uniform).neg_().clamp_(min=torch.finfo(torch.float64).tiny)
-                self.noise[..., BASES] = exponential.log_().neg_()
+                self.noise[..., BASE_COLUMNS] = exponential.log_().neg_()
         noise = self.noise[self.row]
         self.row += not self.greedy  # greedy's one row serves every position
         return noise

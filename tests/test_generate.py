@@ -142,7 +142,7 @@ def draw(logits, temperature, top_k, seed):
 
 
 def expected_frequencies(temperature, top_k):
-    """What choose must draw from: softmax(base logits / temperature) over the top_k best bases."""
+    """What the sampler must draw from: softmax(base logits / temperature) over the top_k best bases."""
     scores = LOGITS[decoding.BASE_TOKENS].double() / temperature
     p = torch.softmax(scores, 0)
     p[scores.argsort(descending=True)[top_k or 4:]] = 0
